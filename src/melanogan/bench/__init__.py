@@ -1,0 +1,1 @@
+"""Benchmarks (`melanogan bench ...`): performance figures live here, never in timed tests."""

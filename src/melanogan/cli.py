@@ -1,0 +1,268 @@
+"""The `melanogan` command line. Thin: parses options, calls the packages, prints results."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from melanogan import __version__
+from melanogan.errors import MelanoganError
+
+app = typer.Typer(
+    name="melanogan",
+    help="Melanoma detection in dermoscopic images, with a conditional WGAN-GP against class imbalance.\n\n"
+    "Typical flow: `prepare` a dataset (or `demo-data` for a phantom one), `audit` it for leakage, then "
+    "train and evaluate. `melanogan demo` runs the whole pipeline on generated demo data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: measured performance figures (never part of the tests).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=err_console, transient=False)
+
+
+def _progress_callback(progress: Progress, description: str):
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "task" not in state:
+            state["task"] = progress.add_task(description, total=max(total, 1), rate="")
+            state["start"] = (time.perf_counter(), done)
+        t0, d0 = state["start"]
+        elapsed = time.perf_counter() - t0
+        rate = f"{(done - d0) / elapsed:.1f} img/s" if elapsed > 0 and done > d0 else ""
+        progress.update(state["task"], completed=done, total=max(total, 1), rate=rate)
+
+    return update
+
+
+def _default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        console.print(f"melanogan {__version__}")
+        raise typer.Exit()
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write train.csv and jpeg/train/*.jpg into.")],
+    n_images: Annotated[int, typer.Option("--n-images", help="Number of images.")] = 400,
+    melanoma_rate: Annotated[float, typer.Option("--melanoma-rate", help="Share of melanoma images.")] = 0.10,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same dataset.")] = 0,
+    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 320,
+    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 256,
+) -> None:
+    """Generate a dermoscopy-like phantom dataset in the SIIM-ISIC 2020 layout.
+
+    Melanoma phantoms follow the ABCD rule (asymmetric, irregular border, several colours incl. a
+    blue-white veil, larger); benign ones are small, round and evenly brown; several lesions per
+    patient; some hairs. Prepare it with `melanogan prepare --source siim-isic-2020=OUT`.
+    """
+    from melanogan.data.demo import generate_demo_dataset
+
+    table = generate_demo_dataset(out, n_images=n_images, melanoma_rate=melanoma_rate, seed=seed,
+                                  width=width, height=height)
+    console.print(f"Wrote {len(table)} images ({int(table['target'].sum())} melanoma, "
+                  f"{table['patient_id'].nunique()} patients) to {out}")
+
+
+@app.command()
+def prepare(
+    source: Annotated[list[str], typer.Option(
+        "--source", help="KIND=PATH, repeatable. KIND: siim-isic-2020, isic-2019, ham10000, folder.")],
+    out: Annotated[Path, typer.Option("--out", help="DATA_DIR to write manifest.parquet, rejected.csv, "
+                                      "near_duplicates.csv, prepare.json and cache/ into.")],
+    size: Annotated[int, typer.Option(help="Cached image side in pixels (models resize from it).")] = 256,
+    resize_mode: Annotated[str, typer.Option(help="crop (centre square), squash, or pad.")] = "crop",
+    hair_removal: Annotated[bool, typer.Option("--hair-removal", help="DullRazor-style hair removal.")] = False,
+    color_constancy: Annotated[bool, typer.Option("--color-constancy",
+                                                  help="Shades of Gray colour constancy (p=6).")] = False,
+    train: Annotated[float, typer.Option(help="Training fraction.")] = 0.70,
+    val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (default: up to 2).")] = 0,
+    melanoma_folders: Annotated[str, typer.Option(
+        help="For `folder` sources: comma-separated folder names that mean melanoma.")] = "melanoma,mel,malignant",
+    phash_distance: Annotated[int, typer.Option(
+        help="Max perceptual-hash bit distance (of 63) for two images to count as the same photograph.")] = 6,
+) -> None:
+    """Read dataset sources into one leak-free manifest and a decoded uint8 image cache.
+
+    Every image is decoded once at reduced size (JPEG DCT scaling), EXIF-rotated, converted to RGB
+    and cached. Unusable rows go to rejected.csv with a reason. Near-duplicates (same photograph
+    resized, or the same ISIC id in two sources) and patient/lesion groups are kept in one split.
+    Re-running keeps existing split assignments and resumes an interrupted run.
+    """
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.manifest import prepare as run_prepare
+    from melanogan.data.sources import parse_source
+    from melanogan.data.splits import SplitFractions
+
+    sources = [parse_source(s) for s in source]
+    options = CacheOptions(size=size, resize_mode=resize_mode, hair_removal=hair_removal,
+                           color_constancy=color_constancy)
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        result = run_prepare(sources, out, options, SplitFractions(train, val, test), seed,
+                             workers or _default_workers(), tuple(m for m in melanoma_folders.split(",") if m),
+                             phash_distance, on_progress=_progress_callback(progress, "decoding"))
+    _print_prepare_summary(result, time.perf_counter() - t0)
+
+
+def _print_prepare_summary(result, seconds: float) -> None:
+    m, rej = result.manifest, result.rejected
+    table = Table(title=f"prepared {result.data_dir} in {seconds:.1f}s")
+    for col in ("source", "kept", "melanoma", "other", "unlabeled", "rejected"):
+        table.add_column(col, justify="right" if col != "source" else "left")
+    for src in sorted(set(m["source"]) | set(rej["source"].dropna())):
+        ms = m[m["source"] == src]
+        table.add_row(src, str(len(ms)), str(int((ms["label"] == 1).sum())), str(int((ms["label"] == 0).sum())),
+                      str(int((ms["label"] == -1).sum())), str(int((rej["source"] == src).sum())))
+    console.print(table)
+    if len(rej):
+        reasons = rej["reason"].value_counts()
+        console.print("rejected by reason: " + ", ".join(f"{r} {n}" for r, n in reasons.items())
+                      + f"  (details: {result.data_dir / 'rejected.csv'})")
+    splits = m[m["label"] >= 0].groupby("split")["label"].agg(["size", "sum"])
+    console.print("splits: " + ", ".join(f"{s} {int(r['size'])} ({int(r['sum'])} melanoma, "
+                                          f"{r['sum'] / max(r['size'], 1):.1%})" for s, r in splits.iterrows()))
+    nd = result.near_duplicates
+    console.print(f"near-duplicate pairs: {len(nd)} (kept in one split; {result.data_dir / 'near_duplicates.csv'})")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"cache: {result.cache.root} ({result.cache.options.size}px uint8, "
+                  f"{(result.cache.root / 'pixels.npy').stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+def audit(
+    data_dir: Annotated[Path, typer.Argument(help="A DATA_DIR written by `melanogan prepare`.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Check a prepared dataset for leakage and report the melanoma rate per split.
+
+    Fails (exit 1) if any patient/lesion group, near-duplicate cluster or identical file is in two
+    splits, or if synthetic images are outside train.
+    """
+    from melanogan.data.audit import audit as run_audit
+    from melanogan.fileio import write_json
+
+    report = run_audit(data_dir)
+    table = Table(title=f"audit of {data_dir}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    for name, ok, detail in report.checks:
+        table.add_row(name, "[green]pass[/green]" if ok else "[red]FAIL[/red]", detail)
+    console.print(table)
+    splits = Table(title="per split")
+    for col in ("split", "images", "melanoma", "rate", "groups"):
+        splits.add_column(col, justify="right")
+    for split, row in report.per_split.iterrows():
+        splits.add_row(split, str(int(row["images"])), str(int(row["melanoma"])), f"{row['melanoma_rate']:.2%}",
+                       str(int(row["groups"])))
+    console.print(splits)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if json_out:
+        write_json(json_out, report.to_dict())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo data, prepared data and runs.")] = Path(
+        "melanogan-demo"),
+    n_images: Annotated[int, typer.Option("--n-images", help="Number of demo images.")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed for data, splits and training.")] = 0,
+) -> None:
+    """Run the main job end to end on generated demo data: generate, prepare, audit.
+
+    Outputs: OUT/raw (SIIM-ISIC 2020 layout), OUT/data (manifest, cache, reports).
+    """
+    from melanogan.data.audit import audit as run_audit
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.demo import generate_demo_dataset
+    from melanogan.data.manifest import prepare as run_prepare
+
+    t0 = time.perf_counter()
+    raw = out / "raw"
+    if not (raw / "train.csv").is_file():
+        console.print(f"[bold]1/3[/bold] generating {n_images} phantom images in {raw}")
+        generate_demo_dataset(raw, n_images=n_images, seed=seed)
+    else:
+        console.print(f"[bold]1/3[/bold] demo images already in {raw}")
+    console.print(f"[bold]2/3[/bold] preparing {out / 'data'}")
+    with _progress() as progress:
+        result = run_prepare([("siim-isic-2020", raw)], out / "data", CacheOptions(size=128), seed=seed,
+                             workers=_default_workers(), on_progress=_progress_callback(progress, "decoding"))
+    _print_prepare_summary(result, time.perf_counter() - t0)
+    console.print(f"[bold]3/3[/bold] auditing {out / 'data'}")
+    report = run_audit(out / "data")
+    for name, ok, detail in report.checks:
+        console.print(f"  {'pass' if ok else 'FAIL'}  {name}: {detail}")
+    if not report.passed:
+        raise MelanoganError("the demo dataset failed its leakage audit; this is a bug, please report it.")
+    console.print(f"done in {time.perf_counter() - t0:.0f}s. Prepared data: {out / 'data'}")
+
+
+@bench_app.command("preprocess")
+def bench_preprocess(
+    n_images: Annotated[int, typer.Option("--n-images", help="Full-size 6000x4000 JPEGs to generate.")] = 64,
+    size: Annotated[int, typer.Option(help="Cache size.")] = 256,
+    workers: Annotated[int, typer.Option(help="Processes for both paths.")] = 2,
+    read_size: Annotated[int, typer.Option(help="Model input size for the cache-read figure.")] = 224,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Decode speed of our preprocessing vs a naive full decode + resize, and cache read speed."""
+    from melanogan.bench.preprocess import run
+    from melanogan.fileio import write_json
+
+    results = run(n_images=n_images, size=size, workers=workers, read_size=read_size)
+    console.print_json(json.dumps(results))
+    if json_out:
+        write_json(json_out, results)
+
+
+def main() -> None:
+    """Entry point: user errors print a clear message and exit 2, never a traceback."""
+    try:
+        app()
+    except MelanoganError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data layer: sources -> manifest -> splits -> preprocess/cache -> dataset."""

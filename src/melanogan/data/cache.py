@@ -1,0 +1,291 @@
+"""The preprocessing cache: every image decoded once into a uint8, memory-mapped (N, S, S, 3) array.
+
+Layout of `DATA_DIR/cache/<name>/` (name = size, mode, options and a hash of all options):
+- `meta.json`     the options and array shape; a different option makes a different folder, so a
+                  cache is never silently stale;
+- `pixels.npy`    uint8 (N, S, S, 3), opened with mmap so memory does not grow with the dataset;
+- `index.parquet` one row per file seen: uid, file signature (size + mtime), status/reason, slot in
+                  `pixels.npy` (-1 when rejected), original width/height, content and perceptual hash.
+
+Building works in chunks written atomically to `work/`: an interrupted build resumes from the
+chunks already written; entries whose file signature is unchanged are reused on later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from melanogan.data.images import DEFAULT_MAX_PIXELS, ImageRejected, ResizeMode, decode_file
+from melanogan.errors import DataError
+from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
+
+CACHE_FORMAT = 1  # bump when the decoding code changes what pixels it produces
+CHUNK_SIZE = 32  # at most; smaller when needed to give every worker several chunks
+INDEX_COLUMNS = ["uid", "path", "signature", "status", "detail", "slot", "width", "height", "content_hash", "phash"]
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Everything that changes the cached pixels. Two caches with equal options are interchangeable."""
+
+    size: int = 256
+    resize_mode: ResizeMode = ResizeMode.crop
+    hair_removal: bool = False
+    color_constancy: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.size <= 2048:
+            raise DataError(f"cache size {self.size} is out of range; use 16..2048 (default 256).")
+        try:
+            object.__setattr__(self, "resize_mode", ResizeMode(self.resize_mode))
+        except ValueError:
+            raise DataError(f"resize mode {self.resize_mode!r} is unknown; use one of "
+                            f"{', '.join(m.value for m in ResizeMode)}.") from None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["resize_mode"] = str(self.resize_mode)
+        return d
+
+    @property
+    def key(self) -> str:
+        payload = json.dumps({**self.to_dict(), "format": CACHE_FORMAT}, sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        extras = ("-hair" if self.hair_removal else "") + ("-sog" if self.color_constancy else "")
+        return f"{self.size}px-{self.resize_mode}{extras}-{self.key}"
+
+    def decode_kwargs(self) -> dict:
+        return {"resize_mode": self.resize_mode, "hair_removal": self.hair_removal,
+                "color_constancy": self.color_constancy, "max_pixels": self.max_pixels}
+
+
+def file_signature(path: str) -> str:
+    """Size and modification time: a changed file is decoded again, an unchanged one is reused."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _process_chunk(job: tuple[str, list[tuple[str, str, str]], dict]) -> str:
+    """Decode one chunk of images and write it atomically as an .npz (runs in a worker process)."""
+    out_path, rows, opts = job
+    import cv2
+
+    cv2.setNumThreads(1)  # one decode per core: no oversubscription on small machines
+    options = CacheOptions(**opts)
+    size = options.size
+    pixels = np.zeros((len(rows), size, size, 3), np.uint8)
+    info = []
+    for i, (uid, path, signature) in enumerate(rows):
+        entry = {"uid": uid, "path": path, "signature": signature, "status": "ok", "detail": "",
+                 "width": -1, "height": -1, "content_hash": "", "phash": ""}
+        try:
+            decoded = decode_file(path, size, **options.decode_kwargs())
+            pixels[i] = decoded.pixels
+            entry.update(width=decoded.width, height=decoded.height, content_hash=decoded.content_hash,
+                         phash=decoded.phash)
+        except ImageRejected as exc:
+            entry.update(status=exc.reason, detail=exc.detail)
+        except Exception as exc:  # one bad image never kills a long run
+            entry.update(status="decode-error", detail=f"{type(exc).__name__}: {exc}")
+        info.append(entry)
+    ok = [i for i, e in enumerate(info) if e["status"] == "ok"]
+    with atomic_path(out_path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, pixels=pixels[ok], info=np.frombuffer(json.dumps(info).encode(), np.uint8))
+    return out_path
+
+
+def _read_chunk(path: Path) -> tuple[np.ndarray, list[dict]]:
+    with np.load(path) as z:
+        return z["pixels"], json.loads(z["info"].tobytes().decode())
+
+
+@dataclass
+class Cache:
+    """An opened cache: `pixels` is a read-only memmap; `index` maps uid -> slot and image facts."""
+
+    root: Path
+    options: CacheOptions
+    index: pd.DataFrame
+
+    @classmethod
+    def open(cls, root: Path) -> Cache:
+        root = Path(root)
+        if not (root / "meta.json").is_file() or not (root / "pixels.npy").is_file():
+            raise DataError(f"{root}: not a complete melanogan cache (meta.json or pixels.npy missing). "
+                            "Run `melanogan prepare` again to build it.")
+        meta = read_json(root / "meta.json")
+        return cls(root=root, options=CacheOptions(**meta["options"]), index=pd.read_parquet(root / "index.parquet"))
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.load(self.root / "pixels.npy", mmap_mode="r")
+
+    def slots_for(self, uids: pd.Series) -> np.ndarray:
+        """Slot of each uid in `pixels`; raises if any is not cached (cache older than the manifest)."""
+        ok = self.index[self.index["slot"] >= 0].set_index("uid")["slot"]
+        slots = ok.reindex(uids.to_numpy())
+        if slots.isna().any():
+            missing = uids[slots.isna().to_numpy()].tolist()[:3]
+            raise DataError(f"{self.root}: {int(slots.isna().sum())} manifest image(s) are not in this cache "
+                            f"(e.g. {', '.join(missing)}). Re-run `melanogan prepare` with the same options.")
+        return slots.to_numpy(dtype=np.int64)
+
+
+def build_cache(
+    cache_root: Path,
+    candidates: pd.DataFrame,
+    options: CacheOptions,
+    workers: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
+) -> Cache:
+    """Decode every `candidates` row (`uid`, `path`) into the cache at `cache_root`, reusing what an
+    earlier (possibly interrupted) build already decoded. Returns the opened cache.
+
+    `executor`: an already running process pool to use instead of starting one (benchmarks, or
+    callers that build several caches)."""
+    cache_root = Path(cache_root)
+    _recover_swap(cache_root)
+    work = cache_root.parent / f".{cache_root.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [(u, p, file_signature(p)) for u, p in zip(candidates["uid"], candidates["path"], strict=True)]
+
+    old_index = pd.DataFrame(columns=INDEX_COLUMNS)
+    if (cache_root / "index.parquet").is_file():
+        old_index = pd.read_parquet(cache_root / "index.parquet")
+    old_by_key = {(u, p, s): i for i, (u, p, s) in
+                  enumerate(zip(old_index["uid"], old_index["path"], old_index["signature"], strict=True))}
+    todo = [r for r in rows if r not in old_by_key]
+    if not todo and len(old_index) == len(rows):
+        return Cache.open(cache_root)  # nothing changed
+
+    # Chunks are named by their content so a resumed or re-run build finds the ones it already did.
+    jobs, chunk_paths = [], []
+    chunk_size = chunk_size_for(len(todo), workers)
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start:start + chunk_size]
+        digest = hashlib.sha1(json.dumps([options.key, chunk]).encode()).hexdigest()[:16]
+        path = work / f"{digest}.npz"
+        chunk_paths.append(path)
+        if not path.is_file():
+            jobs.append((str(path), chunk, options.to_dict()))
+    done = len(todo) - sum(len(j[1]) for j in jobs)
+    if on_progress:
+        on_progress(done, len(todo))
+    if jobs:
+        if executor is None and (workers <= 1 or len(jobs) == 1):  # a spawned worker costs ~1 s to start
+            for job in jobs:
+                _process_chunk(job)
+                done += len(job[1])
+                if on_progress:
+                    on_progress(done, len(todo))
+        else:
+            # spawn: workers must not inherit a parent's torch/OpenMP thread state through fork.
+            pool = executor or ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+            try:
+                futures = {pool.submit(_process_chunk, job): len(job[1]) for job in jobs}
+                for fut in as_completed(futures):
+                    fut.result()
+                    done += futures[fut]
+                    if on_progress:
+                        on_progress(done, len(todo))
+            finally:
+                if executor is None:
+                    pool.shutdown(cancel_futures=True)
+
+    # Assemble the final array in candidate order into a new folder, then swap folders.
+    new_info: dict[tuple, dict] = {}
+    chunk_data: dict[tuple, tuple[Path, int]] = {}
+    for path in chunk_paths:
+        _, info = _read_chunk(path)
+        ok_pos = 0
+        for entry in info:
+            key = (entry["uid"], entry["path"], entry["signature"])
+            new_info[key] = entry
+            if entry["status"] == "ok":
+                chunk_data[key] = (path, ok_pos)
+                ok_pos += 1
+    records = []
+    for key in rows:
+        if key in old_by_key:
+            records.append({**old_index.iloc[old_by_key[key]].to_dict(), "_from": "old"})
+        else:
+            records.append({**new_info[key], "_from": "new"})
+    index = pd.DataFrame.from_records(records)
+    is_ok = (index["status"] == "ok").to_numpy()
+    index["slot"] = np.where(is_ok, np.cumsum(is_ok) - 1, -1)
+
+    staging = cache_root.parent / f".{cache_root.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    size = options.size
+    out = np.lib.format.open_memmap(staging / "pixels.npy", mode="w+", dtype=np.uint8,
+                                    shape=(int(is_ok.sum()), size, size, 3))
+    old_pixels = np.load(cache_root / "pixels.npy", mmap_mode="r") if (cache_root / "pixels.npy").is_file() else None
+    loaded: dict[Path, np.ndarray] = {}
+    for i, key in enumerate(rows):
+        slot = int(index.at[i, "slot"])
+        if slot < 0:
+            continue
+        if index.at[i, "_from"] == "old":
+            out[slot] = old_pixels[int(old_index.iloc[old_by_key[key]]["slot"])]
+        else:
+            path, pos = chunk_data[key]
+            if path not in loaded:
+                loaded.clear()  # keep one chunk in memory at a time
+                loaded[path] = _read_chunk(path)[0]
+            out[slot] = loaded[path][pos]
+    out.flush()
+    del out, old_pixels
+    index = index.drop(columns="_from")[INDEX_COLUMNS]
+    index[["slot", "width", "height"]] = index[["slot", "width", "height"]].astype(np.int64)
+    write_parquet(staging / "index.parquet", index)
+    write_json(staging / "meta.json", {"format": CACHE_FORMAT, "options": options.to_dict(),
+                                       "shape": [int(is_ok.sum()), size, size, 3], "dtype": "uint8",
+                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    _swap_in(staging, cache_root)
+    shutil.rmtree(work, ignore_errors=True)
+    return Cache.open(cache_root)
+
+
+def chunk_size_for(n_images: int, workers: int) -> int:
+    """Chunks small enough that each worker gets about four (load balance), at most CHUNK_SIZE
+    (an interrupted run loses at most one chunk per worker)."""
+    return max(1, min(CHUNK_SIZE, -(-n_images // (max(1, workers) * 4))))
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    old = final.parent / f".{final.name}.old"
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_swap(final: Path) -> None:
+    """A kill between the two renames of `_swap_in` leaves only `.old`: put it back."""
+    old = final.parent / f".{final.name}.old"
+    if not final.exists() and old.exists():
+        os.replace(old, final)

@@ -1,0 +1,51 @@
+"""Shared fixtures: real data from ../shared/data (skipped with a reason when absent) and small
+generated datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MELANOGAN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real data not available: {SHARED_DATA} is absent (set MELANOGAN_SHARED_DATA to its path)")
+    return SHARED_DATA
+
+
+def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
+    """A small distinct JPEG (smooth random colour field) at `path`."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, quality=90)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_raw(tmp_path_factory) -> Path:
+    """A 60-image phantom dataset in the SIIM-ISIC 2020 layout."""
+    from melanogan.data.demo import generate_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo_raw")
+    generate_demo_dataset(out, n_images=60, melanoma_rate=0.2, seed=1, width=96, height=80)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(demo_raw, tmp_path_factory) -> Path:
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.manifest import prepare
+
+    out = tmp_path_factory.mktemp("demo_prepared")
+    prepare([("siim-isic-2020", demo_raw)], out, CacheOptions(size=64), seed=0)
+    return out

@@ -1,0 +1,126 @@
+"""Cache: exact round trip, option keying, resume after interruption, reuse, dataset access."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from melanogan.data import cache as cache_mod
+from melanogan.data.cache import Cache, CacheOptions, build_cache
+from melanogan.data.dataset import CachedImageDataset
+from melanogan.data.images import decode_file
+from melanogan.data.transforms import eval_preset, train_preset
+from melanogan.errors import DataError
+from tests.conftest import write_jpeg
+
+
+@pytest.fixture()
+def images(tmp_path):
+    paths = [str(write_jpeg(tmp_path / "img" / f"{i:03d}.jpg", i, (90, 70))) for i in range(40)]
+    (tmp_path / "img" / "bad.jpg").write_text("not an image")
+    paths.append(str(tmp_path / "img" / "bad.jpg"))
+    return pd.DataFrame({"uid": [f"s:{i}" for i in range(len(paths))], "path": paths})
+
+
+def test_round_trip_is_exact(tmp_path, images):
+    options = CacheOptions(size=32)
+    cache = build_cache(tmp_path / "c", images, options)
+    assert cache.pixels.dtype == np.uint8 and cache.pixels.shape == (40, 32, 32, 3)
+    bad = cache.index.set_index("uid").loc["s:40"]
+    assert bad["status"] == "not-an-image" and bad["slot"] == -1
+    for i in (0, 17, 39):
+        slot = cache.slots_for(pd.Series([f"s:{i}"]))[0]
+        expected = decode_file(images.path[i], 32, **options.decode_kwargs()).pixels
+        assert np.array_equal(cache.pixels[slot], expected)
+
+
+def test_options_make_distinct_keys():
+    a = CacheOptions(size=64)
+    assert a.key == CacheOptions(size=64).key
+    for other in (CacheOptions(size=128), CacheOptions(size=64, hair_removal=True),
+                  CacheOptions(size=64, color_constancy=True), CacheOptions(size=64, resize_mode="squash")):
+        assert other.key != a.key and other.name != a.name
+    with pytest.raises(DataError, match="resize mode 'stretch'"):
+        CacheOptions(resize_mode="stretch")
+
+
+def test_interrupted_build_resumes_from_written_chunks(tmp_path, images, monkeypatch):
+    options = CacheOptions(size=32)
+    calls = []
+    real = cache_mod._process_chunk
+
+    def dying(job):
+        calls.append(len(job[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while decoding the second chunk
+        return real(job)
+
+    monkeypatch.setattr(cache_mod, "_process_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tmp_path / "c", images, options)
+    assert not (tmp_path / "c").exists()  # nothing half-written under the final name
+    calls.clear()
+    monkeypatch.setattr(cache_mod, "_process_chunk", lambda job: calls.append(len(job[1])) or real(job))
+    cache = build_cache(tmp_path / "c", images, options)
+    assert sum(calls) == len(images) - cache_mod.chunk_size_for(len(images), 1)  # first chunk not redone
+    assert len(cache.index) == len(images)
+
+
+def test_unchanged_files_are_reused_and_changed_ones_redone(tmp_path, images, monkeypatch):
+    options = CacheOptions(size=32)
+    build_cache(tmp_path / "c", images, options)
+    calls = []
+    real = cache_mod._process_chunk
+    monkeypatch.setattr(cache_mod, "_process_chunk", lambda job: calls.append([r[0] for r in job[1]]) or real(job))
+    build_cache(tmp_path / "c", images, options)
+    assert calls == []
+    write_jpeg(__import__("pathlib").Path(images.path[3]), 999, (90, 70))
+    os.utime(images.path[3], ns=(1, 1))
+    cache = build_cache(tmp_path / "c", images, options)
+    assert calls == [["s:3"]]
+    slot = cache.slots_for(pd.Series(["s:3"]))[0]
+    assert np.array_equal(cache.pixels[slot], decode_file(images.path[3], 32).pixels)
+
+
+def test_parallel_build_equals_serial(tmp_path, images):
+    serial = build_cache(tmp_path / "a", images, CacheOptions(size=32), workers=1)
+    parallel = build_cache(tmp_path / "b", images, CacheOptions(size=32), workers=2)
+    assert np.array_equal(np.asarray(serial.pixels), np.asarray(parallel.pixels))
+
+
+def test_dataset_serves_splits_at_any_size_with_constant_memory(demo_prepared):
+    ds = CachedImageDataset(demo_prepared, "train", image_size=48)
+    x, y = ds[0]
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and y in (0, 1)
+    assert isinstance(ds.pixels, np.memmap)
+    val = CachedImageDataset(demo_prepared, "val", transform=eval_preset(32, "tanh"))
+    assert val[0][0].shape == (3, 32, 32) and val[0][0].min() >= -1 and val[0][0].max() <= 1
+    assert set(ds.rows["uid"]).isdisjoint(val.rows["uid"])
+    mel = CachedImageDataset(demo_prepared, "train", labels=[1])
+    assert (mel.labels == 1).all()
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1)
+    xb, _ = next(iter(loader))
+    assert xb.shape == (8, 3, 48, 48)
+
+
+def test_train_and_eval_presets_share_the_end_of_the_pipeline(demo_prepared):
+    ds = CachedImageDataset(demo_prepared, "train")
+    raw = ds.raw(0)
+    plain = train_preset(40, "none")(raw)
+    assert torch.equal(plain, eval_preset(40)(raw))  # no augmentation = evaluation preprocessing
+    torch.manual_seed(0)
+    aug = train_preset(40, "classic")(raw)
+    assert aug.shape == plain.shape and not torch.equal(aug, plain)
+    assert abs(float(aug.mean()) - float(plain.mean())) < 0.5  # same normalisation
+
+
+def test_cache_missing_rows_is_a_clear_error(tmp_path, images):
+    cache = build_cache(tmp_path / "c", images.head(3), CacheOptions(size=32))
+    with pytest.raises(DataError, match="not in this cache"):
+        cache.slots_for(pd.Series(["s:0", "s:99"]))
+    with pytest.raises(DataError, match="not a complete melanogan cache"):
+        Cache.open(tmp_path / "nothing")

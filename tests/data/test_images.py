@@ -1,0 +1,192 @@
+"""Decoding: every kind of bad or unusual file named in the data-layer issue."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from melanogan.data.images import (
+    ImageRejected,
+    ResizeMode,
+    decode_file,
+    decode_image,
+    perceptual_hash,
+    remove_hair,
+    shades_of_gray,
+)
+
+
+def _jpeg_bytes(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w: int, h: int) -> np.ndarray:
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    return np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                           np.full((h, w, 1), 90, np.float32)], axis=2).astype(np.uint8)
+
+
+def test_plain_jpeg_decodes_to_square_rgb_with_original_size():
+    out = decode_image(_jpeg_bytes(_gradient(300, 200)), 64)
+    assert out.pixels.shape == (64, 64, 3) and out.pixels.dtype == np.uint8
+    assert (out.width, out.height) == (300, 200)
+    assert len(out.content_hash) == 64 and len(out.phash) == 192
+
+
+def test_draft_decode_matches_full_decode_closely():
+    """DCT scaling must not change what the model sees beyond resampling noise."""
+    arr = _gradient(1600, 1200)
+    data = _jpeg_bytes(arr)
+    ours = decode_image(data, 128).pixels.astype(float)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").crop((200, 0, 1400, 1200))
+                      .resize((128, 128), Image.Resampling.BILINEAR, reducing_gap=2.0)).astype(float)
+    assert np.abs(ours - full).mean() < 2.0
+
+
+@pytest.mark.parametrize("mode", list(ResizeMode))
+def test_resize_modes(mode):
+    arr = np.zeros((100, 200, 3), np.uint8)
+    arr[:, :50] = 255  # white band on the left quarter
+    out = decode_image(_jpeg_bytes(arr), 40, resize_mode=mode).pixels
+    left = out[20, 2].mean()
+    if mode == ResizeMode.crop:
+        assert left < 40  # the centre crop cuts the band away
+    elif mode == ResizeMode.squash:
+        assert left > 200
+    else:
+        assert out[2, 20].mean() < 10 and out[20, 2].mean() > 200  # letterbox bars on top, band kept
+
+
+def test_zero_byte_file(tmp_path):
+    p = tmp_path / "empty.jpg"
+    p.write_bytes(b"")
+    with pytest.raises(ImageRejected) as e:
+        decode_file(str(p), 32)
+    assert e.value.reason == "empty-file"
+
+
+def test_text_file_named_jpg(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("this is not an image")
+    with pytest.raises(ImageRejected) as e:
+        decode_file(str(p), 32)
+    assert e.value.reason == "not-an-image"
+
+
+def test_truncated_jpeg():
+    data = _jpeg_bytes(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))
+    with pytest.raises(ImageRejected) as e:
+        decode_image(data[: len(data) // 3], 32)
+    assert e.value.reason == "truncated-or-corrupt"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageRejected) as e:
+        decode_file(str(tmp_path / "nope.jpg"), 32)
+    assert e.value.reason == "missing-file"
+
+
+def test_png_rgba_composited_on_black():
+    arr = np.zeros((50, 50, 4), np.uint8)
+    arr[..., 0] = 255
+    arr[..., 3] = 128  # half transparent red
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGBA").save(buf, format="PNG")
+    out = decode_image(buf.getvalue(), 16).pixels
+    assert abs(int(out[8, 8, 0]) - 128) <= 2 and out[8, 8, 1] == 0
+
+
+def test_greyscale_becomes_three_equal_channels():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 77, np.uint8), "L").save(buf, format="PNG")
+    out = decode_image(buf.getvalue(), 16).pixels
+    assert out.shape == (16, 16, 3) and (out == 77).all()
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    buf = io.BytesIO()
+    Image.new("CMYK", (60, 60), (0, 255, 255, 0)).save(buf, format="JPEG")  # pure red in CMYK
+    out = decode_image(buf.getvalue(), 16).pixels
+    r, g, b = out[8, 8].astype(int)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    arr = np.full((40, 40), 32768, np.uint16)  # mid-grey in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    out = decode_image(buf.getvalue(), 16).pixels
+    assert abs(int(out[8, 8, 0]) - 127) <= 1
+
+
+def test_exif_rotation_applied():
+    arr = np.zeros((100, 200, 3), np.uint8)
+    arr[:, :100] = 255  # left half white (landscape)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # camera rotated: display rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_image(buf.getvalue(), 50, resize_mode=ResizeMode.squash)
+    assert (out.width, out.height) == (100, 200)  # portrait once oriented
+    assert out.pixels[5, 25].mean() > 200 and out.pixels[45, 25].mean() < 50  # white now on top
+
+
+def _png_with_header_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims huge dimensions (a decompression bomb header)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_huge_dimension_header_rejected_before_decoding():
+    with pytest.raises(ImageRejected) as e:
+        decode_image(_png_with_header_size(100_000, 100_000), 32)
+    assert e.value.reason == "decompression-bomb"
+    assert "10,000,000,000" in e.value.detail
+
+
+def test_hair_removal_removes_thin_dark_lines():
+    img = np.full((128, 128, 3), (200, 160, 140), np.uint8)
+    cv2.line(img, (0, 64), (127, 70), (20, 20, 20), 2)
+    cleaned = remove_hair(img)
+    assert img[67, 64].mean() < 60  # on the hair before
+    assert cleaned[67, 64].mean() > 150  # skin-coloured after
+    assert np.abs(cleaned[5:8, 100:110].astype(int) - img[5:8, 100:110]).max() <= 2  # skin untouched
+
+
+def test_shades_of_gray_neutralises_a_colour_cast():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(60, 200, (64, 64, 1))
+    cast = np.clip(base * np.array([1.3, 1.0, 0.7]), 0, 255).astype(np.uint8)
+    out = shades_of_gray(cast).astype(float)
+    means = out.mean(axis=(0, 1))
+    assert means.max() / means.min() < 1.05
+    assert cast.mean(axis=(0, 1)).max() / cast.mean(axis=(0, 1)).min() > 1.7
+
+
+def test_perceptual_hash_matches_resized_and_centre_cropped_copies():
+    from melanogan.data.dedup import hamming_pairs
+    from melanogan.data.demo import render_phantom
+
+    a = render_phantom(np.random.default_rng(0), True, 400, 300)
+    b = render_phantom(np.random.default_rng(1), True, 400, 300)
+    squashed = cv2.resize(a, (224, 224), interpolation=cv2.INTER_AREA)
+    cropped = cv2.resize(a[:, 50:350], (180, 180), interpolation=cv2.INTER_AREA)
+    hashes = np.array([perceptual_hash(x) for x in (a, squashed, cropped, b)])
+    pairs = {(int(i), int(j)) for i, j, _ in hamming_pairs(hashes, 22)}
+    assert {(0, 1), (0, 2), (1, 2)} <= pairs
+    assert not any(3 in p for p in pairs)

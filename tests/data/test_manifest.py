@@ -1,0 +1,101 @@
+"""prepare end to end: schema, rejections, duplicates forced together, stable re-runs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from melanogan.data.audit import audit, audit_manifest
+from melanogan.data.cache import CacheOptions
+from melanogan.data.manifest import MANIFEST_COLUMNS, load_manifest, prepare
+from melanogan.errors import DataError
+from tests.conftest import write_jpeg
+
+
+def test_demo_manifest_schema_and_audit(demo_prepared):
+    m = load_manifest(demo_prepared)
+    assert list(m.columns) == MANIFEST_COLUMNS
+    assert len(m) == 60 and m["label"].isin([0, 1]).all()
+    assert m["uid"].is_unique and set(m["split"]) == {"train", "val", "test"}
+    assert (m["width"] == 96).all() and (m["height"] == 80).all()
+    report = audit(demo_prepared)
+    assert report.passed, report.checks
+
+
+def test_rejections_are_reported_and_run_goes_on(tmp_path):
+    names = [f"ISIC_{i:07d}" for i in range(12)]
+    pd.DataFrame({"image_name": names, "patient_id": [f"P{i // 2}" for i in range(12)],
+                  "target": [1, 0] * 6}).to_csv(tmp_path / "train.csv", index=False)
+    for i, n in enumerate(names[:9]):
+        write_jpeg(tmp_path / "train" / f"{n}.jpg", i)
+    (tmp_path / "train" / f"{names[9]}.jpg").write_bytes(b"")
+    (tmp_path / "train" / f"{names[10]}.jpg").write_text("hello")
+    result = prepare([("siim-isic-2020", tmp_path)], tmp_path / "out", CacheOptions(size=32))
+    rejected = pd.read_csv(tmp_path / "out" / "rejected.csv").set_index("image_id")["reason"].to_dict()
+    assert rejected == {names[9]: "empty-file", names[10]: "not-an-image", names[11]: "missing-file"}
+    assert len(result.manifest) == 9
+
+
+def test_exact_duplicates_with_conflicting_labels_are_all_rejected(tmp_path):
+    for folder in ("Train/melanoma", "Test/nevus"):
+        write_jpeg(tmp_path / "src" / folder / "same.jpg", 7)
+    write_jpeg(tmp_path / "src" / "Train" / "melanoma" / "m2.jpg", 1)
+    write_jpeg(tmp_path / "src" / "Train" / "nevus" / "n1.jpg", 2)
+    write_jpeg(tmp_path / "src" / "Test" / "nevus" / "n1copy.jpg", 2)  # identical to n1, same label
+    result = prepare([("folder", tmp_path / "src")], tmp_path / "out", CacheOptions(size=32))
+    reasons = result.rejected.set_index("image_id")["reason"].to_dict()
+    assert reasons["Train/melanoma/same"] == reasons["Test/nevus/same"] == "label-conflict"
+    assert reasons["Train/nevus/n1"] == "exact-duplicate" or reasons["Test/nevus/n1copy"] == "exact-duplicate"
+    assert len(result.manifest) == 2
+
+
+def test_rerun_keeps_splits_and_adding_a_source_keeps_them_too(demo_raw, tmp_path):
+    out = tmp_path / "data"
+    first = prepare([("siim-isic-2020", demo_raw)], out, CacheOptions(size=32), seed=0)
+    again = prepare([("siim-isic-2020", demo_raw)], out, CacheOptions(size=32), seed=99)
+    assert first.manifest.set_index("uid")["split"].equals(again.manifest.set_index("uid")["split"])
+    write_jpeg(tmp_path / "extra" / "melanoma" / "e1.jpg", 5)
+    write_jpeg(tmp_path / "extra" / "nevus" / "e2.jpg", 6)
+    grown = prepare([("siim-isic-2020", demo_raw), ("folder", tmp_path / "extra")], out, CacheOptions(size=32))
+    old = first.manifest.set_index("uid")["split"]
+    assert grown.manifest.set_index("uid")["split"].reindex(old.index).equals(old)
+    assert len(grown.manifest) == len(first.manifest) + 2
+
+
+def test_real_ham_and_isic9_copies_share_a_split(shared_data, tmp_path):
+    """743 HAM10000 photographs are also in the ISIC 9-class folders under the same id; a manifest
+    from both must keep every such pair (and their lesions) in one split."""
+    isic9 = shared_data / "isic9_180"
+    result = prepare([("ham10000", shared_data / "ham10000_224"), ("folder", isic9)], tmp_path / "d",
+                     CacheOptions(size=24), workers=2)
+    m = result.manifest
+    assert (result.rejected["reason"] == "missing-file").sum() == 4031
+    ham = m[m["source"] == "ham10000"].set_index("image_id")["split"]
+    folder = m[m["source"] == "folder"].assign(isic=lambda d: d["image_id"].str.extract(r"(ISIC_\d{7})")[0])
+    shared = folder[folder["isic"].isin(ham.index)]
+    assert len(shared) >= 700
+    assert (shared["split"].to_numpy() == ham.reindex(shared["isic"]).to_numpy()).all()
+    # the perceptual hash alone (without ids) finds nearly all of them
+    phash_pairs = result.near_duplicates[result.near_duplicates["evidence"] == "perceptual-hash"]
+    ids = m.set_index("uid")["image_id"].str.extract(r"(ISIC_\d{7})")[0]
+    same = ids.reindex(phash_pairs["uid_a"]).to_numpy() == ids.reindex(phash_pairs["uid_b"]).to_numpy()
+    assert same.sum() >= 0.95 * len(shared)
+    assert audit(tmp_path / "d").passed
+
+
+def test_audit_catches_leaks():
+    m = pd.DataFrame({"uid": ["a", "b", "c", "s"], "source": ["x", "x", "x", "synthetic"],
+                      "group_id": ["g", "g", "h", "s"], "cluster_id": ["g", "g", "h", "s"],
+                      "content_hash": ["1", "2", "3", "4"], "split": ["train", "test", "val", "val"],
+                      "label": [0, 1, 1, 1]})
+    report = audit_manifest(m)
+    failed = {name for name, ok, _ in report.checks if not ok}
+    assert failed == {"no linked cluster (patient, lesion or near-duplicate) in two splits",
+                      "no patient/lesion group in two splits", "synthetic images only in train"}
+
+
+def test_no_source_and_missing_manifest(tmp_path):
+    with pytest.raises(DataError, match="no --source"):
+        prepare([], tmp_path)
+    with pytest.raises(DataError, match="melanogan prepare"):
+        load_manifest(tmp_path)

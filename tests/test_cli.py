@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from melanogan.cli import app
 
 runner = CliRunner()
-COMMANDS = ["demo-data", "prepare", "audit", "demo", "bench preprocess"]
+COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "bench preprocess", "bench gan"]
 
 
 def test_root_help_lists_commands():
@@ -47,3 +47,18 @@ def test_user_errors_exit_2_with_a_message_not_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_gan_then_generate(demo_prepared, tmp_path):
+    run, syn = tmp_path / "run", tmp_path / "syn"
+    r = runner.invoke(app, ["train-gan", str(demo_prepared), "--out", str(run), "--resolution", "32", "--steps", "4",
+                            "--checkpoint-every", "2", "--sample-every", "2", "--log-every", "1", "--max-steps", "2",
+                            "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    assert "paused" in r.output
+    r = runner.invoke(app, ["train-gan", str(demo_prepared), "--out", str(run), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "finished at step 4" in " ".join(r.output.split())
+    r = runner.invoke(app, ["generate", str(run), "--out", str(syn), "--n", "5", "--label", "melanoma"])
+    assert r.exit_code == 0, r.output
+    assert "5 synthetic images (5 melanoma, 0 other)" in " ".join(r.output.split())

@@ -237,6 +237,72 @@ def demo(
     console.print(f"done in {time.perf_counter() - t0:.0f}s. Prepared data: {out / 'data'}")
 
 
+@app.command("train-gan")
+def train_gan_cmd(
+    data_dir: Annotated[Path, typer.Argument(
+        help="A DATA_DIR written by `melanogan prepare` (only its train split is used).")],
+    out: Annotated[Path, typer.Option("--out", help="RUN_DIR for config, stats.jsonl, samples/ and checkpoints/.")],
+    preset: Annotated[str, typer.Option(
+        help="original (the study's model, with a correct critic) or default.")] = "default",
+    config: Annotated[Path | None, typer.Option(help="YAML file overriding preset fields.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Output resolution: 32, 64, 128 or 256.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Total generator steps. With --resume the run's own config is used; --steps can extend it.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same run (bitwise on CPU).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    sample_every: Annotated[int | None, typer.Option(help="Steps between sample grids.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Steps between stats.jsonl records.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
+    devices: Annotated[int, typer.Option(help="Devices per node; more than one trains with DDP.")] = 1,
+    num_nodes: Annotated[int, typer.Option(help="Machines (launch with torchrun or SLURM).")] = 1,
+    precision: Annotated[str, typer.Option(help="32 or bf16-mixed (16-mixed on older GPUs).")] = "32",
+    max_steps: Annotated[int | None, typer.Option(
+        help="Stop this invocation after N steps (resumable), e.g. to time-box CPU sessions.")] = None,
+) -> None:
+    """Train the conditional WGAN-GP on the training split of DATA_DIR.
+
+    Validation and test images never reach the generator. Checkpoints are safetensors; --resume
+    continues bitwise-identically on CPU. NaN/inf losses or an exploding Wasserstein estimate stop
+    the run with a message and keep the last good checkpoint.
+    """
+    from melanogan.gan.config import load_config
+    from melanogan.gan.train import train_gan
+
+    cfg = load_config(preset, config, resolution=resolution, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                      checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every)
+    summary = train_gan(data_dir, out, cfg, resume=resume, accelerator=accelerator, devices=devices,
+                        num_nodes=num_nodes, precision=precision, stop_after=max_steps, resume_steps=steps)
+    state = "finished" if summary["finished"] else "paused (resume with --resume)"
+    console.print(f"GAN {state} at step {summary['step']}; trained on {summary['training_images']}. Run: {out}")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train-gan`.")],
+    out: Annotated[Path, typer.Option("--out", help="SYN_DIR for images/, manifest.parquet and its cache.")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1000,
+    label: Annotated[str, typer.Option(help="Class to generate: melanoma or other.")] = "melanoma",
+    seed: Annotated[int, typer.Option(help="Seed: image i depends only on (seed, i).")] = 0,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA generator when the run has one.")] = True,
+    checkpoint: Annotated[Path | None, typer.Option(help="A specific checkpoint folder (default: latest).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Generate synthetic images with a manifest in the real schema (source=synthetic, split=train).
+
+    Images are written at the real data's cache size and cached with the same preprocessing, so
+    `melanogan train --synthetic SYN_DIR` reads them like real ones; provenance (checkpoint hash,
+    step, seed, noise index) is in every row. Calls with different --label add to the same SYN_DIR.
+    """
+    from melanogan.gan.sample import generate as run_generate
+
+    manifest = run_generate(run_dir, n, label, out, seed=seed, use_ema=ema, checkpoint=checkpoint, device=device)
+    console.print(f"{out}: {len(manifest)} synthetic images "
+                  f"({int((manifest['label'] == 1).sum())} melanoma, {int((manifest['label'] == 0).sum())} other)")
+
+
 @bench_app.command("preprocess")
 def bench_preprocess(
     n_images: Annotated[int, typer.Option("--n-images", help="Full-size 6000x4000 JPEGs to generate.")] = 64,
@@ -250,6 +316,24 @@ def bench_preprocess(
     from melanogan.fileio import write_json
 
     results = run(n_images=n_images, size=size, workers=workers, read_size=read_size)
+    console.print_json(json.dumps(results))
+    if json_out:
+        write_json(json_out, results)
+
+
+@bench_app.command("gan")
+def bench_gan(
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed steps per setting (median reported).")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Critic-step speed (img/s) of the `original` preset at 128px and `default` at 64px on the CPU,
+    in NCHW fp32, channels_last fp32 and channels_last + bf16 autocast (penalty always fp32).
+    Compare with `python ../shared/bench/seed_tf.py gan 16` run at the same time."""
+    from melanogan.bench.gan import run
+    from melanogan.fileio import write_json
+
+    results = run(batch=batch, repeats=repeats)
     console.print_json(json.dumps(results))
     if json_out:
         write_json(json_out, results)

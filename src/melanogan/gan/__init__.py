@@ -1,0 +1,1 @@
+"""Conditional WGAN-GP: models, losses (pure functions), training, sampling."""

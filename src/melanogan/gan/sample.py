@@ -1,0 +1,122 @@
+"""`melanogan generate`: synthetic images + a manifest the classifier can consume directly.
+
+SYN_DIR/
+  images/*.png        generator output resized to the real data's cache size
+  manifest.parquet    rows in the real manifest's schema with source=synthetic, split=train, label,
+                      and provenance (checkpoint, its hash, step, seed, noise index, generator)
+  prepare.json, cache/  a decoded cache with the real data's preprocessing options, so the
+                      classifier reads synthetic images exactly as it reads real ones
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from melanogan import __version__
+from melanogan.data.cache import CacheOptions, build_cache
+from melanogan.data.manifest import MANIFEST, MANIFEST_COLUMNS
+from melanogan.errors import MelanoganError
+from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
+from melanogan.gan.checkpoint import checkpoint_hash, latest_checkpoint, load_checkpoint
+from melanogan.gan.train import step_seed
+
+LABELS = {"melanoma": 1, "mel": 1, "1": 1, "other": 0, "benign": 0, "0": 0}
+SYNTHETIC_SOURCE = "synthetic"
+
+
+def parse_label(label: str) -> int:
+    key = str(label).strip().lower()
+    if key not in LABELS:
+        raise MelanoganError(f"--label {label!r} is unknown; use melanoma or other.")
+    return LABELS[key]
+
+
+def noise_for(index: int, seed: int, noise_dim: int) -> torch.Tensor:
+    """The noise vector of synthetic image `index`: depends only on (seed, index), never on batching."""
+    g = torch.Generator().manual_seed(step_seed(seed, index, 0, 424242))
+    return torch.randn(noise_dim, generator=g)
+
+
+def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_ema: bool = True,
+             batch_size: int = 64, checkpoint: Path | None = None, device: str = "cpu") -> pd.DataFrame:
+    """Generate `n` images of one class from a GAN run; returns the synthetic manifest."""
+    run_dir, out = Path(run_dir), Path(out)
+    if n <= 0:
+        raise MelanoganError(f"--n must be positive, got {n}.")
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise MelanoganError(f"{run_dir}: no GAN checkpoint found. Train one with `melanogan train-gan` first.")
+    loaded = load_checkpoint(ckpt)
+    cfg = loaded["config"]
+    y = parse_label(label)
+    if y not in cfg.classes:
+        raise MelanoganError(f"the generator in {run_dir} did not learn class {label!r} (it learned "
+                             f"{', '.join(str(c) for c in cfg.classes)}).")
+    model = loaded["generator_ema"] if use_ema and loaded["generator_ema"] is not None else loaded["generator"]
+    which = "ema" if model is loaded["generator_ema"] else "raw"
+    model = model.to(device).eval()
+    run_info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    data_dir = Path(run_info.get("data_dir", ""))
+    prepare_info = data_dir / "prepare.json"
+    options = CacheOptions(**read_json(prepare_info)["cache_options"]) if prepare_info.is_file() \
+        else CacheOptions(size=cfg.resolution)
+    size = options.size
+    ck_hash = checkpoint_hash(ckpt)
+    tag = f"{ck_hash[:8]}-s{seed}-{'mel' if y else 'oth'}"
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            z = torch.stack([noise_for(i, seed, cfg.noise_dim) for i in idx]).to(device)
+            labels = torch.full((len(idx),), y, dtype=torch.long, device=device)
+            imgs = model(z, labels).float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu()
+            for i, img in zip(idx, imgs, strict=True):
+                arr = img.permute(1, 2, 0).numpy()
+                pil = Image.fromarray(arr)
+                if pil.size != (size, size):
+                    pil = pil.resize((size, size), Image.Resampling.BICUBIC)
+                image_id = f"syn-{tag}-{i:06d}"
+                path = image_dir / f"{image_id}.png"
+                with atomic_path(path, suffix=".png") as tmp:
+                    pil.save(tmp, format="PNG")
+                rows.append({"image_id": image_id, "path": str(path.resolve()), "noise_index": i})
+    table = pd.DataFrame(rows)
+    table["uid"] = SYNTHETIC_SOURCE + ":" + table["image_id"]
+    cache_root = out / "cache" / options.name
+    cache = build_cache(cache_root, table[["uid", "path"]], options)
+    facts = cache.index.set_index("uid")
+    bad = facts[facts["status"] != "ok"]
+    if len(bad):
+        raise MelanoganError(f"{len(bad)} generated image(s) could not be cached: {bad['detail'].iloc[0]}")
+    table = table.join(facts[["width", "height", "content_hash", "phash"]], on="uid")
+    table = table.assign(label=np.int8(y), diagnosis="synthetic-melanoma" if y else "synthetic-other",
+                         group_id=table["image_id"], cluster_id=table["image_id"], source=SYNTHETIC_SOURCE,
+                         split="train", patient_id=pd.NA, lesion_id=pd.NA, sex=pd.NA, age=np.nan, anatom_site=pd.NA,
+                         origin=str(ckpt), checkpoint_hash=ck_hash, checkpoint_step=loaded["step"], seed=seed,
+                         generator=which)
+    for col in ("patient_id", "lesion_id", "sex", "anatom_site", "origin"):
+        table[col] = table[col].astype("string")
+    manifest = table[[*MANIFEST_COLUMNS, "checkpoint_hash", "checkpoint_step", "seed", "noise_index", "generator"]]
+    existing = out / MANIFEST
+    if existing.is_file():  # several `generate` calls (e.g. per class) accumulate in one SYN_DIR
+        old = pd.read_parquet(existing)
+        manifest = pd.concat([old[~old["uid"].isin(manifest["uid"])], manifest], ignore_index=True)
+        if len(manifest) != len(old) + len(table) - old["uid"].isin(table["uid"]).sum():
+            raise MelanoganError(f"{existing}: inconsistent synthetic manifest; use a new --out.")
+        cache = build_cache(cache_root, manifest[["uid", "path"]], options)
+    write_parquet(existing, manifest)
+    write_json(out / "prepare.json", {
+        "melanogan_version": __version__, "kind": "synthetic", "cache": str(cache_root.relative_to(out)),
+        "cache_options": options.to_dict(), "gan_run": str(run_dir.resolve()), "checkpoint": str(ckpt),
+        "checkpoint_hash": ck_hash, "trained_on_split": run_info.get("trained_on_split", "train"),
+        "real_data_dir": str(data_dir), "counts": json.loads(manifest["label"].value_counts().to_json()),
+    })
+    return manifest

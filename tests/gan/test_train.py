@@ -1,0 +1,144 @@
+"""GAN training: learning happens, resume is bitwise, divergence is caught, DDP agrees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from melanogan.data.dataset import CachedImageDataset
+from melanogan.data.transforms import eval_preset
+from melanogan.errors import MelanoganError
+from melanogan.gan import train as train_mod
+from melanogan.gan.checkpoint import latest_checkpoint, load_checkpoint
+from melanogan.gan.config import load_config
+from melanogan.gan.train import GanDivergedError, train_gan
+
+
+def _stats(run_dir):
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_learns_the_colour_of_skin(demo_prepared, tmp_path, tiny_cfg):
+    cfg = tiny_cfg.model_copy(update={"steps": 40, "checkpoint_every": 40, "sample_every": 40, "log_every": 10})
+    real = CachedImageDataset(demo_prepared, "train", transform=eval_preset(32, "tanh"))
+    real_mean = torch.stack([real[i][0] for i in range(len(real))]).mean(dim=(0, 2, 3))
+
+    def colour_gap(generator) -> float:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            fake = generator.eval()(torch.randn(64, cfg.noise_dim), torch.randint(0, 2, (64,)))
+        return float((fake.mean(dim=(0, 2, 3)) - real_mean).abs().mean())
+
+    from melanogan.gan.checkpoint import build_models
+
+    torch.manual_seed(cfg.seed)
+    initial_gap = colour_gap(build_models(cfg)[0])
+    train_gan(demo_prepared, tmp_path / "run", cfg, progress=False)
+    trained = load_checkpoint(latest_checkpoint(tmp_path / "run"))["generator"]
+    assert colour_gap(trained) < 0.6 * initial_gap
+    records = _stats(tmp_path / "run")
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert all(np.isfinite(r["wasserstein"]) and r["img_per_s"] > 0 for r in records)
+    for name in ("config.yaml", "run.json", "samples/step-0000040.png", "samples/losses.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["trained_on_split"] == "train" and run["training_images"]["melanoma"] > 0
+
+
+def test_resume_is_bitwise_identical(demo_prepared, tmp_path, tiny_cfg):
+    train_gan(demo_prepared, tmp_path / "full", tiny_cfg, progress=False)
+    train_gan(demo_prepared, tmp_path / "parts", tiny_cfg, progress=False, stop_after=5)  # checkpoint at 4 and 5
+    shutil.rmtree(tmp_path / "parts" / "checkpoints" / "step-0000005")  # "killed" after step 4's checkpoint
+    (tmp_path / "parts" / "checkpoints" / "latest.json").unlink()
+    train_gan(demo_prepared, tmp_path / "parts", tiny_cfg, resume=True, progress=False)
+    for name in ("generator", "critic", "generator_ema"):
+        a = load_file(tmp_path / "full" / "checkpoints" / "step-0000012" / f"{name}.safetensors")
+        b = load_file(tmp_path / "parts" / "checkpoints" / "step-0000012" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["step"] for r in _stats(tmp_path / "parts")] == [r["step"] for r in _stats(tmp_path / "full")]
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(demo_prepared, tmp_path, tiny_cfg,
+                                                                             monkeypatch):
+    real_gp = train_mod.gradient_penalty
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real_gp(*args, **kwargs)
+        return value * float("nan") if calls["n"] > 10 else value  # NaN from step 6 on (2 critic steps/step)
+
+    monkeypatch.setattr(train_mod, "gradient_penalty", poisoned)
+    with pytest.raises(GanDivergedError, match="diverged at step 6") as e:
+        train_gan(demo_prepared, tmp_path / "run", tiny_cfg, progress=False)
+    assert "last good checkpoint" in str(e.value)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step-0000004"
+    weights = load_checkpoint(ckpt)["generator"].state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_bf16_mixed_precision_trains(demo_prepared, tmp_path, tiny_cfg):
+    cfg = tiny_cfg.model_copy(update={"steps": 4})
+    train_gan(demo_prepared, tmp_path / "run", cfg, precision="bf16-mixed", progress=False)
+    assert all(np.isfinite(r["gradient_penalty"]) for r in _stats(tmp_path / "run"))
+
+
+def test_clear_errors(demo_prepared, tmp_path, tiny_cfg):
+    with pytest.raises(MelanoganError, match="unknown GAN preset"):
+        load_config("stylegan")
+    with pytest.raises(MelanoganError, match="nothing to resume"):
+        train_gan(demo_prepared, tmp_path / "new", tiny_cfg, resume=True, progress=False)
+    with pytest.raises(MelanoganError, match="precision"):
+        train_gan(demo_prepared, tmp_path / "p", tiny_cfg, precision="int8", progress=False)
+    cfg = tiny_cfg.model_copy(update={"steps": 2, "checkpoint_every": 2})
+    train_gan(demo_prepared, tmp_path / "done", cfg, progress=False)
+    with pytest.raises(MelanoganError, match="already holds a GAN run"):
+        train_gan(demo_prepared, tmp_path / "done", cfg, progress=False)
+    ckpt = latest_checkpoint(tmp_path / "done")
+    (ckpt / "generator.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MelanoganError, match="cannot read the weights"):
+        load_checkpoint(ckpt)
+
+
+def test_empty_training_class_is_a_clear_error(demo_prepared, tmp_path, tiny_cfg):
+    import pandas as pd
+
+    from melanogan.fileio import write_parquet
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_prepared, data)
+    m = pd.read_parquet(data / "manifest.parquet")
+    m.loc[(m["label"] == 1) & (m["split"] == "train"), "split"] = "val"
+    write_parquet(data / "manifest.parquet", m)
+    with pytest.raises(MelanoganError, match="no melanoma image"):
+        train_gan(data, tmp_path / "run", tiny_cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_and_agrees_with_one_process(demo_prepared, tmp_path, tiny_cfg):
+    """gloo on CPU. Both runs see the same global batches, noise and penalty points, so gradients
+    averaged over 2 x 8 samples must equal those over 16 up to float summation order. (Generator
+    BatchNorm is off here: its statistics would be per process, and SyncBatchNorm is GPU-only;
+    DiffAugment is off: its draws are per process.)"""
+    cfg = tiny_cfg.model_copy(update={"steps": 6, "checkpoint_every": 6, "sample_every": 6, "diffaugment": [],
+                                      "generator_norm": "none"})
+    train_gan(demo_prepared, tmp_path / "one", cfg, accelerator="cpu", progress=False)
+    train_gan(demo_prepared, tmp_path / "two", cfg, accelerator="cpu", devices=2, progress=False)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    one = load_file(tmp_path / "one" / "checkpoints" / "step-0000006" / "critic.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoints" / "step-0000006" / "critic.safetensors")
+    # Adam moves every weight by ~lr whatever the gradient's size, so a near-zero gradient whose sign
+    # differs in the last float bits moves a weight by up to 2 lr: that is the absolute tolerance.
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=2 * cfg.lr), k
+    s1, s2 = _stats(tmp_path / "one"), _stats(tmp_path / "two")
+    assert [r["step"] for r in s1] == [r["step"] for r in s2]
+    for a, b in zip(s1, s2, strict=True):
+        assert abs(a["wasserstein"] - b["wasserstein"]) < 1e-3 * abs(a["wasserstein"]) + 1e-4

@@ -29,7 +29,7 @@ def test_deterministic_for_a_seed(tmp_path):
 def test_melanoma_phantoms_are_larger_and_more_colourful():
     def lesion_stats(melanoma: bool) -> tuple[float, float]:
         areas, spreads = [], []
-        for i in range(20):
+        for i in range(40):
             img = render_phantom(np.random.default_rng(i), melanoma, 128, 128).astype(float)
             centre = img[24:104, 24:104]
             lum = centre.mean(axis=2)
@@ -40,5 +40,5 @@ def test_melanoma_phantoms_are_larger_and_more_colourful():
 
     mel_area, mel_spread = lesion_stats(True)
     ben_area, ben_spread = lesion_stats(False)
-    assert mel_area > 1.3 * ben_area
+    assert mel_area > 1.15 * ben_area  # severities overlap on purpose: the task is not trivial
     assert mel_spread > ben_spread

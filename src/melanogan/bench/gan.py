@@ -12,6 +12,7 @@ import torch
 from melanogan.gan.checkpoint import build_models
 from melanogan.gan.config import load_config
 from melanogan.gan.losses import critic_loss, gradient_penalty
+from melanogan.gan.train import make_adam
 
 
 def time_critic_step(preset: str, resolution: int | None, batch: int, channels_last: bool, bf16: bool,
@@ -22,7 +23,7 @@ def time_critic_step(preset: str, resolution: int | None, batch: int, channels_l
     g, d = build_models(cfg)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g, d = g.to(memory_format=fmt), d.to(memory_format=fmt)
-    opt = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt = make_adam(d, cfg)
     real = torch.rand(batch, 3, cfg.resolution, cfg.resolution).mul(2).sub(1).contiguous(memory_format=fmt)
     labels = torch.ones(batch, dtype=torch.long)
 

@@ -82,7 +82,7 @@ def render_phantom(rng: np.random.Generator, melanoma: bool, width: int = 320, h
     img = np.ones((h, w, 3), np.float32) * skin
     img += (8 * _smooth_noise(rng, h, w, 24))[..., None] + (4 * _smooth_noise(rng, h, w, 4))[..., None]
     # Severity overlaps between classes (atypical naevi, early melanomas) so the task is not trivial.
-    severity = rng.uniform(0.35, 1.0) if melanoma else rng.uniform(0.0, 0.45)
+    severity = rng.uniform(0.15, 0.9) if melanoma else rng.uniform(0.0, 0.6)
     radius = min(h, w) * (0.14 + 0.22 * severity + rng.uniform(-0.03, 0.05))
     mask = _lesion_mask(rng, h, w, radius, severity).astype(np.float32) / 255
     soft = cv2.GaussianBlur(mask, (0, 0), sigmaX=radius * (0.04 if melanoma else 0.12))
@@ -90,7 +90,7 @@ def render_phantom(rng: np.random.Generator, melanoma: bool, width: int = 320, h
     lesion = np.ones((h, w, 3), np.float32) * brown
     net = _pigment_network(rng, h, w, cell=rng.uniform(6, 10), irregular=severity > 0.5)
     lesion *= (1 - 0.45 * net)[..., None]
-    if melanoma or rng.uniform() < 0.25:
+    if melanoma or rng.uniform() < 0.35:
         colours = [np.array([35, 25, 25]), np.array([150, 60, 55]), np.array([110, 125, 160]),
                    np.array([70, 40, 30])]
         n_colours = 1 + int(rng.integers(0, 4) * severity + 0.5) if melanoma else 1
@@ -98,11 +98,13 @@ def render_phantom(rng: np.random.Generator, melanoma: bool, width: int = 320, h
             blob = (_smooth_noise(rng, h, w, radius / 2) > rng.uniform(0.5, 1.1)).astype(np.float32)
             blob = cv2.GaussianBlur(blob, (0, 0), sigmaX=3) * mask
             lesion = lesion * (1 - blob[..., None]) + colours[colour] * blob[..., None]
-        veil_level = 1.6 - severity if melanoma else 2.0
+        # Some benign lesions show a little veil or dots too (as regression structures do in real life).
+        veil_level = 1.7 - severity if melanoma else 1.6
         veil = cv2.GaussianBlur((_smooth_noise(rng, h, w, radius / 3) > veil_level).astype(np.float32), (0, 0), 6)
         veil *= mask
         lesion = lesion * (1 - 0.6 * veil[..., None]) + np.array([185, 195, 215]) * 0.6 * veil[..., None]
-        dots = (rng.uniform(0, 1, (h, w)) > (0.999 - 0.003 * severity)).astype(np.float32)
+        dot_rate = 0.003 * severity if melanoma else 0.0015 * (rng.uniform() < 0.4)
+        dots = (rng.uniform(0, 1, (h, w)) > (1 - 0.001 - dot_rate)).astype(np.float32)
         lesion -= 80 * cv2.dilate(dots, np.ones((3, 3)))[..., None] * mask[..., None]
     else:
         lesion *= 1 + 0.05 * _smooth_noise(rng, h, w, radius)[..., None]

@@ -1,0 +1,1 @@
+"""Classifier: models, training, clinical evaluation."""

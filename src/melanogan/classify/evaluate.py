@@ -1,0 +1,161 @@
+"""`melanogan evaluate`: clinical evaluation of a trained classifier on real images only.
+
+Thresholds come from the run's own validation split (Youden's J, and 95% sensitivity) and are
+applied unchanged to the evaluated images, next to the fixed 0.5 of the original study. A
+different prepared dataset can be named for an external test; its synthetic rows, if any, are
+ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from melanogan.classify import metrics as M
+from melanogan.classify.train import load_model, predict_logits
+from melanogan.data.dataset import CachedImageDataset
+from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.data.transforms import eval_preset
+from melanogan.errors import MelanoganError
+from melanogan.fileio import atomic_path, read_json, write_csv, write_json
+
+
+def _clean(obj):
+    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    return obj
+
+
+def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int = 64) -> pd.DataFrame:
+    """Logits for the real, labeled rows of `splits` ('all' = every labeled real row)."""
+    manifest = load_manifest(data_dir)
+    manifest = manifest[(manifest["label"].isin([0, 1])) & (manifest["source"] != "synthetic")]
+    if splits != ["all"]:
+        manifest = manifest[manifest["split"].isin(splits)]
+    if manifest.empty:
+        raise MelanoganError(f"{data_dir}: no labeled real images in split {'/'.join(splits)}.")
+    ds = CachedImageDataset(data_dir, "all", transform=eval_preset(cfg.image_size), manifest=manifest)
+    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"),
+                            autocast="bf16" in cfg.precision)
+    rows = ds.rows
+    return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "label": rows["label"].astype(int),
+                         "group": rows["source"].astype(str) + ":" + rows["cluster_id"].astype(str),
+                         "logit": logits, "probability": M.sigmoid(logits)})
+
+
+def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float = 1.0, bootstrap: int = 1000,
+                     seed: int = 0) -> dict:
+    """All metrics of the evaluation on `test`, thresholds chosen on `val` (probabilities)."""
+    yv, pv = val["label"].to_numpy(), M.sigmoid(val["logit"].to_numpy() / temperature)
+    y, p = test["label"].to_numpy(), M.sigmoid(test["logit"].to_numpy() / temperature)
+    groups = test["group"].to_numpy()
+    thresholds = {"fixed_0.5": 0.5, "val_youden": M.threshold_youden(yv, pv),
+                  "val_sens95": M.threshold_for_sensitivity(yv, pv, 0.95)}
+    auc_ci = M.bootstrap_ci(y, p, groups, M.roc_auc, n=bootstrap, seed=seed)
+    pr_ci = M.bootstrap_ci(y, p, groups, M.pr_auc, n=bootstrap, seed=seed)
+    rel = M.reliability(y, p, 10)
+    return {
+        "n_images": len(y), "n_melanoma": int(y.sum()), "n_groups": len(np.unique(groups)),
+        "roc_auc": M.roc_auc(y, p), "roc_auc_ci95": list(auc_ci),
+        "pr_auc": M.pr_auc(y, p), "pr_auc_ci95": list(pr_ci), "prevalence": float(y.mean()),
+        "thresholds": {name: {**M.confusion_at(y, p, t), "chosen_on": "validation" if name != "fixed_0.5" else "fixed"}
+                       for name, t in thresholds.items()},
+        "specificity_at_sensitivity_90": M.specificity_at_sensitivity(y, p, 0.90),
+        "specificity_at_sensitivity_95": M.specificity_at_sensitivity(y, p, 0.95),
+        "sensitivity_at_specificity_80": M.sensitivity_at_specificity(y, p, 0.80),
+        "calibration": {"temperature": temperature, "brier": M.brier(y, p),
+                        "ece": M.expected_calibration_error(y, p, 10),
+                        "reliability": {"confidence": rel["confidence"].tolist(), "observed": rel["observed"].tolist(),
+                                        "count": rel["count"].tolist()}},
+    }
+
+
+def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", temperature_scaling: bool = False,
+                 bootstrap: int = 1000, out: Path | None = None) -> dict:
+    """Evaluate RUN_DIR's best checkpoint; writes metrics.json, predictions.csv and plots."""
+    run_dir = Path(run_dir)
+    if split not in ("test", "val", "all"):
+        raise MelanoganError(f"--split {split!r}: use test, val or all.")
+    model, cfg, best_state = load_model(run_dir / "best")
+    run_info = read_json(run_dir / "run.json")
+    own_data = Path(run_info["data_dir"])
+    data_dir = Path(data_dir) if data_dir else own_data
+    external = data_dir.resolve() != own_data.resolve()
+    val = predict_split(model, cfg, own_data, ["val"])
+    test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split])
+    temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0
+    result = clinical_metrics(val, test, temperature, bootstrap=bootstrap, seed=cfg.seed)
+    result.update({"run_dir": str(run_dir), "data_dir": str(data_dir), "split": split, "external": external,
+                   "best_epoch": best_state.get("epoch"), "val_auc_at_best": best_state.get("val_auc"),
+                   "manifest_hash": manifest_hash(load_manifest(data_dir)), "model": cfg.model,
+                   "image_size": cfg.image_size})
+    name = f"eval-external-{data_dir.name}-{split}" if external else f"eval-{split}"
+    out = Path(out) if out else run_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "predictions.csv", test.assign(probability=M.sigmoid(test["logit"] / temperature)))
+    write_json(out / "metrics.json", _clean(result))
+    plot_evaluation(test, result, out, temperature)
+    return result
+
+
+def plot_evaluation(test: pd.DataFrame, result: dict, out: Path, temperature: float = 1.0) -> None:
+    """roc.png, pr.png, scores.png (histogram by class), reliability.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    y, p = test["label"].to_numpy(), M.sigmoid(test["logit"].to_numpy() / temperature)
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        with atomic_path(out / name, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+        plt.close(fig)
+
+    if 0 < y.sum() < len(y):
+        fpr, tpr, _ = roc_curve(y, p)
+        fig, ax = plt.subplots(figsize=(4.5, 4.2))
+        ax.plot(fpr, tpr, label=f"AUC {result['roc_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        for name, m in result["thresholds"].items():
+            ax.plot(1 - m["specificity"], m["sensitivity"], "o", label=f"{name} (t={m['threshold']:.2f})")
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
+        ax.legend(fontsize=8)
+        save(fig, "roc.png")
+        prec, rec, _ = precision_recall_curve(y, p)
+        fig, ax = plt.subplots(figsize=(4.5, 4.2))
+        ax.plot(rec, prec, label=f"PR-AUC {result['pr_auc']:.3f}")
+        ax.axhline(y.mean(), color="k", ls="--", lw=0.8, label=f"prevalence {y.mean():.3f}")
+        ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall")
+        ax.legend(fontsize=8)
+        save(fig, "pr.png")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bins = np.linspace(0, 1, 26)
+    ax.hist(p[y == 0], bins=bins, alpha=0.6, density=True, label="not melanoma")
+    ax.hist(p[y == 1], bins=bins, alpha=0.6, density=True, label="melanoma")
+    ax.set(xlabel="predicted melanoma probability", ylabel="density", title="Scores by class")
+    ax.legend()
+    save(fig, "scores.png")
+    rel = result["calibration"]["reliability"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    filled = [i for i, n in enumerate(rel["count"]) if n > 0]
+    conf = [rel["confidence"][i] for i in filled]
+    obs = [rel["observed"][i] for i in filled]
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.plot(conf, obs, "o-", label=f"ECE {result['calibration']['ece']:.3f}")
+    ax.set(xlabel="mean predicted probability", ylabel="observed melanoma rate", title="Reliability")
+    ax.legend()
+    save(fig, "reliability.png")

@@ -1,0 +1,207 @@
+"""Clinical metrics as pure functions of labels (0/1) and scores (probabilities or logits).
+
+Thresholds are always chosen on validation data and then applied to test data: a threshold tuned
+on the test set (or a fixed 0.5 on a badly calibrated model) is how "recall 12% -> 100%" happens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import optimize, stats
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+def _arrays(y, s) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y).astype(int).ravel()
+    s = np.asarray(s, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.shape}) and scores ({s.shape}) differ in length")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    return y, s
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < y.sum() < len(y)
+
+
+def roc_auc(y, s) -> float:
+    y, s = _arrays(y, s)
+    return float(roc_auc_score(y, s)) if _both_classes(y) else float("nan")
+
+
+def pr_auc(y, s) -> float:
+    """Average precision (area under the precision-recall curve, step interpolation)."""
+    y, s = _arrays(y, s)
+    return float(average_precision_score(y, s)) if _both_classes(y) else float("nan")
+
+
+def confusion_at(y, s, threshold: float) -> dict[str, float]:
+    """Decision `score >= threshold` -> counts and the usual rates (NaN where undefined)."""
+    y, s = _arrays(y, s)
+    pred = s >= threshold
+    tp = int((pred & (y == 1)).sum())
+    fp = int((pred & (y == 0)).sum())
+    tn = int((~pred & (y == 0)).sum())
+    fn = int((~pred & (y == 1)).sum())
+
+    def div(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    sens, spec = div(tp, tp + fn), div(tn, tn + fp)
+    precision = div(tp, tp + fp)
+    return {"threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "accuracy": div(tp + tn, len(y)), "precision": precision, "recall": sens, "sensitivity": sens,
+            "specificity": spec, "npv": div(tn, tn + fn),
+            "f1": div(2 * precision * sens, precision + sens) if not math.isnan(precision) else float("nan"),
+            "balanced_accuracy": (sens + spec) / 2}
+
+
+def threshold_youden(y, s) -> float:
+    """The score threshold maximising Youden's J = sensitivity + specificity - 1 (ties: the higher)."""
+    y, s = _arrays(y, s)
+    if not _both_classes(y):
+        return float("nan")
+    candidates = np.unique(s)
+    best_t, best_j = candidates[-1], -np.inf
+    pos, neg = s[y == 1], s[y == 0]
+    for t in candidates[::-1]:
+        j = (pos >= t).mean() + (neg < t).mean() - 1
+        if j > best_j + 1e-12:
+            best_t, best_j = t, j
+    return float(best_t)
+
+
+def threshold_for_sensitivity(y, s, target: float = 0.95) -> float:
+    """The highest threshold whose sensitivity (score >= t) is at least `target`."""
+    y, s = _arrays(y, s)
+    pos = np.sort(s[y == 1])[::-1]
+    if len(pos) == 0:
+        return float("nan")
+    k = max(1, math.ceil(target * len(pos) - 1e-9))
+    return float(pos[k - 1])
+
+
+def specificity_at_sensitivity(y, s, target: float) -> float:
+    t = threshold_for_sensitivity(y, s, target)
+    return confusion_at(y, s, t)["specificity"] if not math.isnan(t) else float("nan")
+
+
+def sensitivity_at_specificity(y, s, target: float) -> float:
+    """Sensitivity at the lowest threshold whose specificity (score < t for negatives) is >= target."""
+    y, s = _arrays(y, s)
+    neg = np.sort(s[y == 0])
+    if len(neg) == 0 or not (y == 1).any():
+        return float("nan")
+    k = math.ceil(target * len(neg) - 1e-9)  # at least k negatives must fall below t
+    t = np.nextafter(neg[k - 1], np.inf) if k >= 1 else -np.inf
+    return float((s[y == 1] >= t).mean())
+
+
+def brier(y, p) -> float:
+    y, p = _arrays(y, p)
+    return float(np.mean((p - y) ** 2))
+
+
+def reliability(y, p, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Per equal-width probability bin: count, mean predicted probability, observed melanoma rate."""
+    y, p = _arrays(y, p)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(idx, weights=p, minlength=n_bins) / count
+        rate = np.bincount(idx, weights=y, minlength=n_bins) / count
+    return {"edges": edges, "count": count, "confidence": conf, "observed": rate}
+
+
+def expected_calibration_error(y, p, n_bins: int = 10) -> float:
+    """ECE = sum over bins of (bin size / N) * |observed rate - mean predicted probability|."""
+    r = reliability(y, p, n_bins)
+    mask = r["count"] > 0
+    return float(np.sum(r["count"][mask] / r["count"].sum() * np.abs(r["observed"][mask] - r["confidence"][mask])))
+
+
+def sigmoid(x) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=float)))
+
+
+def fit_temperature(logits, y) -> float:
+    """Temperature T minimising the validation negative log-likelihood of sigmoid(logit / T)."""
+    y, z = _arrays(y, logits)
+
+    def nll(log_t: float) -> float:
+        zt = z / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0, zt) - y * zt))
+
+    res = optimize.minimize_scalar(nll, bounds=(-4, 4), method="bounded")
+    return float(math.exp(res.x))
+
+
+def bootstrap_ci(y, s, groups, metric=roc_auc, n: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of `metric`, resampling whole groups (patients) with replacement: images of one
+    patient are correlated, so resampling images would understate the uncertainty."""
+    y, s = _arrays(y, s)
+    groups = np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[g] for g in pick])
+        if _both_classes(y[idx]):
+            values.append(metric(y[idx], s[idx]))
+    if len(values) < n // 2:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def _midrank(x: np.ndarray) -> np.ndarray:
+    return stats.rankdata(x, method="average")
+
+
+def delong_covariance(y, *scores) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs and their DeLong covariance matrix for correlated ROC curves on the same cases
+    (fast algorithm of Sun & Xu 2014)."""
+    y = np.asarray(y).astype(int)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    m, n = len(pos), len(neg)
+    aucs, v10, v01 = [], [], []
+    for s in scores:
+        s = np.asarray(s, dtype=float)
+        tx, ty, tz = _midrank(s[pos]), _midrank(s[neg]), _midrank(np.concatenate([s[pos], s[neg]]))
+        aucs.append((tz[:m].sum() - m * (m + 1) / 2) / (m * n))
+        v10.append((tz[:m] - tx) / n)
+        v01.append(1.0 - (tz[m:] - ty) / m)
+    v10, v01 = np.array(v10), np.array(v01)
+    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return np.array(aucs), cov
+
+
+def delong_test(y, s1, s2) -> dict[str, float]:
+    """Paired DeLong test of AUC(s1) vs AUC(s2) on the same cases: difference, its 95% CI, p-value."""
+    y, _ = _arrays(y, s1)
+    aucs, cov = delong_covariance(y, s1, s2)
+    diff = aucs[0] - aucs[1]
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    se = math.sqrt(max(var, 0.0))
+    z = diff / se if se > 0 else 0.0
+    p = 2 * stats.norm.sf(abs(z)) if se > 0 else 1.0
+    return {"auc_1": float(aucs[0]), "auc_2": float(aucs[1]), "difference": float(diff), "se": se,
+            "ci_low": float(diff - 1.96 * se), "ci_high": float(diff + 1.96 * se), "z": float(z), "p_value": float(p)}
+
+
+def summarize(values, level: float = 0.95) -> dict[str, float]:
+    """Mean and t-based CI over seeds (NaN-safe; a single value has no interval)."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    if len(v) == 1:
+        return {"mean": float(v[0]), "ci_low": float("nan"), "ci_high": float("nan"), "n": 1}
+    half = stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return {"mean": float(v.mean()), "ci_low": float(v.mean() - half), "ci_high": float(v.mean() + half), "n": len(v)}

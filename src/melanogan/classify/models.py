@@ -1,0 +1,210 @@
+"""Classifier registry: `create_classifier(name, image_size=..., weights=...)`.
+
+Every model is a backbone that maps an image to a feature vector plus a one-logit head, so
+`forward_features` (the penultimate layer) serves as domain features for GAN quality metrics.
+
+Weights: None (from scratch), "imagenet" (torchvision's published weights: downloaded to the usual
+torch cache when online, a clear error saying to pass a file when offline), or a local file: a
+torchvision state dict (.pth/.pt, read with `weights_only=True`) or .safetensors. Files are never
+unpickled as code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from melanogan.errors import MelanoganError
+
+
+class Classifier(nn.Module):
+    """backbone (image -> features) + dropout + linear head (features -> one melanoma logit)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, 1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)).squeeze(1)
+
+
+class OriginalCNN(nn.Module):
+    """The original study's Keras CNN: Conv 32/64/128 3x3 (valid) + MaxPool 2, Dense 128.
+
+    MaxPool is applied before ReLU: the two commute (both monotone), and the ReLU then touches 4x
+    fewer values, which is measurably faster on a CPU. Output = the 128-d Dense activations."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, side = 3, image_size
+        for c_out in (32, 64, 128):
+            layers += [nn.Conv2d(c_in, c_out, 3), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+            c_in, side = c_out, (side - 2) // 2
+        if side < 1:
+            raise MelanoganError(f"image size {image_size} is too small for original-cnn (at least 22).")
+        self.convs = nn.Sequential(*layers)
+        self.dense = nn.Sequential(nn.Flatten(), nn.Linear(128 * side * side, 128), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.convs(x))
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class SmallCNN(nn.Module):
+    """A small modern CNN that trains well from scratch on a CPU: four stages of two 3x3 conv-BN-ReLU
+    blocks (32-64-128-256 channels), max-pooling between stages, global average pooling."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        c_in = widths[0]
+        for i, w in enumerate(widths):
+            layers += _conv_bn(c_in, w) + _conv_bn(w, w)
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = w
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+# torchvision models: constructor, weights enum name, attribute holding the ImageNet head.
+_TORCHVISION = {
+    "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", "classifier"),
+    "resnet18": ("resnet18", "ResNet18_Weights", "fc"),
+    "resnet50": ("resnet50", "ResNet50_Weights", "fc"),
+    "vit_b_16": ("vit_b_16", "ViT_B_16_Weights", "heads"),
+}
+_HEAD_PREFIXES = {"classifier": ("classifier.",), "fc": ("fc.",), "heads": ("heads.",)}
+
+
+def _torchvision_backbone(name: str, image_size: int) -> tuple[nn.Module, int]:
+    ctor_name, _, head_attr = _TORCHVISION[name]
+    ctor = getattr(torchvision.models, ctor_name)
+    if name == "vit_b_16":
+        if image_size % 16:
+            raise MelanoganError(f"vit_b_16 needs an image size divisible by 16, got {image_size}.")
+        model = ctor(weights=None, image_size=image_size)
+        dim = model.heads.head.in_features
+    else:
+        model = ctor(weights=None)
+        head = getattr(model, head_attr)
+        dim = head[-1].in_features if isinstance(head, nn.Sequential) else head.in_features
+    setattr(model, head_attr, nn.Identity())
+    return model, dim
+
+
+def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Download (or take from the torch cache) torchvision's ImageNet weights for `name`."""
+    _, enum_name, _ = _TORCHVISION[name]
+    weights = getattr(torchvision.models, enum_name).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # URLError, socket errors, HTTP errors: all mean "not reachable"
+        raise MelanoganError(
+            f"could not get ImageNet weights for {name} ({type(exc).__name__}: {exc}). If this machine is offline, "
+            f"download {weights.url} on a machine that is online and pass the file: --weights /path/to/"
+            f"{weights.url.rsplit('/', 1)[-1]} (or put it in {torch.hub.get_dir()}/checkpoints/)."
+        ) from exc
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file holding tensors only (never arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MelanoganError(f"--weights {path}: file not found. Pass 'imagenet' or the path of a weights file.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MelanoganError(f"--weights {path}: cannot be read as a state dict of tensors ({exc}). melanogan "
+                             "loads only .safetensors or torch state-dict files, never pickled models.") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MelanoganError(f"--weights {path}: not a state dict of tensors.")
+    return state
+
+
+def load_backbone_weights(model: Classifier, name: str, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load a torchvision-style (or our own full-model) state dict; ImageNet heads are dropped; any
+    other missing, unexpected or mis-shaped layer is an error that names them."""
+    if any(k.startswith("backbone.") for k in state):
+        target, prefix_free = model, state
+    else:
+        head_attr = _TORCHVISION.get(name, (None, None, ""))[2]
+        drop = _HEAD_PREFIXES.get(head_attr, ())
+        prefix_free = {k: v for k, v in state.items() if not k.startswith(drop)}
+        target = model.backbone
+    own = target.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in prefix_free.items()
+                  if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in prefix_free and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in prefix_free if k not in own]
+    if mismatched or missing or unexpected:
+        parts = []
+        if mismatched:
+            parts.append(f"shape mismatch in {len(mismatched)} layer(s): {'; '.join(mismatched[:5])}")
+        if missing:
+            parts.append(f"{len(missing)} layer(s) missing from the file: {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected layer(s) in the file: {', '.join(unexpected[:5])}")
+        raise MelanoganError(f"weights from {origin} do not fit {name}: " + "; ".join(parts)
+                             + ". Is the file for this architecture?")
+    target.load_state_dict(prefix_free, strict=False)
+
+
+def _build(name: str, image_size: int) -> Classifier:
+    if name == "original-cnn":
+        return Classifier(OriginalCNN(image_size), 128, dropout=0.5)
+    if name == "small-cnn":
+        backbone = SmallCNN()
+        return Classifier(backbone, backbone.out_dim, dropout=0.2)
+    backbone, dim = _torchvision_backbone(name, image_size)
+    return Classifier(backbone, dim, dropout=0.2)
+
+
+_BUILDERS: dict[str, Callable[[int], Classifier]] = {
+    name: (lambda size, _n=name: _build(_n, size)) for name in ["original-cnn", "small-cnn", *_TORCHVISION]
+}
+PRETRAINABLE = tuple(_TORCHVISION)
+
+
+def list_classifiers() -> list[str]:
+    return list(_BUILDERS)
+
+
+def create_classifier(name: str, image_size: int = 128, weights: str | Path | None = None) -> Classifier:
+    """Build a registered classifier; `weights` None, 'imagenet', or a local file path."""
+    if name not in _BUILDERS:
+        raise MelanoganError(f"unknown model {name!r}; registered: {', '.join(_BUILDERS)}.")
+    model = _BUILDERS[name](image_size)
+    if weights is None or weights == "none":
+        return model
+    if str(weights) == "imagenet":
+        if name not in PRETRAINABLE:
+            raise MelanoganError(f"{name} has no published ImageNet weights; --weights imagenet applies to "
+                                 f"{', '.join(PRETRAINABLE)}. A file saved from this same model can be passed.")
+        load_backbone_weights(model, name, _imagenet_state_dict(name), "ImageNet (torchvision)")
+    else:
+        load_backbone_weights(model, name, read_weights_file(Path(weights)), str(weights))
+    return model

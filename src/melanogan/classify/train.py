@@ -1,0 +1,354 @@
+"""Classifier training (Lightning Fabric), with the imbalance strategies the study compares.
+
+RUN_DIR/
+  config.yaml, run.json   resolved options; data, synthetic sets and their hashes
+  stats.jsonl             one record per epoch (train/val loss, val AUC, lr, img/s)
+  best/                   model.safetensors + state.json: the epoch with the best validation AUC
+  last/                   model, optimiser and loop state for --resume
+  curves.png              training curves
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+
+from melanogan import __version__
+from melanogan.classify.metrics import pr_auc, roc_auc
+from melanogan.classify.models import Classifier, create_classifier
+from melanogan.data.dataset import CachedImageDataset
+from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.data.transforms import eval_preset, train_preset
+from melanogan.errors import MelanoganError
+from melanogan.fileio import append_jsonl, atomic_path, read_json, write_json, write_text
+
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+              "16-mixed": "16-mixed"}
+
+
+class TrainConfig(BaseModel):
+    """Everything a classifier run depends on (stored in RUN_DIR/config.yaml and in checkpoints)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "small-cnn"
+    weights: str | None = None  # None, "imagenet" or a file path
+    image_size: int = 128
+    epochs: int = 30
+    max_minutes: float | None = None
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    loss: Literal["bce", "weighted", "focal"] = "bce"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    sampler: Literal["none", "balanced"] = "none"
+    augment: Literal["none", "classic"] = "none"
+    synthetic: list[str] = Field(default_factory=list)
+    patience: int = 8  # epochs without a better validation AUC before stopping
+    seed: int = 0
+    workers: int = 1
+    precision: str = "bf16-mixed"
+
+
+def check_synthetic_manifest(syn_dir: Path) -> pd.DataFrame:
+    """A synthetic set may only ever add training rows: refuse one that claims val/test/other."""
+    m = load_manifest(syn_dir)
+    bad = m[m["split"] != "train"]
+    if len(bad):
+        raise MelanoganError(f"{syn_dir}: {len(bad)} synthetic row(s) claim split "
+                             f"{', '.join(sorted(bad['split'].astype(str).unique()))}; synthetic images may only be "
+                             "used for training. Regenerate them with `melanogan generate`.")
+    if not m["label"].isin([0, 1]).all():
+        raise MelanoganError(f"{syn_dir}: synthetic labels must be 0 or 1.")
+    return m
+
+
+def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, CachedImageDataset, np.ndarray]:
+    """Training set (real train split + synthetic sets, train preset) and validation set (eval preset)."""
+    train_tf = train_preset(cfg.image_size, cfg.augment)
+    parts = [CachedImageDataset(data_dir, "train", transform=train_tf, labels=[0, 1])]
+    for syn in cfg.synthetic:
+        manifest = check_synthetic_manifest(Path(syn))
+        parts.append(CachedImageDataset(syn, "train", transform=train_tf, manifest=manifest))
+    val = CachedImageDataset(data_dir, "val", transform=eval_preset(cfg.image_size), labels=[0, 1])
+    labels = np.concatenate([p.labels for p in parts])
+    if labels.sum() == 0 or labels.sum() == len(labels):
+        raise MelanoganError(f"{data_dir}: the training split needs both melanoma and other images.")
+    if val.labels.sum() == 0 or val.labels.sum() == len(val.labels):
+        raise MelanoganError(f"{data_dir}: the validation split needs both classes to choose the best epoch "
+                             "and thresholds; re-run `melanogan prepare` with a larger --val fraction.")
+    return ConcatDataset(parts), val, labels
+
+
+def loss_fn(cfg: TrainConfig, labels: np.ndarray):
+    pos = float(labels.sum())
+    pos_weight = torch.tensor((len(labels) - pos) / pos)
+
+    def compute(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, y = logits.float(), y.float()
+        if cfg.loss == "weighted":
+            return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight.to(logits.device))
+        if cfg.loss == "focal":
+            from torchvision.ops import sigmoid_focal_loss
+
+            return sigmoid_focal_loss(logits, y, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="mean")
+        return F.binary_cross_entropy_with_logits(logits, y)
+
+    return compute
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset, batch_size: int = 64, device: torch.device | None = None,
+                   autocast: bool = False, workers: int = 0) -> np.ndarray:
+    """Logits for every item of `dataset`, in order."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    for x, _ in loader:
+        x = x.to(device)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def save_model(path: Path, model: Classifier, cfg: TrainConfig, extra: dict) -> None:
+    """`path/model.safetensors` + `path/state.json` (config included: the model can be rebuilt)."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path / "model.safetensors", suffix=".safetensors") as tmp:
+        save_file(state, tmp, metadata={"model": cfg.model})
+    write_json(path / "state.json", {"config": cfg.model_dump(mode="json"), **extra})
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Classifier, TrainConfig, dict]:
+    """Rebuild a classifier from a `best/` or `last/` folder (no download: weights come from the file)."""
+    path = Path(path)
+    if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
+        raise MelanoganError(f"{path}: no trained classifier here (model.safetensors/state.json missing). "
+                             "Train one with `melanogan train`.")
+    state = read_json(path / "state.json")
+    cfg = TrainConfig(**state["config"])
+    model = create_classifier(cfg.model, cfg.image_size)
+    try:
+        weights = load_file(path / "model.safetensors")
+    except Exception as exc:
+        raise MelanoganError(f"{path / 'model.safetensors'}: unreadable ({exc}).") from exc
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg, state
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup_fraction * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def plot_curves(run_dir: Path) -> None:
+    records = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines() if x.strip()]
+    if not records:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in records]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(ep, [r["train_loss"] for r in records], label="train loss")
+    a.plot(ep, [r["val_loss"] for r in records], label="validation loss")
+    b.plot(ep, [r["val_auc"] for r in records], color="C2", label="validation ROC-AUC")
+    b.plot(ep, [r["val_pr_auc"] for r in records], color="C3", label="validation PR-AUC")
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(run_dir / "curves.png", suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool = False,
+                     accelerator: str = "auto", devices: int = 1, progress: bool = True,
+                     stop_after_epochs: int | None = None) -> dict:
+    """Train on the training split (plus synthetic sets), keep the best-validation-AUC checkpoint.
+    `stop_after_epochs` pauses this invocation after that many epochs (resumable with `resume`)."""
+    from lightning_fabric import Fabric
+
+    if cfg.precision not in PRECISIONS:
+        raise MelanoganError(f"precision {cfg.precision!r} is not supported; use 32 or bf16-mixed.")
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "last" / "state.json").is_file():
+            raise MelanoganError(f"{run_dir}: nothing to resume (no last/ checkpoint). Drop --resume.")
+        cfg = TrainConfig(**read_json(run_dir / "last" / "state.json")["config"])
+    elif (run_dir / "stats.jsonl").is_file():
+        raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
+    build_datasets(data_dir, cfg)  # fail early with a clear message
+    strategy = "auto" if devices == 1 else ("ddp" if "LOCAL_RANK" in os.environ else "ddp_spawn")
+    fabric = Fabric(accelerator=accelerator, devices=devices, precision=PRECISIONS[cfg.precision], strategy=strategy)
+    return fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
+
+
+def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool, progress: bool,
+                  stop_after_epochs: int | None) -> dict:
+    rank = fabric.global_rank
+    torch.manual_seed(cfg.seed)
+    train_set, val_set, labels = build_datasets(data_dir, cfg)
+    model = create_classifier(cfg.model, cfg.image_size, cfg.weights)
+    device = fabric.device
+    channels_last = device.type == "cpu"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "step": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
+    if resume:
+        last = run_dir / "last"
+        model.load_state_dict(load_file(last / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location="cpu", weights_only=True))
+        state.update(read_json(last / "state.json")["loop"])
+    model, optimizer = fabric.setup(model, optimizer)
+    raw = model.module
+    compute_loss = loss_fn(cfg, labels)
+    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * fabric.world_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    bf16 = "bf16" in cfg.precision
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_json(run_dir / "run.json", {
+            "melanogan_version": __version__, "data_dir": str(Path(data_dir).resolve()),
+            "manifest_hash": manifest_hash(load_manifest(data_dir)),
+            "synthetic": [{"dir": str(Path(s).resolve()), "manifest_hash": manifest_hash(load_manifest(s)),
+                           "images": len(load_manifest(s))} for s in cfg.synthetic],
+            "train_images": len(labels), "train_melanoma": int(labels.sum()),
+            "val_images": len(val_set), "torch": torch.__version__, "world_size": fabric.world_size,
+        })
+        if resume:
+            lines = (run_dir / "stats.jsonl").read_text().splitlines() if (run_dir / "stats.jsonl").is_file() else []
+            write_text(run_dir / "stats.jsonl",
+                       "".join(x + "\n" for x in lines if x.strip() and json.loads(x)["epoch"] <= state["epoch"]))
+    t_start = time.perf_counter() - state["seconds"]
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    stopped_by = "epochs"
+    bar = _Bar(cfg.epochs, state["epoch"]) if progress and rank == 0 else None
+    last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, state["epoch"] + stop_after_epochs)
+    if last_epoch < cfg.epochs:
+        stopped_by = "paused"
+    try:
+        for epoch in range(state["epoch"], last_epoch):
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation randomness of this epoch
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            if cfg.sampler == "balanced":
+                w = np.where(labels == 1, 0.5 / labels.sum(), 0.5 / (len(labels) - labels.sum()))
+                sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(labels),
+                                                replacement=True, generator=gen)
+                loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                    num_workers=cfg.workers, generator=gen)
+            else:
+                loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                    num_workers=cfg.workers, generator=gen)
+            loader = fabric.setup_dataloaders(loader, use_distributed_sampler=cfg.sampler == "none")
+            model.train()
+            losses, seen, t0 = [], 0, time.perf_counter()
+            for x, y in loader:
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(state["step"], total_steps, cfg)
+                loss = compute_loss(model(x), y)
+                if not torch.isfinite(loss):
+                    raise MelanoganError(f"classifier loss became {float(loss)} at epoch {epoch + 1}; the best "
+                                         f"checkpoint in {run_dir / 'best'} is kept. Lower --lr or use --precision 32.")
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                seen += len(x) * fabric.world_size
+                state["step"] += 1
+                if bar:
+                    bar.batch(epoch, len(losses), len(loader), float(np.mean(losses[-20:])))
+                if time.perf_counter() - t_start > budget:
+                    stopped_by = "time budget"
+                    break
+            train_seconds = time.perf_counter() - t0
+            val_logits = predict_logits(raw, val_set, device=device, autocast=bf16)
+            val_y = val_set.labels
+            val_loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(val_logits),
+                                                                torch.as_tensor(val_y, dtype=torch.float32)))
+            auc = roc_auc(val_y, val_logits)
+            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                      "val_loss": val_loss, "val_auc": auc, "val_pr_auc": pr_auc(val_y, val_logits),
+                      "lr": optimizer.param_groups[0]["lr"], "img_per_s": round(seen / max(train_seconds, 1e-9), 1),
+                      "seconds": round(time.perf_counter() - t_start, 1)}
+            improved = auc > state["best_auc"]
+            state.update(epoch=epoch + 1, seconds=time.perf_counter() - t_start)
+            if improved:
+                state.update(best_auc=auc, best_epoch=epoch + 1, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            if rank == 0:
+                if improved:
+                    save_model(run_dir / "best", raw, cfg, {"epoch": epoch + 1, "val_auc": auc})
+                save_model(run_dir / "last", raw, cfg, {"loop": state})
+                with atomic_path(run_dir / "last" / "optimizer.pt", suffix=".pt") as tmp:
+                    torch.save(optimizer.state_dict(), tmp)
+                append_jsonl(run_dir / "stats.jsonl", {**record, "best": improved})
+                plot_curves(run_dir)
+                if bar:
+                    bar.epoch(epoch + 1, record)
+            if stopped_by == "time budget":
+                break
+            if state["bad_epochs"] >= cfg.patience:
+                stopped_by = "early stopping"
+                break
+    finally:
+        if bar:
+            bar.close()
+    fabric.barrier()
+    return {"run_dir": str(run_dir), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+            "best_val_auc": state["best_auc"], "stopped_by": stopped_by, "seconds": round(state["seconds"], 1)}
+
+
+class _Bar:
+    def __init__(self, epochs: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        self.p.start()
+        self.task = self.p.add_task("epochs", total=epochs, completed=start, info="")
+        self.last = ""
+
+    def batch(self, epoch: int, i: int, n: int, loss: float) -> None:
+        self.p.update(self.task, info=f"epoch {epoch + 1} batch {i}/{n} loss {loss:.3f} {self.last}")
+
+    def epoch(self, epoch: int, record: dict) -> None:
+        self.last = f"| val AUC {record['val_auc']:.3f} ({record['img_per_s']:.0f} img/s)"
+        self.p.update(self.task, completed=epoch, info=self.last)
+
+    def close(self) -> None:
+        self.p.stop()

@@ -1,0 +1,1 @@
+"""The study: does synthetic data help? Experiments over arms and seeds, and the report."""

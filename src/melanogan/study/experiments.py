@@ -1,0 +1,201 @@
+"""`melanogan study CONFIG.yaml --out STUDY_DIR`: the original study's experiment, done right.
+
+For each seed: one GAN trained on the training split only, N synthetic melanomas, then every arm
+trained and evaluated on the same real test split (and any external test sets). Every stage
+writes into its own folder and is skipped when already finished, so an interrupted study resumes.
+
+STUDY_DIR/
+  study.yaml                 the resolved config
+  seed-S/gan/                GAN run;  seed-S/synthetic/  generated melanomas
+  seed-S/arms/ARM/           classifier run with eval-test/ (and eval-external-*/)
+  report.md, report.html, figures/
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from melanogan.classify.evaluate import evaluate_run
+from melanogan.classify.train import TrainConfig, train_classifier
+from melanogan.data.manifest import load_manifest
+from melanogan.errors import MelanoganError
+from melanogan.fileio import read_json, write_text
+from melanogan.gan.checkpoint import latest_checkpoint
+from melanogan.gan.config import load_config
+from melanogan.gan.sample import generate
+from melanogan.gan.train import train_gan
+
+# What each arm changes relative to the baseline classifier options.
+ARMS: dict[str, dict] = {
+    "baseline": {},
+    "weighted-loss": {"loss": "weighted"},
+    "focal-loss": {"loss": "focal"},
+    "oversample": {"sampler": "balanced"},
+    "classic-aug": {"augment": "classic"},
+    "gan": {"synthetic": True},
+    "gan+classic-aug": {"synthetic": True, "augment": "classic"},
+}
+DEFAULT_ARMS = ["baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"]
+
+
+class ClassifierOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = "small-cnn"
+    weights: str | None = None
+    image_size: int = 128
+    epochs: int = 30
+    max_minutes: float | None = None
+    batch_size: int = 32
+    lr: float = 2e-3
+    patience: int = 8
+    precision: str = "bf16-mixed"
+    workers: int = 1
+
+
+class GanOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: str = "default"
+    overrides: dict = Field(default_factory=dict)  # any GanConfig field, e.g. resolution, steps
+    precision: str = "32"
+
+
+class StudyConfig(BaseModel):
+    """A study: data, arms, seeds, classifier and GAN options."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str
+    external: list[str] = Field(default_factory=list)
+    arms: list[str] = Field(default_factory=lambda: list(DEFAULT_ARMS))
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    n_synthetic: int = 1000
+    classifier: ClassifierOptions = Field(default_factory=ClassifierOptions)
+    gan: GanOptions = Field(default_factory=GanOptions)
+    bootstrap: int = 1000
+
+    def model_post_init(self, _context) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown}; available: {', '.join(ARMS)}")
+        if "baseline" not in self.arms:
+            raise ValueError("the arms must include 'baseline': every arm is compared with it")
+
+    @property
+    def uses_gan(self) -> bool:
+        return any(ARMS[a].get("synthetic") for a in self.arms)
+
+
+def arm_dir(study_dir: Path, seed: int, arm: str) -> Path:
+    """Classifier runs live apart from the GAN run (an arm may be called "gan")."""
+    return Path(study_dir) / f"seed-{seed}" / "arms" / arm
+
+
+def demo_study_config(data_dir: Path, seeds: list[int]) -> StudyConfig:
+    """A study sized for minutes on 2 CPU cores: a 32px GAN, a small CNN at 64px, every default arm."""
+    return StudyConfig(
+        data=str(Path(data_dir).resolve()), seeds=seeds, n_synthetic=300, bootstrap=500,
+        classifier=ClassifierOptions(model="small-cnn", image_size=64, epochs=12, patience=5, lr=2e-3),
+        gan=GanOptions(preset="default", overrides={
+            "resolution": 32, "generator_channels": 128, "critic_channels": 32, "n_critic": 3, "lr": 2e-4,
+            "ema_decay": 0.99, "steps": 600, "batch_size": 32, "log_every": 50, "sample_every": 300,
+            "checkpoint_every": 200}),
+    )
+
+
+def load_study_config(path: Path) -> StudyConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise MelanoganError(f"{path}: cannot read the study config ({exc}).") from exc
+    try:
+        cfg = StudyConfig(**data)
+    except ValidationError as exc:
+        raise MelanoganError(f"{path}: invalid study config: {exc}") from exc
+    base = Path(path).resolve().parent
+    resolve = (lambda p: str((base / p).resolve()) if not Path(p).is_absolute() else p)  # noqa: E731
+    return cfg.model_copy(update={"data": resolve(cfg.data), "external": [resolve(e) for e in cfg.external]})
+
+
+def _log(message: str, log: Callable[[str], None] | None) -> None:
+    if log:
+        log(message)
+
+
+def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = print, progress: bool = True) -> Path:
+    """Run (or resume) every stage; returns the path of report.md."""
+    from melanogan.study.report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    study_file = out / "study.yaml"
+    if study_file.is_file():
+        previous = yaml.safe_load(study_file.read_text())
+        if previous != cfg.model_dump(mode="json"):
+            raise MelanoganError(f"{out}: holds a study with a different config ({study_file}). Use a new --out, "
+                                 "or the same config to resume it.")
+    write_text(study_file, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    data = Path(cfg.data)
+    load_manifest(data)  # clear error if the data is not prepared
+    for seed in cfg.seeds:
+        seed_dir = out / f"seed-{seed}"
+        syn_dir = seed_dir / "synthetic"
+        if cfg.uses_gan:
+            syn_dir = _gan_stage(cfg, data, seed_dir, seed, log, progress)
+        for arm in cfg.arms:
+            _arm_stage(cfg, data, arm_dir(out, seed, arm), arm, seed, syn_dir, log, progress)
+    report = write_report(out, cfg)
+    _log(f"report: {report} and {report.with_suffix('.html')}", log)
+    return report
+
+
+def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, progress: bool) -> Path:
+    gan_dir, syn_dir = seed_dir / "gan", seed_dir / "synthetic"
+    gan_cfg = load_config(cfg.gan.preset, **{**cfg.gan.overrides, "seed": seed})
+    ckpt = latest_checkpoint(gan_dir) if gan_dir.exists() else None
+    done_step = read_json(ckpt / "state.json")["step"] if ckpt else 0
+    if done_step < gan_cfg.steps:
+        _log(f"seed {seed}: training the GAN ({gan_cfg.preset}, {gan_cfg.resolution}px, {gan_cfg.steps} steps"
+             + (f", resuming at {done_step}" if ckpt else "") + ")", log)
+        train_gan(data, gan_dir, gan_cfg, resume=ckpt is not None or (gan_dir / "config.yaml").is_file(),
+                  precision=cfg.gan.precision, progress=progress)
+    else:
+        _log(f"seed {seed}: GAN already trained", log)
+    manifest = syn_dir / "manifest.parquet"
+    if not manifest.is_file() or len(load_manifest(syn_dir)) != cfg.n_synthetic:
+        _log(f"seed {seed}: generating {cfg.n_synthetic} synthetic melanomas", log)
+        if syn_dir.exists():
+            import shutil
+
+            shutil.rmtree(syn_dir)
+        generate(gan_dir, cfg.n_synthetic, "melanoma", syn_dir, seed=seed)
+    return syn_dir
+
+
+def _arm_stage(cfg: StudyConfig, data: Path, run_dir: Path, arm: str, seed: int, syn_dir: Path, log,
+               progress: bool) -> None:
+    if (run_dir / "eval-test" / "metrics.json").is_file() and all(
+            (run_dir / f"eval-external-{Path(e).name}-all" / "metrics.json").is_file() for e in cfg.external):
+        _log(f"seed {seed}: {arm} already done", log)
+        return
+    spec = dict(ARMS[arm])
+    synthetic = [str(syn_dir)] if spec.pop("synthetic", False) else []
+    options = {**cfg.classifier.model_dump(), **spec, "synthetic": synthetic, "seed": seed}
+    train_cfg = TrainConfig(**options)
+    if not (run_dir / "best" / "state.json").is_file() or not (run_dir / "done.json").is_file():
+        resume = (run_dir / "last" / "state.json").is_file()
+        _log(f"seed {seed}: training {arm}" + (" (resuming)" if resume else ""), log)
+        if not resume and run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # started but never checkpointed
+        summary = train_classifier(data, run_dir, train_cfg, resume=resume, progress=progress)
+        from melanogan.fileio import write_json
+
+        write_json(run_dir / "done.json", summary)
+    _log(f"seed {seed}: evaluating {arm}", log)
+    evaluate_run(run_dir, split="test", bootstrap=cfg.bootstrap)
+    for ext in cfg.external:
+        evaluate_run(run_dir, data_dir=Path(ext), split="all", bootstrap=cfg.bootstrap)

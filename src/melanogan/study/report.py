@@ -1,0 +1,370 @@
+"""The study report: report.md and a self-contained report.html (figures embedded)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import json
+import math
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from melanogan import __version__
+from melanogan.classify import metrics as M
+from melanogan.data.audit import audit_manifest
+from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.fileio import atomic_path, read_json, write_text
+from melanogan.study.experiments import arm_dir
+
+SIGNIFICANCE = 0.05
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _nanmean(values) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _mean_ci(values) -> str:
+    s = M.summarize(values)
+    if s["n"] == 0:
+        return "n/a"
+    if s["n"] == 1:
+        return _fmt(s["mean"])
+    return f"{_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
+
+
+def collect(study_dir: Path, cfg) -> tuple[dict, dict]:
+    """metrics[(seed, arm)] and predictions[(seed, arm)] of the test split."""
+    metrics, preds = {}, {}
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            ev = arm_dir(study_dir, seed, arm) / "eval-test"
+            if (ev / "metrics.json").is_file():
+                metrics[(seed, arm)] = read_json(ev / "metrics.json")
+                preds[(seed, arm)] = pd.read_csv(ev / "predictions.csv")
+    return metrics, preds
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def comparisons(cfg, preds: dict) -> list[dict]:
+    """Every arm vs baseline: per-seed paired DeLong tests on the same test images, and the mean
+    AUC difference over seeds with its CI; a plain-language verdict."""
+    rows = []
+    for arm in cfg.arms:
+        if arm == "baseline":
+            continue
+        per_seed = []
+        for seed in cfg.seeds:
+            if (seed, arm) not in preds or (seed, "baseline") not in preds:
+                continue
+            a, b = preds[(seed, arm)], preds[(seed, "baseline")]
+            merged = a.merge(b, on="uid", suffixes=("", "_base"))
+            per_seed.append(M.delong_test(merged["label"], merged["logit"], merged["logit_base"]))
+        if not per_seed:
+            continue
+        diffs = [d["difference"] for d in per_seed]
+        summary = M.summarize(diffs)
+        ps = [d["p_value"] for d in per_seed]
+        if len(per_seed) == 1:
+            lo, hi = per_seed[0]["ci_low"], per_seed[0]["ci_high"]
+            significant = ps[0] < SIGNIFICANCE
+        else:
+            lo, hi = summary["ci_low"], summary["ci_high"]
+            significant = (lo > 0 or hi < 0) and sum(p < SIGNIFICANCE for p in ps) > len(ps) / 2
+        mean = summary["mean"]
+        if significant:
+            verdict = (f"{'Better' if mean > 0 else 'Worse'} than baseline: the AUC difference is significant "
+                       f"(mean {mean:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}).")
+        else:
+            verdict = (f"Not significant: the AUC difference (mean {mean:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}) "
+                       f"does not show that {arm} changes discrimination.")
+        rows.append({"arm": arm, "mean_difference": mean, "ci_low": lo, "ci_high": hi, "p_values": ps,
+                     "significant": significant, "verdict": verdict, "seeds": len(per_seed)})
+    return rows
+
+
+def leakage_audit(study_dir: Path, cfg) -> list[tuple[str, bool, str]]:
+    data = Path(cfg.data)
+    real = load_manifest(data)
+    checks = [(f"real data: {name}", ok, detail) for name, ok, detail in audit_manifest(real).checks]
+    data_hash = manifest_hash(real)
+    for seed in cfg.seeds:
+        syn = study_dir / f"seed-{seed}" / "synthetic"
+        if (syn / "manifest.parquet").is_file():
+            m = load_manifest(syn)
+            checks.append((f"seed {seed}: synthetic rows only in train", bool((m["split"] == "train").all()),
+                           f"{len(m)} rows, splits {sorted(m['split'].unique())}"))
+            combined = pd.concat([real, m[real.columns]], ignore_index=True)
+            failed = [n for n, ok, _ in audit_manifest(combined).checks if not ok]
+            checks.append((f"seed {seed}: real + synthetic manifest passes the audit", not failed,
+                           "; ".join(failed) or "all checks pass"))
+        gan_run = study_dir / f"seed-{seed}" / "gan" / "run.json"
+        if gan_run.is_file():
+            info = read_json(gan_run)
+            ok = info.get("trained_on_split") == "train" and info.get("manifest_hash") == data_hash
+            checks.append((f"seed {seed}: GAN trained on the training split only", ok,
+                           f"split={info.get('trained_on_split')}, images={info.get('training_images')}, "
+                           f"data hash {'matches' if info.get('manifest_hash') == data_hash else 'DIFFERS'}"))
+    return checks
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "not a git checkout"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(cfg) -> dict:
+    versions = {}
+    for pkg in ("torch", "torchvision", "lightning-fabric", "numpy", "pandas", "scikit-learn", "scipy", "pillow",
+                "opencv-python-headless"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return {"melanogan": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
+            "platform": platform.platform(), "libraries": versions,
+            "data_manifest_hash": manifest_hash(load_manifest(Path(cfg.data)))}
+
+
+def _roc_figure(cfg, preds: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    seed = cfg.seeds[0]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    drawn = False
+    for arm in cfg.arms:
+        p = preds.get((seed, arm))
+        if p is None or not (0 < p["label"].sum() < len(p)):
+            continue
+        fpr, tpr, _ = roc_curve(p["label"], p["logit"])
+        ax.plot(fpr, tpr, label=f"{arm} (AUC {M.roc_auc(p['label'], p['logit']):.3f})")
+        drawn = True
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC on the test split (seed {seed})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return drawn
+
+
+def _synthetic_grid(study_dir: Path, cfg, path: Path, n: int = 32) -> bool:
+    from PIL import Image
+
+    syn = study_dir / f"seed-{cfg.seeds[0]}" / "synthetic"
+    if not (syn / "manifest.parquet").is_file():
+        return False
+    paths = load_manifest(syn)["path"].tolist()[:n]
+    if not paths:
+        return False
+    tiles = [np.asarray(Image.open(p).convert("RGB").resize((96, 96))) for p in paths]
+    cols = 8
+    rows = -(-len(tiles) // cols)
+    grid = np.zeros((rows * 98, cols * 98, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * 98:r * 98 + 96, c * 98:c * 98 + 96] = t
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    return True
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_report(study_dir: Path, cfg) -> Path:
+    """Build report.md and report.html from whatever runs have finished."""
+    study_dir = Path(study_dir)
+    figures = study_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    metrics, preds = collect(study_dir, cfg)
+    lines = ["# melanogan study: does synthetic data help the melanoma classifier?", ""]
+    n_done = len(metrics)
+    lines += [f"Data: `{cfg.data}`. Arms: {', '.join(cfg.arms)}. Seeds: {', '.join(map(str, cfg.seeds))} "
+              f"({n_done} of {len(cfg.arms) * len(cfg.seeds)} runs finished). Classifier: {cfg.classifier.model} at "
+              f"{cfg.classifier.image_size}px. GAN: preset {cfg.gan.preset}, {cfg.n_synthetic} synthetic melanomas per "
+              "seed, trained on that seed's training split only.", ""]
+    any_m = next(iter(metrics.values()), None)
+    if any_m:
+        lines += [f"Test split: {any_m['n_images']} real images, {any_m['n_melanoma']} melanoma "
+                  f"({any_m['prevalence']:.1%}), {any_m['n_groups']} patient/lesion groups.", ""]
+
+    lines += ["## The original study's table (threshold 0.5)", "",
+              "Accuracy, precision and recall at a fixed 0.5 threshold depend on where the scores happen to fall; "
+              "a large recall change with falling accuracy usually means the threshold moved, not that the model "
+              "got better. Shown for comparability only (mean over seeds).", ""]
+    rows = []
+    for arm in cfg.arms:
+        ms = [metrics[(s, arm)] for s in cfg.seeds if (s, arm) in metrics]
+        if not ms:
+            continue
+        t = [m["thresholds"]["fixed_0.5"] for m in ms]
+        rows.append([arm, _fmt(_nanmean([_nan(x["accuracy"]) for x in t])),
+                     _fmt(_nanmean([_nan(x["precision"]) for x in t])),
+                     _fmt(_nanmean([_nan(x["recall"]) for x in t])),
+                     _fmt(_nanmean([_nan(m["roc_auc"]) for m in ms]))])
+    lines += _table(["arm", "accuracy", "precision", "recall", "AUC"], rows) + [""]
+
+    lines += ["## The honest table", "",
+              "Threshold-free discrimination (ROC-AUC, PR-AUC) and the operating point chosen on validation "
+              "(Youden's J), applied unchanged to the test split. Mean over seeds with a 95% CI (t over seeds).", ""]
+    rows = []
+    for arm in cfg.arms:
+        ms = [metrics[(s, arm)] for s in cfg.seeds if (s, arm) in metrics]
+        if not ms:
+            continue
+        y = [m["thresholds"]["val_youden"] for m in ms]
+        rows.append([arm, _mean_ci([_nan(m["roc_auc"]) for m in ms]), _mean_ci([_nan(m["pr_auc"]) for m in ms]),
+                     _mean_ci([_nan(x["sensitivity"]) for x in y]), _mean_ci([_nan(x["specificity"]) for x in y]),
+                     _mean_ci([_nan(m["specificity_at_sensitivity_95"]) for m in ms])])
+    lines += _table(["arm", "ROC-AUC", "PR-AUC", "sensitivity (val threshold)", "specificity (val threshold)",
+                     "specificity at 95% sensitivity"], rows) + [""]
+
+    comps = comparisons(cfg, preds)
+    lines += ["## Versus baseline", "",
+              "Paired DeLong tests of ROC-AUC on the same test images, per seed; the verdict uses the CI of the mean "
+              "difference over seeds (or the single seed's DeLong CI).", ""]
+    rows = [[c["arm"], f"{c['mean_difference']:+.3f}", f"{c['ci_low']:+.3f} to {c['ci_high']:+.3f}",
+             ", ".join(f"{p:.3f}" for p in c["p_values"]), c["verdict"]] for c in comps]
+    lines += _table(["arm", "AUC difference", "95% CI", "DeLong p per seed", "verdict"], rows) + [""]
+    for c in comps:
+        base = [metrics[(s, "baseline")]["thresholds"]["val_youden"] for s in cfg.seeds if (s, "baseline") in metrics]
+        arm_t = [metrics[(s, c["arm"])]["thresholds"]["val_youden"] for s in cfg.seeds if (s, c["arm"]) in metrics]
+        if base and arm_t:
+            fp_base = np.mean([x["fp"] / max(x["fp"] + x["tn"], 1) * 100 for x in base])
+            fp_arm = np.mean([x["fp"] / max(x["fp"] + x["tn"], 1) * 100 for x in arm_t])
+            lines.append(f"- **{c['arm']}**: {c['verdict']} At the validation-chosen threshold: sensitivity "
+                         f"{np.mean([_nan(x['sensitivity']) for x in arm_t]):.3f} vs "
+                         f"{np.mean([_nan(x['sensitivity']) for x in base]):.3f}; false positives per 100 benign "
+                         f"lesions {fp_arm:.1f} vs {fp_base:.1f}.")
+    lines.append("")
+
+    if cfg.external:
+        lines += ["## External test sets", "", "Thresholds from the training data's validation split.", ""]
+        for ext in cfg.external:
+            rows = []
+            for arm in cfg.arms:
+                ms = [read_json(p) for s in cfg.seeds
+                      if (p := arm_dir(study_dir, s, arm) / f"eval-external-{Path(ext).name}-all" /
+                          "metrics.json").is_file()]
+                if ms:
+                    rows.append([arm, _mean_ci([_nan(m["roc_auc"]) for m in ms]),
+                                 _mean_ci([_nan(m["pr_auc"]) for m in ms])])
+            lines += [f"### {ext}", ""] + _table(["arm", "ROC-AUC", "PR-AUC"], rows) + [""]
+
+    quality = study_dir / f"seed-{cfg.seeds[0]}" / "synthetic" / "quality" / "quality.json"
+    if quality.is_file():
+        q = read_json(quality)
+        lines += ["## Synthetic image quality", ""]
+        lines += [f"- {k}: {v}" for k, v in q.get("summary", {}).items()] + [""]
+
+    lines += ["## Figures", ""]
+    if _roc_figure(cfg, preds, figures / "roc.png"):
+        lines += ["![ROC curves of every arm](figures/roc.png)", ""]
+    if _synthetic_grid(study_dir, cfg, figures / "synthetic.png"):
+        lines += ["Synthetic melanomas (first seed, first 32):", "", "![synthetic samples](figures/synthetic.png)", ""]
+    losses = study_dir / f"seed-{cfg.seeds[0]}" / "gan" / "samples" / "losses.png"
+    if losses.is_file():
+        (figures / "gan_losses.png").write_bytes(losses.read_bytes())
+        lines += ["![GAN training losses](figures/gan_losses.png)", ""]
+
+    lines += ["## Leakage audit", ""]
+    audit_rows = [[name, "pass" if ok else "FAIL", detail] for name, ok, detail in leakage_audit(study_dir, cfg)]
+    lines += _table(["check", "result", "detail"], audit_rows) + [""]
+
+    prov = provenance(cfg)
+    lines += ["## Provenance", "", f"- melanogan {prov['melanogan']}, git commit {prov['git_commit']}",
+              f"- Python {prov['python']} on {prov['platform']}",
+              "- " + ", ".join(f"{k} {v}" for k, v in prov["libraries"].items()),
+              f"- data manifest hash {prov['data_manifest_hash']}", "", "Config:", "", "```yaml",
+              yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", ""]
+    text = "\n".join(lines)
+    write_text(study_dir / "report.md", text)
+    write_text(study_dir / "report.html", markdown_to_html(text, study_dir))
+    write_text(study_dir / "results.json", json.dumps({"comparisons": comps, "provenance": prov}, indent=2,
+                                                      default=str))
+    return study_dir / "report.md"
+
+
+def markdown_to_html(text: str, base: Path) -> str:
+    """Render the report's markdown subset (headings, tables, lists, code, images) to one HTML
+    file with images embedded as data URIs."""
+    out, in_table, in_code, in_list = [], False, False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if in_list and not line.startswith("- "):
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            data = base64.b64encode((base / src.rstrip(")")).read_bytes()).decode()
+            out.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    if in_list:
+        out.append("</ul>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}"
+             "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>melanogan study</title><style>{style}</style>"
+            f"</head><body>{''.join(out)}</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)

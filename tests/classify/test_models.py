@@ -1,0 +1,74 @@
+"""Every registered classifier: forward/backward; weights from a local file, ImageNet offline."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from melanogan.classify import models as models_mod
+from melanogan.classify.models import create_classifier, list_classifiers
+from melanogan.errors import MelanoganError
+
+SMALL = {"vit_b_16": 32, "original-cnn": 32}
+
+
+@pytest.mark.parametrize("name", list_classifiers())
+def test_forward_backward(name):
+    size = SMALL.get(name, 64)
+    model = create_classifier(name, image_size=size)
+    x = torch.randn(2, 3, size, size)
+    logits = model(x)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert model.forward_features(x).shape == (2, model.feature_dim)
+
+
+def test_original_cnn_matches_the_study_architecture():
+    m = create_classifier("original-cnn", image_size=224)
+    convs = [layer for layer in m.modules() if isinstance(layer, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128] and all(c.kernel_size == (3, 3) for c in convs)
+    dense = [layer for layer in m.modules() if isinstance(layer, torch.nn.Linear)]
+    assert dense[0].in_features == 128 * 26 * 26 and dense[0].out_features == 128 and dense[-1].out_features == 1
+    assert any(isinstance(layer, torch.nn.Dropout) and layer.p == 0.5 for layer in m.modules())
+
+
+def test_local_torchvision_state_dict_and_safetensors(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)  # stands in for a downloaded ImageNet file
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = create_classifier("resnet18", 64, weights=tmp_path / "resnet18.pth")
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "r.safetensors")
+    model2 = create_classifier("resnet18", 64, weights=tmp_path / "r.safetensors")
+    assert torch.equal(model2.backbone.layer4[1].bn2.weight, reference.layer4[1].bn2.weight)
+
+
+def test_mismatched_and_missing_weight_files_are_clear(tmp_path):
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(MelanoganError, match=r"do not fit resnet50.*(shape mismatch|missing)") as e:
+        create_classifier("resnet50", 64, weights=tmp_path / "r18.pth")
+    assert "layer" in str(e.value)
+    with pytest.raises(MelanoganError, match="file not found"):
+        create_classifier("resnet18", 64, weights=tmp_path / "nope.pth")
+    (tmp_path / "model.pth").write_bytes(b"not a torch file")
+    with pytest.raises(MelanoganError, match="never pickled models"):
+        create_classifier("resnet18", 64, weights=tmp_path / "model.pth")
+
+
+def test_imagenet_offline_says_what_to_do(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(MelanoganError) as e:
+        create_classifier("efficientnet_b0", 64, weights="imagenet")
+    msg = str(e.value)
+    assert "offline" in msg and "--weights /path/to/efficientnet_b0_rwightman" in msg and "https://" in msg
+    with pytest.raises(MelanoganError, match="no published ImageNet weights"):
+        create_classifier("small-cnn", 64, weights="imagenet")
+    assert models_mod.PRETRAINABLE

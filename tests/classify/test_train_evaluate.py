@@ -1,0 +1,95 @@
+"""Classifier training and evaluation: learning on real images, determinism, resume, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from melanogan.classify import metrics as M
+from melanogan.classify.evaluate import evaluate_run
+from melanogan.classify.train import TrainConfig, check_synthetic_manifest, train_classifier
+from melanogan.data.cache import CacheOptions
+from melanogan.data.manifest import prepare
+from melanogan.errors import MelanoganError
+from melanogan.fileio import write_parquet
+
+TINY = {"model": "small-cnn", "image_size": 32, "epochs": 2, "batch_size": 8, "workers": 0, "patience": 5}
+
+
+@pytest.fixture(scope="module")
+def real_subset(shared_data, tmp_path_factory):
+    """Melanoma vs nevus from the real ISIC 9-class folders (symlinked, never copied), prepared at 64px."""
+    root = tmp_path_factory.mktemp("isic_subset")
+    for cls, n in (("melanoma", 300), ("nevus", 300)):
+        (root / "src" / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "isic9_180" / "Train" / cls).glob("*.jpg"))[:n]:
+            os.symlink(f, root / "src" / cls / f.name)
+    prepare([("folder", root / "src")], root / "data", CacheOptions(size=64), seed=0, workers=2)
+    return root / "data"
+
+
+def test_training_on_real_images_beats_chance_on_held_out_images(real_subset, tmp_path):
+    cfg = TrainConfig(model="small-cnn", image_size=64, epochs=6, batch_size=32, workers=0, lr=3e-3, augment="classic")
+    summary = train_classifier(real_subset, tmp_path / "run", cfg, progress=False)
+    result = evaluate_run(tmp_path / "run", bootstrap=200)
+    assert summary["best_val_auc"] > 0.6
+    assert result["roc_auc"] > 0.6, result["roc_auc"]
+    assert result["n_images"] > 50
+
+
+def test_deterministic_and_resumable(demo_prepared, tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 3})
+    train_classifier(demo_prepared, tmp_path / "a", cfg, progress=False)
+    paused = train_classifier(demo_prepared, tmp_path / "b", cfg, progress=False, stop_after_epochs=2)
+    assert paused["stopped_by"] == "paused" and paused["epochs"] == 2
+    train_classifier(demo_prepared, tmp_path / "b", cfg, resume=True, progress=False)
+    a = load_file(tmp_path / "a" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "last" / "model.safetensors")
+    assert all(np.allclose(a[k].float().numpy(), b[k].float().numpy(), atol=1e-6) for k in a)
+    sa = [json.loads(x)["val_auc"] for x in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    sb = [json.loads(x)["val_auc"] for x in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert sa == pytest.approx(sb)
+
+
+def test_evaluation_uses_validation_thresholds_and_writes_everything(demo_prepared, tmp_path):
+    train_classifier(demo_prepared, tmp_path / "run", TrainConfig(**TINY), progress=False)
+    r = evaluate_run(tmp_path / "run", bootstrap=100, temperature_scaling=True)
+    out = tmp_path / "run" / "eval-test"
+    for name in ("metrics.json", "predictions.csv", "roc.png", "pr.png", "scores.png", "reliability.png"):
+        assert (out / name).is_file(), name
+    preds = pd.read_csv(out / "predictions.csv")
+    assert set(preds["split"]) == {"test"} and len(preds) == r["n_images"]
+    assert r["thresholds"]["fixed_0.5"]["threshold"] == 0.5
+    assert r["thresholds"]["val_youden"]["chosen_on"] == "validation"
+    assert r["roc_auc"] == pytest.approx(M.roc_auc(preds["label"], preds["logit"]))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved) >= {"roc_auc_ci95", "pr_auc", "specificity_at_sensitivity_95", "sensitivity_at_specificity_80",
+                          "calibration"}
+
+
+def test_synthetic_rows_cannot_reach_val_or_test(demo_prepared, tmp_path):
+    from melanogan.data.manifest import load_manifest
+
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    m = load_manifest(demo_prepared).head(4).assign(source="synthetic", split=["train", "train", "val", "test"])
+    write_parquet(syn / "manifest.parquet", m)
+    with pytest.raises(MelanoganError, match="claim split test, val"):
+        check_synthetic_manifest(syn)
+    cfg = TrainConfig(**{**TINY, "synthetic": [str(syn)]})
+    with pytest.raises(MelanoganError, match="only be used for training"):
+        train_classifier(demo_prepared, tmp_path / "run", cfg, progress=False)
+
+
+def test_clear_errors(demo_prepared, tmp_path):
+    with pytest.raises(MelanoganError, match="nothing to resume"):
+        train_classifier(demo_prepared, tmp_path / "x", TrainConfig(**TINY), resume=True, progress=False)
+    with pytest.raises(MelanoganError, match="no trained classifier"):
+        evaluate_run(tmp_path / "x")
+    with pytest.raises(MelanoganError, match="unknown model"):
+        train_classifier(demo_prepared, tmp_path / "y", TrainConfig(**{**TINY, "model": "resnet9000"}), progress=False)

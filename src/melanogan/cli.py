@@ -263,6 +263,9 @@ def train_gan_cmd(
     checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
     sample_every: Annotated[int | None, typer.Option(help="Steps between sample grids.")] = None,
     log_every: Annotated[int | None, typer.Option(help="Steps between stats.jsonl records.")] = None,
+    kid_every: Annotated[int | None, typer.Option(
+        help="Steps between KID evaluations (kid.jsonl); keeps checkpoints/best-kid. 0 = off.")] = None,
+    kid_features: Annotated[str | None, typer.Option(help="KID features: pixels or classifier:RUN_DIR.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices per node; more than one trains with DDP.")] = 1,
@@ -281,7 +284,8 @@ def train_gan_cmd(
     from melanogan.gan.train import train_gan
 
     cfg = load_config(preset, config, resolution=resolution, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every)
+                      checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
+                      kid_every=kid_every, kid_features=kid_features)
     summary = train_gan(data_dir, out, cfg, resume=resume, accelerator=accelerator, devices=devices,
                         num_nodes=num_nodes, precision=precision, stop_after=max_steps, resume_steps=steps)
     state = "finished" if summary["finished"] else "paused (resume with --resume)"
@@ -310,6 +314,30 @@ def generate(
     manifest = run_generate(run_dir, n, label, out, seed=seed, use_ema=ema, checkpoint=checkpoint, device=device)
     console.print(f"{out}: {len(manifest)} synthetic images "
                   f"({int((manifest['label'] == 1).sum())} melanoma, {int((manifest['label'] == 0).sum())} other)")
+
+
+@app.command("evaluate-gan")
+def evaluate_gan_cmd(
+    syn_dir: Annotated[Path, typer.Argument(help="A SYN_DIR written by `melanogan generate`.")],
+    real: Annotated[Path, typer.Option("--real", help="The prepared real DATA_DIR.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for quality.json and quality.html.")],
+    split: Annotated[str, typer.Option(help="Real split to compare with (train or test).")] = "train",
+    features: Annotated[list[str] | None, typer.Option(
+        help="Feature extractor, repeatable: pixels, inception, classifier:RUN_DIR (default pixels).")] = None,
+    inception_weights: Annotated[str | None, typer.Option(
+        help="Local Inception-v3 weights (torchvision state dict, safetensors, or the FID .pth file). Without it "
+             "torchvision's weights are taken from the torch cache or downloaded.")] = None,
+    pairs: Annotated[int, typer.Option(help="Random pairs for the MS-SSIM diversity estimate.")] = 200,
+) -> None:
+    """Are the synthetic images any good? FID, KID, precision/recall, density/coverage per class and
+    extractor; diversity (MS-SSIM within synthetic vs within real); memorisation (every synthetic image
+    closer to a training image than training images are to each other is listed)."""
+    from melanogan.gan.evaluate import evaluate_gan
+
+    result = evaluate_gan(syn_dir, real, out, split, features, inception_weights, pairs)
+    for k, v in result["summary"].items():
+        console.print(f"  {k}: {v}")
+    console.print(f"report: {out / 'quality.html'}")
 
 
 @app.command()
@@ -412,6 +440,29 @@ def bench_preprocess(
 
     results = run(n_images=n_images, size=size, workers=workers, read_size=read_size)
     console.print_json(json.dumps(results))
+    if json_out:
+        write_json(json_out, results)
+
+
+@bench_app.command("classifier")
+def bench_classifier(
+    tf_python: Annotated[str | None, typer.Option(
+        help="Python of a TensorFlow venv: also runs ../shared/bench/seed_tf.py cnn 224 in this invocation.")] = None,
+    shared: Annotated[Path, typer.Option(help="The shared folder (bench/ and data/).")] = Path("../shared"),
+    auc_minutes: Annotated[float | None, typer.Option(
+        help="Also train the recommended model this many minutes on HAM10000 and report held-out and "
+             "external AUC.")] = None,
+    model: Annotated[str, typer.Option(help="Recommended from-scratch model.")] = "small-cnn",
+    image_size: Annotated[int, typer.Option(help="Its input size.")] = 128,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Training img/s of original-cnn at 224px (batch 32; NCHW fp32, channels_last, + bf16) and of the
+    recommended model; optionally the AUC it reaches in a CPU-time budget, internal and external."""
+    from melanogan.bench.classifier import run
+    from melanogan.fileio import write_json
+
+    results = run(tf_python, shared, auc_minutes, model, image_size)
+    console.print_json(json.dumps(results, default=str))
     if json_out:
         write_json(json_out, results)
 

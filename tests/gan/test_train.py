@@ -142,3 +142,13 @@ def test_two_process_ddp_trains_and_agrees_with_one_process(demo_prepared, tmp_p
     assert [r["step"] for r in s1] == [r["step"] for r in s2]
     for a, b in zip(s1, s2, strict=True):
         assert abs(a["wasserstein"] - b["wasserstein"]) < 1e-3 * abs(a["wasserstein"]) + 1e-4
+
+
+def test_kid_tracking_keeps_the_best_checkpoint(demo_prepared, tmp_path, tiny_cfg):
+    cfg = tiny_cfg.model_copy(update={"steps": 6, "kid_every": 2, "kid_samples": 32})
+    train_gan(demo_prepared, tmp_path / "run", cfg, progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "kid.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6] and records[0]["best"]
+    best = min(records, key=lambda r: r["kid"])
+    state = json.loads((tmp_path / "run" / "checkpoints" / "best-kid" / "state.json").read_text())
+    assert state["step"] == best["step"] and state["kid"] == pytest.approx(best["kid"])

@@ -3,7 +3,8 @@
 Thresholds come from the run's own validation split (Youden's J, and 95% sensitivity) and are
 applied unchanged to the evaluated images, next to the fixed 0.5 of the original study. A
 different prepared dataset can be named for an external test; its synthetic rows, if any, are
-ignored.
+ignored, and so are its images that are the same photographs as any image of the training data
+set (same file, same ISIC id or perceptual-hash match): their number is reported.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from melanogan.classify import metrics as M
 from melanogan.classify.train import load_model, predict_logits
 from melanogan.data.dataset import CachedImageDataset
+from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, hamming_pairs
 from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.data.sources import global_isic_id
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, write_csv, write_json
@@ -37,10 +40,30 @@ def _clean(obj):
     return obj
 
 
-def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int = 64) -> pd.DataFrame:
-    """Logits for the real, labeled rows of `splits` ('all' = every labeled real row)."""
+def overlapping_uids(external: pd.DataFrame, own: pd.DataFrame, phash_distance: int = DEFAULT_PHASH_DISTANCE) -> set:
+    """External rows that are photographs of the training data set: same file, same ISIC id, or a
+    perceptual-hash match. An external test containing them would measure memory, not generalisation."""
+    hits = set(external.loc[external["content_hash"].isin(set(own["content_hash"])), "uid"])
+    own_ids = {i for i in own["image_id"].astype(str).map(global_isic_id) if i}
+    ext_ids = external["image_id"].astype(str).map(global_isic_id)
+    hits |= set(external.loc[ext_ids.isin(own_ids), "uid"])
+    both = pd.concat([external[["uid", "phash"]].assign(ext=True), own[["uid", "phash"]].assign(ext=False)],
+                     ignore_index=True)
+    pairs = hamming_pairs(both["phash"].to_numpy(), phash_distance)
+    is_ext = both["ext"].to_numpy()
+    for i, j, _ in pairs:
+        if is_ext[i] != is_ext[j]:
+            hits.add(both["uid"].iat[i if is_ext[i] else j])
+    return hits
+
+
+def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int = 64,
+                  exclude: set | None = None) -> pd.DataFrame:
+    """Logits for the real, labeled rows of `splits` ('all' = every labeled real row), minus `exclude`."""
     manifest = load_manifest(data_dir)
     manifest = manifest[(manifest["label"].isin([0, 1])) & (manifest["source"] != "synthetic")]
+    if exclude:
+        manifest = manifest[~manifest["uid"].isin(exclude)]
     if splits != ["all"]:
         manifest = manifest[manifest["split"].isin(splits)]
     if manifest.empty:
@@ -93,11 +116,15 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
     data_dir = Path(data_dir) if data_dir else own_data
     external = data_dir.resolve() != own_data.resolve()
     val = predict_split(model, cfg, own_data, ["val"])
-    test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split])
+    overlap: set = set()
+    if external:
+        overlap = overlapping_uids(load_manifest(data_dir), load_manifest(own_data))
+    test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split], exclude=overlap)
     temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0
     result = clinical_metrics(val, test, temperature, bootstrap=bootstrap, seed=cfg.seed)
     result.update({"run_dir": str(run_dir), "data_dir": str(data_dir), "split": split, "external": external,
-                   "best_epoch": best_state.get("epoch"), "val_auc_at_best": best_state.get("val_auc"),
+                   "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),
+                   "val_auc_at_best": best_state.get("val_auc"),
                    "manifest_hash": manifest_hash(load_manifest(data_dir)), "model": cfg.model,
                    "image_size": cfg.image_size})
     name = f"eval-external-{data_dir.name}-{split}" if external else f"eval-{split}"

@@ -41,11 +41,12 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, cfg: GanConfig, generator: nn.Module, critic: nn.Module,
                     generator_ema: nn.Module | None, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                    extra: dict | None = None) -> Path:
-    """Write `checkpoints/step-NNNNNNN/` (via a temporary folder + rename) and point latest.json at it."""
+                    extra: dict | None = None, name: str | None = None) -> Path:
+    """Write `checkpoints/step-NNNNNNN/` (via a temporary folder + rename) and point latest.json at it.
+    With `name` (e.g. "best-kid"), write `checkpoints/NAME/` instead, leaving latest.json alone."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
+    final = root / (name or f"step-{step:07d}")
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -60,8 +61,9 @@ def save_checkpoint(run_dir: Path, step: int, cfg: GanConfig, generator: nn.Modu
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_json(root / LATEST, {"step": step, "path": final.name})
-    _prune(root, cfg.keep_checkpoints)
+    if name is None:
+        write_json(root / LATEST, {"step": step, "path": final.name})
+        _prune(root, cfg.keep_checkpoints)
     return final
 
 

@@ -46,6 +46,9 @@ class GanConfig(BaseModel):
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     max_wasserstein: float = 1e4  # |W estimate| above this = divergence
+    kid_every: int = 0  # steps between KID evaluations (0 = off); the best-KID checkpoint is kept
+    kid_features: str = "pixels"  # pixels or classifier:RUN_DIR (domain features)
+    kid_samples: int = 500
 
     @field_validator("classes")
     @classmethod

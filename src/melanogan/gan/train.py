@@ -279,6 +279,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
     if cfg.batch_size % world:
         raise MelanoganError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world}).")
     per_rank_batch = cfg.batch_size // world
+    kid_tracker = KidTracker(data_dir, cfg, run_dir) if cfg.kid_every and rank == 0 else None
     mine = slice(rank * per_rank_batch, (rank + 1) * per_rank_batch)
     end_step = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
     bar = _progress_bar(progress and rank == 0, start_step, cfg.steps)
@@ -352,6 +353,11 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
                 if rank == 0:
                     save_checkpoint(run_dir, done, cfg, raw_generator, raw_critic, generator_ema, opt_g, opt_d)
                 fabric.barrier()
+            if kid_tracker is not None and done % cfg.kid_every == 0:
+                kid = kid_tracker.evaluate(generator_ema if generator_ema is not None else raw_generator, done)
+                if kid_tracker.improved:
+                    save_checkpoint(run_dir, done, cfg, raw_generator, raw_critic, generator_ema, opt_g, opt_d,
+                                    extra={"kid": kid}, name="best-kid")
             if rank == 0 and (done % cfg.sample_every == 0 or done == end_step):
                 grid = sample_grid(generator_ema if generator_ema is not None else raw_generator, cfg)
                 save_image(grid, run_dir / "samples" / f"step-{done:07d}.png")
@@ -361,6 +367,49 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
             bar.close()
     return {"run_dir": str(run_dir), "step": end_step, "finished": end_step >= cfg.steps,
             "training_images": source.counts}
+
+
+class KidTracker:
+    """KID of generated melanomas against the training melanomas every `kid_every` steps, logged to
+    RUN_DIR/kid.jsonl; `improved` tells whether the last value is the best so far."""
+
+    def __init__(self, data_dir: Path, cfg: GanConfig, run_dir: Path):
+        from melanogan.gan.features import create_extractor, dataset_features
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.label = 1 if 1 in cfg.classes else cfg.classes[0]
+        self.extractor = create_extractor(cfg.kid_features)
+        real = CachedImageDataset(data_dir, "train", labels=[self.label])
+        self.real = dataset_features(real, self.extractor, cache_dir=Path(data_dir) / "features")
+        self.best = math.inf
+        self.improved = False
+        log = run_dir / "kid.jsonl"
+        if log.is_file():  # resumed: the best so far is still the best
+            values = [json.loads(x)["kid"] for x in log.read_text().splitlines() if x.strip()]
+            self.best = min(values, default=math.inf)
+
+    @torch.no_grad()
+    def evaluate(self, generator: nn.Module, step: int) -> float:
+        from melanogan.gan.quality import kid
+
+        device = next(generator.parameters()).device
+        was_training = generator.training
+        generator.eval()
+        g = _generator(torch.device("cpu"), step_seed(self.cfg.seed, 0, 0, 31337))  # same noise every time
+        fakes = []
+        for start in range(0, self.cfg.kid_samples, 64):
+            n = min(64, self.cfg.kid_samples - start)
+            z = torch.randn(n, self.cfg.noise_dim, generator=g).to(device)
+            y = torch.full((n,), self.label, dtype=torch.long, device=device)
+            imgs = generator(z, y).float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu()
+            fakes.append(self.extractor(imgs).numpy())
+        generator.train(was_training)
+        value = kid(self.real, np.concatenate(fakes), seed=step)["mean"]
+        self.improved = value < self.best
+        self.best = min(self.best, value)
+        append_jsonl(self.run_dir / "kid.jsonl", {"step": step, "kid": value, "features": self.extractor.name,
+                                                 "best": self.improved})
+        return value
 
 
 def _check_divergence(means: dict[str, float], step: int, cfg: GanConfig, run_dir: Path) -> None:

@@ -146,6 +146,12 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = p
             syn_dir = _gan_stage(cfg, data, seed_dir, seed, log, progress)
         for arm in cfg.arms:
             _arm_stage(cfg, data, arm_dir(out, seed, arm), arm, seed, syn_dir, log, progress)
+        if cfg.uses_gan and not (syn_dir / "quality" / "quality.json").is_file():
+            from melanogan.gan.evaluate import evaluate_gan
+
+            _log(f"seed {seed}: scoring the synthetic images (pixels and baseline-classifier features)", log)
+            evaluate_gan(syn_dir, data, syn_dir / "quality", split="train",
+                         features=["pixels", f"classifier:{arm_dir(out, seed, 'baseline')}"])
     report = write_report(out, cfg)
     _log(f"report: {report} and {report.with_suffix('.html')}", log)
     return report

@@ -1,0 +1,115 @@
+"""evaluate-gan end to end at toy size; feature extractors: local Inception file, offline error."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from melanogan.errors import MelanoganError
+from melanogan.gan.evaluate import evaluate_gan
+from melanogan.gan.features import create_extractor, dataset_features
+from melanogan.gan.sample import generate
+from melanogan.gan.train import train_gan
+
+
+@pytest.fixture(scope="module")
+def syn_dir(demo_prepared, tmp_path_factory):
+    from melanogan.gan.config import load_config
+
+    cfg = load_config("default", resolution=32, generator_channels=32, critic_channels=8, batch_size=8, n_critic=1,
+                      steps=2, checkpoint_every=2, sample_every=2, log_every=1)
+    root = tmp_path_factory.mktemp("q")
+    train_gan(demo_prepared, root / "run", cfg, progress=False)
+    generate(root / "run", 16, "melanoma", root / "syn", seed=0)
+    return root / "syn"
+
+
+def test_quality_report(syn_dir, demo_prepared, tmp_path):
+    result = evaluate_gan(syn_dir, demo_prepared, tmp_path / "q", features=["pixels"], n_pairs=20)
+    mel = result["classes"]["melanoma"]
+    scores = mel["by_extractor"]["pixels"]
+    assert scores["fid"] > 0 and scores["n_synthetic"] == 16 and scores["input_size"] == 32
+    assert scores["resize"] == "area" and "kid_std" in scores
+    assert 0 <= mel["diversity"]["ms_ssim_synthetic"] <= 1
+    assert mel["memorisation"]["n_flagged"] == len(mel["memorisation"]["flagged"])
+    saved = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert saved["summary"] == result["summary"]
+    page = (tmp_path / "q" / "quality.html").read_text()
+    assert "data:image/png;base64," in page and "what it means" in page
+    assert list((demo_prepared / "features").glob("*.npz"))  # real features cached
+
+
+def test_memorised_copies_are_flagged(demo_prepared, tmp_path):
+    """A 'synthetic' set made of training images (one exact, one lightly noised) and a new image."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.manifest import load_manifest, prepare
+
+    real = load_manifest(demo_prepared)
+    train_mel = real[(real["split"] == "train") & (real["label"] == 1)]
+    src = tmp_path / "fake" / "melanoma"
+    src.mkdir(parents=True)
+    shutil.copy(train_mel["path"].iat[0], src / "copy.jpg")
+    noisy = np.asarray(Image.open(train_mel["path"].iat[1])).astype(int)
+    noisy = np.clip(noisy + np.random.default_rng(0).integers(-3, 4, noisy.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(src / "noisy.jpg", quality=95)
+    Image.fromarray(np.full((80, 96, 3), (40, 160, 40), np.uint8)).save(src / "green.jpg")
+    (tmp_path / "fake" / "other").mkdir()
+    Image.fromarray(np.full((80, 96, 3), 128, np.uint8)).save(tmp_path / "fake" / "other" / "grey.jpg")
+    prepare([("folder", tmp_path / "fake")], tmp_path / "fakedata", CacheOptions(size=64), SplitAll(), seed=0)
+    m = load_manifest(tmp_path / "fakedata")
+    m = m.assign(split="train", source="synthetic")
+    from melanogan.fileio import write_parquet
+
+    write_parquet(tmp_path / "fakedata" / "manifest.parquet", m[m["label"] == 1])
+    result = evaluate_gan(tmp_path / "fakedata", demo_prepared, tmp_path / "q", features=["pixels"], n_pairs=5)
+    flagged = {p.rsplit("/", 1)[-1] for p in (f["synthetic"] for f in result["classes"]["melanoma"]["memorisation"]
+                                               ["flagged"])}
+    assert flagged == {"copy.jpg", "noisy.jpg"}
+
+
+def SplitAll():
+    from melanogan.data.splits import SplitFractions
+
+    return SplitFractions(1.0, 0.0, 0.0)
+
+
+def test_inception_from_a_local_file_and_offline_error(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+    torch.save(model.state_dict(), tmp_path / "inception.pth")  # random weights: tests loading, not numbers
+    ex = create_extractor("inception", str(tmp_path / "inception.pth"))
+    feats = ex(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert feats.shape == (2, 2048) and ex.describe()["input_size"] == 299
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(MelanoganError, match="--inception-weights PATH"):
+        create_extractor("inception")
+    with pytest.raises(MelanoganError, match="unknown feature extractor"):
+        create_extractor("clip")
+    (tmp_path / "bad.pth").write_bytes(b"junk")
+    with pytest.raises(MelanoganError, match="never pickled"):
+        create_extractor("inception", str(tmp_path / "bad.pth"))
+
+
+def test_feature_cache_is_keyed_by_images_and_extractor(demo_prepared, tmp_path):
+    from melanogan.data.dataset import CachedImageDataset
+
+    ds = CachedImageDataset(demo_prepared, "val")
+    ex = create_extractor("pixels")
+    a = dataset_features(ds, ex, cache_dir=tmp_path)
+    b = dataset_features(ds, ex, cache_dir=tmp_path)
+    assert (a == b).all() and len(list(tmp_path.glob("*.npz"))) == 1
+    dataset_features(CachedImageDataset(demo_prepared, "test"), ex, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2

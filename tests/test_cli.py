@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from melanogan.cli import app
 
 runner = CliRunner()
-COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "bench preprocess", "bench gan"]
+COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
+            "study", "bench preprocess", "bench gan", "bench classifier", "bench quality"]
 
 
 def test_root_help_lists_commands():

@@ -316,6 +316,43 @@ def generate(
                   f"({int((manifest['label'] == 1).sum())} melanoma, {int((manifest['label'] == 0).sum())} other)")
 
 
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="CSV: path, probability, logit, decision, threshold, error.")] = Path("predictions.csv"),
+    threshold: Annotated[str, typer.Option(
+        help="val-youden, val-sens95 (chosen on the run's validation split) or a number.")] = "val-youden",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+) -> None:
+    """Melanoma probability and decision for images, with the training preprocessing. Unreadable files
+    are listed in the CSV with their error; they never stop the run."""
+    from melanogan.classify.predict import predict as run_predict
+
+    with _progress() as progress:
+        table = run_predict(run_dir, inputs, out, threshold, batch_size,
+                            on_progress=_progress_callback(progress, "predicting"))
+    bad = table[table["error"] != ""]
+    console.print(f"{len(table) - len(bad)} image(s) scored, {int((table['decision'] == 'melanoma').sum())} above the "
+                  f"{table['threshold_name'].iat[0]} threshold {table['threshold'].iat[0]:.3f}; {out}")
+    for _, row in bad.iterrows():
+        console.print(f"[yellow]skipped[/yellow] {row['path']}: {row['error']}")
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],
+    image: Annotated[Path, typer.Argument(help="One dermoscopic image.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG with the Grad-CAM overlay.")] = Path("heatmap.png"),
+) -> None:
+    """Grad-CAM heat map of what drives the melanoma score, over the preprocessed image."""
+    from melanogan.classify.predict import explain as run_explain
+
+    r = run_explain(run_dir, image, out)
+    console.print(f"{image}: melanoma probability {r['probability']:.3f}; heat map {out}")
+
+
 @app.command("evaluate-gan")
 def evaluate_gan_cmd(
     syn_dir: Annotated[Path, typer.Argument(help="A SYN_DIR written by `melanogan generate`.")],
@@ -467,10 +504,29 @@ def bench_classifier(
         write_json(json_out, results)
 
 
+@bench_app.command("quality")
+def bench_quality(
+    sizes: Annotated[str, typer.Option(help="Comma-separated image counts (real and synthetic each).")] = "1000,5000",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Feature extraction + FID/KID/precision-recall/density-coverage/memorisation at several N: time and
+    peak memory per N (each in its own process), and how they grow."""
+    from melanogan.bench.quality import run
+    from melanogan.fileio import write_json
+
+    results = run(tuple(int(s) for s in sizes.split(",")))
+    console.print_json(json.dumps(results))
+    if json_out:
+        write_json(json_out, results)
+
+
 @bench_app.command("gan")
 def bench_gan(
     batch: Annotated[int, typer.Option(help="Batch size.")] = 16,
     repeats: Annotated[int, typer.Option(help="Timed steps per setting (median reported).")] = 3,
+    tf_python: Annotated[str | None, typer.Option(
+        help="Python of a TensorFlow venv: also runs ../shared/bench/seed_tf.py gan BATCH in this invocation.")] = None,
+    shared: Annotated[Path, typer.Option(help="The shared folder (bench/).")] = Path("../shared"),
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Critic-step speed (img/s) of the `original` preset at 128px and `default` at 64px on the CPU,
@@ -479,7 +535,7 @@ def bench_gan(
     from melanogan.bench.gan import run
     from melanogan.fileio import write_json
 
-    results = run(batch=batch, repeats=repeats)
+    results = run(batch=batch, repeats=repeats, tf_python=tf_python, shared=shared)
     console.print_json(json.dumps(results))
     if json_out:
         write_json(json_out, results)

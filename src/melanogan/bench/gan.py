@@ -5,7 +5,9 @@ The peer is the original study's TensorFlow step (`../shared/bench/seed_tf.py ga
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,8 +50,12 @@ def time_critic_step(preset: str, resolution: int | None, batch: int, channels_l
     return batch / sorted(times)[len(times) // 2]
 
 
-def run(batch: int = 16, repeats: int = 3) -> dict:
+def run(batch: int = 16, repeats: int = 3, tf_python: str | None = None, shared: Path | None = None) -> dict:
     results: dict = {"batch": batch, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if tf_python and shared:
+        out = subprocess.run([tf_python, str(shared / "bench" / "seed_tf.py"), "gan", str(batch)], capture_output=True,
+                             text=True, timeout=900)
+        results["tf_peer"] = (out.stdout.strip().splitlines() or [out.stderr.strip()[-300:]])[-1]
     for label, preset, res in (("original_128px", "original", 128), ("default_64px", "default", 64)):
         for name, cl, bf16 in (("nchw_fp32", False, False), ("channels_last_fp32", True, False),
                                ("channels_last_bf16", True, True)):

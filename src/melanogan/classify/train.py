@@ -244,6 +244,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
             "manifest_hash": manifest_hash(load_manifest(data_dir)),
             "synthetic": [{"dir": str(Path(s).resolve()), "manifest_hash": manifest_hash(load_manifest(s)),
                            "images": len(load_manifest(s))} for s in cfg.synthetic],
+            "cache_options": read_json(Path(data_dir) / "prepare.json").get("cache_options"),
             "train_images": len(labels), "train_melanoma": int(labels.sum()),
             "val_images": len(val_set), "torch": torch.__version__, "world_size": fabric.world_size,
         })

@@ -1,0 +1,210 @@
+"""`melanogan predict` and `melanogan explain`: use a trained classifier on new images.
+
+Preprocessing is the training data's (decode, crop, hair removal, colour constancy, from the run's
+run.json) followed by the evaluation preset, so predictions cannot drift from training. Decision
+thresholds are the ones chosen on validation, stored in RUN_DIR/best/thresholds.json.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from melanogan.classify import metrics as M
+from melanogan.classify.train import load_model
+from melanogan.data.cache import CacheOptions
+from melanogan.data.images import ImageRejected, decode_file
+from melanogan.data.sources import IMAGE_EXTENSIONS
+from melanogan.data.transforms import eval_preset
+from melanogan.errors import MelanoganError
+from melanogan.fileio import read_json, write_csv, write_json
+
+THRESHOLD_NAMES = ("val-youden", "val-sens95")
+
+
+def run_thresholds(run_dir: Path) -> dict[str, float]:
+    """Validation-chosen thresholds of a run (computed once from its validation split, then stored)."""
+    path = Path(run_dir) / "best" / "thresholds.json"
+    if path.is_file():
+        return read_json(path)
+    from melanogan.classify.evaluate import predict_split
+
+    model, cfg, _ = load_model(Path(run_dir) / "best")
+    data_dir = Path(read_json(Path(run_dir) / "run.json")["data_dir"])
+    if not (data_dir / "manifest.parquet").is_file():
+        raise MelanoganError(f"{run_dir}: thresholds were never stored and the training data ({data_dir}) is not "
+                             "here to choose them; pass --threshold with a number (e.g. 0.5).")
+    val = predict_split(model, cfg, data_dir, ["val"])
+    p = M.sigmoid(val["logit"].to_numpy())
+    y = val["label"].to_numpy()
+    thresholds = {"val-youden": M.threshold_youden(y, p), "val-sens95": M.threshold_for_sensitivity(y, p, 0.95)}
+    write_json(path, thresholds)
+    return thresholds
+
+
+def resolve_threshold(run_dir: Path, threshold: str) -> tuple[str, float]:
+    if threshold in THRESHOLD_NAMES:
+        return threshold, float(run_thresholds(run_dir)[threshold])
+    try:
+        value = float(threshold)
+    except ValueError:
+        raise MelanoganError(f"--threshold {threshold!r}: use val-youden, val-sens95 or a number in [0, 1].") from None
+    if not 0 <= value <= 1 or math.isnan(value):
+        raise MelanoganError(f"--threshold {threshold!r}: a number must be in [0, 1].")
+    return "fixed", value
+
+
+def list_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded recursively to their image files (sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        else:
+            files.append(item)
+    if not files:
+        raise MelanoganError(f"no image files found in {', '.join(map(str, inputs))}.")
+    return files
+
+
+class Predictor:
+    """A loaded run: preprocessing + model + thresholds, for the CLI and the web app."""
+
+    def __init__(self, run_dir: Path, device: str = "cpu"):
+        self.run_dir = Path(run_dir)
+        self.model, self.cfg, _ = load_model(self.run_dir / "best", device)
+        info = read_json(self.run_dir / "run.json")
+        opts = info.get("cache_options") or {"size": max(self.cfg.image_size, 128)}
+        self.options = CacheOptions(**opts)
+        self.transform = eval_preset(self.cfg.image_size)
+        self.device = torch.device(device)
+
+    def preprocess_file(self, path: Path) -> tuple[np.ndarray, torch.Tensor]:
+        pixels = decode_file(str(path), self.options.size, **self.options.decode_kwargs()).pixels
+        return pixels, self.transform(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        return self.model(batch.to(self.device)).float().cpu().numpy()
+
+
+def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshold: str = "val-youden",
+            batch_size: int = 32, on_progress=None) -> pd.DataFrame:
+    """Probability and decision for every image; unreadable files get an `error` instead of a score."""
+    predictor = Predictor(run_dir)
+    name, t = resolve_threshold(run_dir, threshold)
+    files = list_images(inputs)
+    rows: list[dict] = []
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        logits = predictor.logits(torch.stack([x for _, x in pending]))
+        for (i, _), z in zip(pending, logits, strict=True):
+            p = float(M.sigmoid(z))
+            rows[i].update(logit=float(z), probability=p, decision="melanoma" if p >= t else "not melanoma")
+        pending.clear()
+
+    for k, path in enumerate(files):
+        rows.append({"path": str(path), "probability": np.nan, "logit": np.nan, "decision": "", "threshold": t,
+                     "threshold_name": name, "error": ""})
+        try:
+            _, x = predictor.preprocess_file(path)
+            pending.append((k, x))
+        except ImageRejected as exc:
+            rows[k]["error"] = f"{exc.reason}: {exc.detail}"
+        if len(pending) >= batch_size:
+            flush()
+        if on_progress:
+            on_progress(k + 1, len(files))
+    flush()
+    table = pd.DataFrame(rows)
+    if out:
+        write_csv(out, table)
+    return table
+
+
+def _gradcam_layer(model, x: torch.Tensor) -> tuple[torch.nn.Module, bool]:
+    """The module whose output Grad-CAM uses: the last leaf module that outputs a spatial feature map
+    (after its activation, e.g. the final ReLU before pooling); for ViT the last encoder block's patch
+    tokens, reshaped to a grid."""
+    backbone = model.backbone
+    if hasattr(backbone, "encoder") and hasattr(backbone.encoder, "layers"):
+        return backbone.encoder.layers[-1], True
+    seen: list[torch.nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, out: seen.append(mod)
+                                     if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[-1] > 1 else None)
+             for m in backbone.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(x[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen:
+        raise MelanoganError("this model has no spatial feature map for Grad-CAM.")
+    return seen[-1], False
+
+
+def gradcam(model, x: torch.Tensor) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017) of the melanoma logit for one (3, H, W) input: (H, W) in [0, 1]."""
+    layer, tokens = _gradcam_layer(model, x)
+    store: dict = {}
+
+    def hook(_m, _inp, out):  # a module called several times (a shared ReLU): the last call counts
+        out.retain_grad()
+        store["act"] = out
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logit = model(x[None].requires_grad_(True))
+            logit.sum().backward()
+    finally:
+        handle.remove()
+    act, grad = store["act"], store["act"].grad
+    if tokens:  # (1, 1 + h*w, D) -> (1, D, h, w), dropping the class token
+        side = math.isqrt(act.shape[1] - 1)
+        act = act[:, 1:].transpose(1, 2).reshape(1, -1, side, side)
+        grad = grad[:, 1:].transpose(1, 2).reshape(1, -1, side, side)
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * act).sum(1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = cam.detach()
+    cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
+    return cam.numpy()
+
+
+def overlay(pixels: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Heat map (jet) blended over the RGB image."""
+    import cv2
+    import matplotlib
+
+    heat = (matplotlib.colormaps["jet"](cv2.resize(cam, (pixels.shape[1], pixels.shape[0])))[..., :3] * 255)
+    return np.clip((1 - alpha) * pixels + alpha * heat, 0, 255).astype(np.uint8)
+
+
+def explain(run_dir: Path, image: Path, out: Path) -> dict:
+    """Write a Grad-CAM overlay PNG for one image; returns probability and paths."""
+    from PIL import Image
+
+    from melanogan.fileio import atomic_path
+
+    predictor = Predictor(run_dir)
+    try:
+        pixels, x = predictor.preprocess_file(image)
+    except ImageRejected as exc:
+        raise MelanoganError(f"{image}: {exc.reason}: {exc.detail}") from exc
+    cam = gradcam(predictor.model, x)
+    logit = float(predictor.logits(x[None])[0])
+    with atomic_path(out, suffix=".png") as tmp:
+        Image.fromarray(overlay(pixels, cam)).save(tmp, format="PNG")
+    return {"image": str(image), "heatmap": str(out), "probability": float(M.sigmoid(logit)), "cam": cam}

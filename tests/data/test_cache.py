@@ -124,3 +124,15 @@ def test_cache_missing_rows_is_a_clear_error(tmp_path, images):
         cache.slots_for(pd.Series(["s:0", "s:99"]))
     with pytest.raises(DataError, match="not a complete melanogan cache"):
         Cache.open(tmp_path / "nothing")
+
+
+def test_fused_normalisation_equals_torchvision():
+    from torchvision.transforms import v2
+
+    from melanogan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ToNormalizedFloat
+
+    x = torch.randint(0, 256, (3, 17, 19), dtype=torch.uint8)
+    reference = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(x))
+    assert torch.allclose(ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(x), reference, atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(x.float())

@@ -14,18 +14,35 @@ Normalization = Literal["imagenet", "tanh", "none"]
 Augment = Literal["none", "classic"]
 
 
-def _normalize(normalization: Normalization) -> list:
+class ToNormalizedFloat(torch.nn.Module):
+    """uint8 (C, H, W) -> float32 (x / 255 - mean) / std in one conversion and two in-place passes
+    (ToDtype + Normalize would make four passes over the image)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 image tensor, got {x.dtype}")
+        return x.to(torch.float32).mul_(self.scale).sub_(self.shift)
+
+
+def _to_float(normalization: Normalization) -> torch.nn.Module:
     if normalization == "imagenet":
-        return [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)
     if normalization == "tanh":  # [-1, 1], the range of a tanh generator
-        return [v2.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
-    return []
+        return ToNormalizedFloat((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    if normalization == "none":
+        return ToNormalizedFloat((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    raise ValueError(f"unknown normalization {normalization!r}")
 
 
 def eval_preset(image_size: int, normalization: Normalization = "imagenet") -> v2.Compose:
     """Resize the cached square image to `image_size`, scale to float, normalise."""
-    return v2.Compose([v2.Resize(image_size, antialias=True), v2.ToDtype(torch.float32, scale=True),
-                       *_normalize(normalization)])
+    return v2.Compose([v2.Resize(image_size, antialias=True), _to_float(normalization)])
 
 
 def train_preset(image_size: int, augment: Augment = "none", normalization: Normalization = "imagenet") -> v2.Compose:
@@ -41,6 +58,5 @@ def train_preset(image_size: int, augment: Augment = "none", normalization: Norm
         v2.RandomVerticalFlip(),
         v2.RandomRotation(180),
         v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
-        v2.ToDtype(torch.float32, scale=True),
-        *_normalize(normalization),
+        _to_float(normalization),
     ])

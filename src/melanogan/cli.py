@@ -353,6 +353,20 @@ def explain(
     console.print(f"{image}: melanoma probability {r['probability']:.3f}; heat map {out}")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],
+    format: Annotated[str, typer.Option("--format", help="onnx (needs melanogan[export]) or torchscript.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/export/model.onnx|.pt).")] = None,
+) -> None:
+    """A deployable model whose outputs are checked against PyTorch (max |difference| <= 1e-4) before the
+    file is kept; OUT.json records input shape, preprocessing and the validation thresholds."""
+    from melanogan.classify.export import export_model
+
+    meta = export_model(run_dir, format, out)
+    console.print(f"{meta['file']} ({format}); max |difference| vs PyTorch {meta['max_abs_difference_vs_pytorch']:.2e}")
+
+
 @app.command("evaluate-gan")
 def evaluate_gan_cmd(
     syn_dir: Annotated[Path, typer.Argument(help="A SYN_DIR written by `melanogan generate`.")],

@@ -79,3 +79,28 @@ def test_gradcam_works_for_other_architectures(name):
 def test_loading_is_safe(trained):
     _, cfg, state = load_model(trained / "best")
     assert cfg.model == "small-cnn" and "epoch" in state
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(trained, tmp_path, fmt):
+    import json
+
+    from melanogan.classify.export import export_model
+
+    meta = export_model(trained, fmt, tmp_path / f"model.{fmt}")
+    assert meta["max_abs_difference_vs_pytorch"] <= 1e-4
+    saved = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+    assert saved["input"]["shape"][1:] == [3, 64, 64] and saved["preprocessing"]["decode"]["size"] == 96
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+        batch = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
+        assert session.run(None, {"image": batch})[0].shape == (5,)  # dynamic batch size
+
+
+def test_export_errors(trained, tmp_path):
+    from melanogan.classify.export import export_model
+
+    with pytest.raises(MelanoganError, match="--format 'tflite'"):
+        export_model(trained, "tflite")

@@ -38,7 +38,7 @@ class GanConfig(BaseModel):
     lr_factors: list[float] = Field(default_factory=list)  # multiplier of lr after each milestone
     steps: int = 20000  # generator steps
     batch_size: int = 32
-    diffaugment: list[str] = Field(default_factory=lambda: ["color", "translation", "cutout"])
+    diffaugment: list[str] = Field(default_factory=lambda: ["translation"])
     ema_decay: float | None = 0.999
     seed: int = 0
     log_every: int = 10

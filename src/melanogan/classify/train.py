@@ -330,6 +330,8 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
         if bar:
             bar.close()
     fabric.barrier()
+    if fabric.world_size > 1 and torch.distributed.is_initialized():  # leave the group together (gloo aborts)
+        torch.distributed.destroy_process_group()
     return {"run_dir": str(run_dir), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
             "best_val_auc": state["best_auc"], "stopped_by": stopped_by, "seconds": round(state["seconds"], 1)}
 

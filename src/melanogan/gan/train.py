@@ -365,8 +365,17 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
     finally:
         if bar:
             bar.close()
+    _shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "step": end_step, "finished": end_step >= cfg.steps,
             "training_images": source.counts}
+
+
+def _shutdown_distributed(fabric) -> None:
+    """Leave the process group together: a spawned gloo worker exiting with the group alive aborted
+    now and then ("terminate called without an active exception")."""
+    if fabric.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
 
 
 class KidTracker:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -35,9 +34,7 @@ from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.data.transforms import eval_preset, train_preset
 from melanogan.errors import MelanoganError
 from melanogan.fileio import append_jsonl, atomic_path, read_json, write_json, write_text
-
-PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
-              "16-mixed": "16-mixed"}
+from melanogan.runtime import ddp_strategy, fabric_precision, shutdown_distributed
 
 
 class TrainConfig(BaseModel):
@@ -198,8 +195,7 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     `stop_after_epochs` pauses this invocation after that many epochs (resumable with `resume`)."""
     from lightning_fabric import Fabric
 
-    if cfg.precision not in PRECISIONS:
-        raise MelanoganError(f"precision {cfg.precision!r} is not supported; use 32 or bf16-mixed.")
+    fabric_prec = fabric_precision(cfg.precision)
     run_dir = Path(run_dir)
     if resume:
         if not (run_dir / "last" / "state.json").is_file():
@@ -208,8 +204,7 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     elif (run_dir / "stats.jsonl").is_file():
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
     build_datasets(data_dir, cfg)  # fail early with a clear message
-    strategy = "auto" if devices == 1 else ("ddp" if "LOCAL_RANK" in os.environ else "ddp_spawn")
-    fabric = Fabric(accelerator=accelerator, devices=devices, precision=PRECISIONS[cfg.precision], strategy=strategy)
+    fabric = Fabric(accelerator=accelerator, devices=devices, precision=fabric_prec, strategy=ddp_strategy(devices))
     return fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
 
 
@@ -330,8 +325,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
         if bar:
             bar.close()
     fabric.barrier()
-    if fabric.world_size > 1 and torch.distributed.is_initialized():  # leave the group together (gloo aborts)
-        torch.distributed.destroy_process_group()
+    shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
             "best_val_auc": state["best_auc"], "stopped_by": stopped_by, "seconds": round(state["seconds"], 1)}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -35,10 +34,9 @@ from melanogan.fileio import append_jsonl, atomic_path, write_json, write_text
 from melanogan.gan.checkpoint import build_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from melanogan.gan.config import GanConfig
 from melanogan.gan.losses import critic_loss, diff_augment, generator_loss, gradient_penalty, wasserstein_estimate
+from melanogan.runtime import ddp_strategy, fabric_precision, shutdown_distributed
 
 CLASS_NAMES = {0: "other", 1: "melanoma"}
-PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
-              "16": "16-mixed", "16-mixed": "16-mixed"}
 
 
 class GanDivergedError(MelanoganError):
@@ -213,19 +211,14 @@ def train_gan(
     invocation after that many steps (the run stays resumable): for time-boxed CPU sessions."""
     from lightning_fabric import Fabric
 
-    if precision not in PRECISIONS:
-        raise MelanoganError(f"precision {precision!r} is not supported; use 32, bf16-mixed or 16-mixed.")
+    fabric_prec = fabric_precision(precision)
     run_dir = Path(run_dir)
     cfg, ckpt = prepare_run_dir(run_dir, cfg, resume, resume_steps)
     BatchSource(data_dir, cfg)  # fail early, in the launching process, on an empty class
-    world = devices * num_nodes
-    strategy = "auto"
-    if world > 1:
-        strategy = "ddp" if "LOCAL_RANK" in os.environ or "SLURM_PROCID" in os.environ else "ddp_spawn"
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=PRECISIONS[precision],
-                    strategy=strategy)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=fabric_prec,
+                    strategy=ddp_strategy(devices * num_nodes))
     return fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, str(ckpt) if ckpt else None,
-                         PRECISIONS[precision], progress, stop_after)
+                         fabric_prec, progress, stop_after)
 
 
 def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: str | None, precision: str,
@@ -365,17 +358,10 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
     finally:
         if bar:
             bar.close()
-    _shutdown_distributed(fabric)
+    shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "step": end_step, "finished": end_step >= cfg.steps,
             "training_images": source.counts}
 
-
-def _shutdown_distributed(fabric) -> None:
-    """Leave the process group together: a spawned gloo worker exiting with the group alive aborted
-    now and then ("terminate called without an active exception")."""
-    if fabric.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        fabric.barrier()
-        torch.distributed.destroy_process_group()
 
 
 class KidTracker:

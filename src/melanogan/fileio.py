@@ -56,6 +56,16 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 90) -> None:
+    """Lay out, write a matplotlib figure as PNG atomically, and close it (frees its memory)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and flush it to disk (stats logs survive a kill)."""
     with open(path, "a", encoding="utf-8") as f:

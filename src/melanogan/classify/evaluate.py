@@ -24,7 +24,7 @@ from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.data.sources import global_isic_id
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
-from melanogan.fileio import atomic_path, read_json, write_csv, write_json
+from melanogan.fileio import read_json, save_figure, write_csv, write_json
 
 
 def _clean(obj):
@@ -147,10 +147,7 @@ def plot_evaluation(test: pd.DataFrame, result: dict, out: Path, temperature: fl
     y, p = test["label"].to_numpy(), M.sigmoid(test["logit"].to_numpy() / temperature)
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
-        with atomic_path(out / name, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
-        plt.close(fig)
+        save_figure(fig, out / name)
 
     if 0 < y.sum() < len(y):
         fpr, tpr, _ = roc_curve(y, p)

@@ -33,7 +33,7 @@ from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.data.transforms import eval_preset, train_preset
 from melanogan.errors import MelanoganError
-from melanogan.fileio import append_jsonl, atomic_path, read_json, write_json, write_text
+from melanogan.fileio import append_jsonl, atomic_path, read_json, save_figure, write_json, write_text
 from melanogan.runtime import ddp_strategy, fabric_precision, shutdown_distributed
 
 
@@ -182,10 +182,7 @@ def plot_curves(run_dir: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    with atomic_path(run_dir / "curves.png", suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_figure(fig, run_dir / "curves.png")
 
 
 def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool = False,

@@ -30,7 +30,7 @@ from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
-from melanogan.fileio import append_jsonl, atomic_path, write_json, write_text
+from melanogan.fileio import append_jsonl, atomic_path, save_figure, write_json, write_text
 from melanogan.gan.checkpoint import build_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from melanogan.gan.config import GanConfig
 from melanogan.gan.losses import critic_loss, diff_augment, generator_loss, gradient_penalty, wasserstein_estimate
@@ -157,12 +157,9 @@ def plot_losses(run_dir: Path) -> Path | None:
         ax.set_xlabel("generator step")
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     out = run_dir / "samples" / "losses.png"
     out.parent.mkdir(exist_ok=True)
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_figure(fig, out)
     return out
 
 

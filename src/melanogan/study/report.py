@@ -19,7 +19,7 @@ from melanogan import __version__
 from melanogan.classify import metrics as M
 from melanogan.data.audit import audit_manifest
 from melanogan.data.manifest import load_manifest, manifest_hash
-from melanogan.fileio import atomic_path, read_json, write_text
+from melanogan.fileio import atomic_path, read_json, save_figure, write_text
 from melanogan.study.experiments import arm_dir
 
 SIGNIFICANCE = 0.05
@@ -163,10 +163,7 @@ def _roc_figure(cfg, preds: dict, path: Path) -> bool:
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC on the test split (seed {seed})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 

@@ -31,6 +31,19 @@ def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
     return path
 
 
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims huge dimensions (a decompression bomb header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory) -> Path:
     """A 60-image phantom dataset in the SIIM-ISIC 2020 layout."""

@@ -406,7 +406,8 @@ def train(
     loss: Annotated[str, typer.Option(help="bce, weighted (pos_weight = negatives/positives) or focal.")] = "bce",
     sampler: Annotated[str, typer.Option(help="none or balanced (half melanoma per batch on average).")] = "none",
     augment: Annotated[str, typer.Option(
-        help="none or classic (flips, rotations, scale/crop, colour jitter).")] = "none",
+        help="none, classic (flips, rotations, scale/crop, mild colour jitter) or strong (wider crops, "
+             "strong colour/contrast/sharpness changes, blur: for images from other clinics).")] = "none",
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes, keeping the best.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
@@ -475,6 +476,47 @@ def study(
     from melanogan.study.experiments import load_study_config, run_study
 
     run_study(load_study_config(config), out, log=lambda m: console.print(f"[bold]study[/bold] {m}"))
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Option("--run", help="RUN_DIR of a trained classifier (its best checkpoint).")],
+    synthetic: Annotated[Path | None, typer.Option(
+        help="SYN_DIR from `melanogan generate`: turns on the visual Turing test (needs real images).")] = None,
+    real: Annotated[Path | None, typer.Option(
+        help="Prepared DATA_DIR of real images for the Turing test and the review of its test split. "
+             "Default: the data the run was trained on, if present.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Keep 127.0.0.1 unless others must reach it.")] =
+        "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    db: Annotated[Path, typer.Option(help="SQLite file with reviewers' answers (created if absent).")] =
+        Path("review.sqlite"),
+    threshold: Annotated[str, typer.Option(help="Decision threshold: val-youden, val-sens95 or a number.")] =
+        "val-youden",
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 20.0,
+    turing_per_class: Annotated[int, typer.Option(
+        help="Real and synthetic images per class in the Turing test (the same ones on every start).")] = 200,
+    review_items: Annotated[int, typer.Option(help="Test images offered for prediction review.")] = 200,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Web app for using the model and collecting human judgements: predict (upload -> probability,
+    decision, Grad-CAM), a blinded visual Turing test of real vs synthetic images with per-reviewer
+    accuracy and 95% CIs, and a review of test predictions (agree/disagree, own diagnosis). Answers are
+    kept in the SQLite --db and survive restarts; results export as CSV. Stop with Ctrl+C."""
+    import uvicorn
+
+    from melanogan.serve.app import ServeConfig, create_app
+
+    if max_upload_mb <= 0 or turing_per_class <= 0 or review_items <= 0:
+        raise MelanoganError("--max-upload-mb, --turing-per-class and --review-items must be positive.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/yellow] binding to {host}: anyone who can reach this address can "
+                          "upload images and read the answers; there is no login.")
+    application = create_app(ServeConfig(run_dir=run, db=db, synthetic_dir=synthetic, real_dir=real,
+                                         threshold=threshold, max_upload_mb=max_upload_mb,
+                                         turing_per_class=turing_per_class, review_items=review_items, device=device))
+    console.print(f"serving {run} on http://{host}:{port}  (answers in {db})")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 @bench_app.command("preprocess")

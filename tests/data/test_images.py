@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
 
 import cv2
 import numpy as np
@@ -19,6 +18,7 @@ from melanogan.data.images import (
     remove_hair,
     shades_of_gray,
 )
+from tests.conftest import png_with_header_size
 
 
 def _jpeg_bytes(arr: np.ndarray, **kw) -> bytes:
@@ -140,21 +140,9 @@ def test_exif_rotation_applied():
     assert out.pixels[5, 25].mean() > 200 and out.pixels[45, 25].mean() < 50  # white now on top
 
 
-def _png_with_header_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR claims huge dimensions (a decompression bomb header)."""
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
 def test_huge_dimension_header_rejected_before_decoding():
     with pytest.raises(ImageRejected) as e:
-        decode_image(_png_with_header_size(100_000, 100_000), 32)
+        decode_image(png_with_header_size(100_000, 100_000), 32)
     assert e.value.reason == "decompression-bomb"
     assert "10,000,000,000" in e.value.detail
 

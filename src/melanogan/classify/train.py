@@ -55,7 +55,7 @@ class TrainConfig(BaseModel):
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
     sampler: Literal["none", "balanced"] = "none"
-    augment: Literal["none", "classic"] = "none"
+    augment: Literal["none", "classic", "strong"] = "none"
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
     seed: int = 0
@@ -155,12 +155,22 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Classifi
     return model.to(device).eval(), cfg, state
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    warm = max(1, int(cfg.warmup_fraction * total))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def _lr_at(progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first `warmup_fraction` of training, then cosine decay to zero;
+    `progress` is the fraction of the training budget used (0..1)."""
+    warm = max(cfg.warmup_fraction, 1e-9)
+    if progress < warm:
+        return cfg.lr * min(1.0, (progress + 1e-12) / warm)
+    done = min(1.0, (progress - warm) / max(1e-9, 1.0 - warm))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def _progress(step: int, total_steps: int, elapsed: float, budget: float) -> float:
+    """Fraction of the budget used: steps of `--epochs`, or the clock of `--max-minutes` when that
+    runs out first, so a time-limited run still warms up and anneals instead of stopping mid-schedule
+    (the clock makes such runs not bitwise repeatable; runs without --max-minutes are)."""
+    by_steps = (step + 1) / max(1, total_steps)
+    return max(by_steps, elapsed / budget) if math.isfinite(budget) else by_steps
 
 
 def plot_curves(run_dir: Path) -> None:
@@ -271,7 +281,8 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(state["step"], total_steps, cfg)
+                    group["lr"] = _lr_at(_progress(state["step"], total_steps,
+                                                              time.perf_counter() - t_start, budget), cfg)
                 loss = compute_loss(model(x), y)
                 if not torch.isfinite(loss):
                     raise MelanoganError(f"classifier loss became {float(loss)} at epoch {epoch + 1}; the best "

@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Normalization = Literal["imagenet", "tanh", "none"]
-Augment = Literal["none", "classic"]
+Augment = Literal["none", "classic", "strong"]
 
 
 class ToNormalizedFloat(torch.nn.Module):
@@ -47,16 +47,29 @@ def eval_preset(image_size: int, normalization: Normalization = "imagenet") -> v
 
 def train_preset(image_size: int, augment: Augment = "none", normalization: Normalization = "imagenet") -> v2.Compose:
     """`none`: exactly the eval preset. `classic`: the augmentations dermoscopy models use (lesions
-    have no canonical orientation): flips, 0-180 degree rotations, scale/crop, mild colour jitter."""
+    have no canonical orientation): flips, 0-180 degree rotations, scale/crop, mild colour jitter.
+    `strong`: for models meant to work on other clinics' images: wider scale range, strong colour,
+    contrast and sharpness changes (dermatoscopes and cameras differ mostly there), occasional blur."""
     if augment == "none":
         return eval_preset(image_size, normalization)
-    if augment != "classic":
-        raise ValueError(f"unknown augment {augment!r}; use 'none' or 'classic'")
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(0.85, 1.18), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomRotation(180),
-        v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
-        _to_float(normalization),
-    ])
+    if augment == "classic":
+        return v2.Compose([
+            v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(0.85, 1.18), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(180),
+            v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
+            _to_float(normalization),
+        ])
+    if augment == "strong":
+        return v2.Compose([
+            v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), ratio=(0.75, 1.33), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(180),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.06),
+            v2.RandomAdjustSharpness(2.0, p=0.3),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
+            _to_float(normalization),
+        ])
+    raise ValueError(f"unknown augment {augment!r}; use 'none', 'classic' or 'strong'")

@@ -560,6 +560,29 @@ def bench_classifier(
         write_json(json_out, results)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    run: Annotated[Path | None, typer.Option(
+        "--run", help="RUN_DIR to serve. Default: a small model trained on demo phantoms first.")] = None,
+    n_images: Annotated[int, typer.Option(help="JPEGs in the folder given to `predict`.")] = 200,
+    width: Annotated[int, typer.Option(help="Their width in pixels.")] = 1024,
+    height: Annotated[int, typer.Option(help="Their height in pixels.")] = 768,
+    requests: Annotated[int, typer.Option(help="Requests in the load test (an upper bound).")] = 200,
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients on localhost.")] = 4,
+    max_seconds: Annotated[float, typer.Option(help="Time bound of each load test.")] = 60.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """`predict` throughput on a folder (images/s) and POST /api/predict latency (median, p95) under a
+    bounded concurrent load from localhost, without and with Grad-CAM."""
+    from melanogan.bench.serve import run as run_bench
+    from melanogan.fileio import write_json
+
+    results = run_bench(run, n_images, width, height, requests, concurrency, max_seconds)
+    console.print_json(json.dumps(results, default=str))
+    if json_out:
+        write_json(json_out, results)
+
+
 @bench_app.command("quality")
 def bench_quality(
     sizes: Annotated[str, typer.Option(help="Comma-separated image counts (real and synthetic each).")] = "1000,5000",

@@ -12,7 +12,8 @@ from melanogan.cli import app
 
 runner = CliRunner()
 COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
-            "study", "bench preprocess", "bench gan", "bench classifier", "bench quality"]
+            "study", "predict", "explain", "export", "serve", "bench preprocess", "bench gan", "bench classifier",
+            "bench quality", "bench serve"]
 
 
 def test_root_help_lists_commands():
@@ -63,3 +64,8 @@ def test_train_gan_then_generate(demo_prepared, tmp_path):
     r = runner.invoke(app, ["generate", str(run), "--out", str(syn), "--n", "5", "--label", "melanoma"])
     assert r.exit_code == 0, r.output
     assert "5 synthetic images (5 melanoma, 0 other)" in " ".join(r.output.split())
+
+
+def test_serve_refuses_bad_options_before_starting(tmp_path):
+    r = runner.invoke(app, ["serve", "--run", str(tmp_path / "missing"), "--max-upload-mb", "0"])
+    assert r.exit_code != 0 and "must be positive" in str(r.exception or r.output)

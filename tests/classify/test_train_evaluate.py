@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from melanogan.classify import metrics as M
 from melanogan.classify.evaluate import evaluate_run
-from melanogan.classify.train import TrainConfig, check_synthetic_manifest, train_classifier
+from melanogan.classify.train import TrainConfig, _lr_at, _progress, check_synthetic_manifest, train_classifier
 from melanogan.data.cache import CacheOptions
 from melanogan.data.manifest import prepare
 from melanogan.errors import MelanoganError
@@ -93,3 +93,15 @@ def test_clear_errors(demo_prepared, tmp_path):
         evaluate_run(tmp_path / "x")
     with pytest.raises(MelanoganError, match="unknown model"):
         train_classifier(demo_prepared, tmp_path / "y", TrainConfig(**{**TINY, "model": "resnet9000"}), progress=False)
+
+
+def test_schedule_warms_up_then_anneals_and_follows_the_clock_under_a_time_budget():
+    cfg = TrainConfig(lr=1.0, warmup_fraction=0.1)
+    assert _lr_at(0.05, cfg) == pytest.approx(0.5)  # half-way through warm-up
+    assert _lr_at(0.1, cfg) == pytest.approx(1.0)
+    assert _lr_at(0.55, cfg) == pytest.approx(0.5)  # cosine mid-point
+    assert _lr_at(1.0, cfg) == pytest.approx(0.0, abs=1e-12)
+    inf = float("inf")
+    assert _progress(49, 100, elapsed=1e6, budget=inf) == pytest.approx(0.5)  # no budget: steps only
+    assert _progress(9, 100, elapsed=30, budget=60) == pytest.approx(0.5)  # the clock runs out first
+    assert _progress(79, 100, elapsed=30, budget=60) == pytest.approx(0.8)  # the epochs run out first

@@ -116,6 +116,10 @@ def test_train_and_eval_presets_share_the_end_of_the_pipeline(demo_prepared):
     aug = train_preset(40, "classic")(raw)
     assert aug.shape == plain.shape and not torch.equal(aug, plain)
     assert abs(float(aug.mean()) - float(plain.mean())) < 0.5  # same normalisation
+    strong = train_preset(40, "strong")(raw)
+    assert strong.shape == plain.shape and strong.dtype == torch.float32 and not torch.equal(strong, aug)
+    with pytest.raises(ValueError, match="unknown augment"):
+        train_preset(40, "extreme")
 
 
 def test_cache_missing_rows_is_a_clear_error(tmp_path, images):

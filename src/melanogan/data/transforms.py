@@ -30,6 +30,47 @@ class ToNormalizedFloat(torch.nn.Module):
         return x.to(torch.float32).mul_(self.scale).sub_(self.shift)
 
 
+class RandomZoomOut(torch.nn.Module):
+    """Show the lesion smaller, as another clinic's dermoscope framing would: pad by reflection to up
+    to `max_scale` times the side, then resize back (uint8 in, uint8 out)."""
+
+    def __init__(self, p: float = 0.5, max_scale: float = 1.6):
+        super().__init__()
+        self.p, self.max_scale = p, max_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) >= self.p:
+            return x
+        h, w = x.shape[-2:]
+        scale = 1 + float(torch.rand(())) * (self.max_scale - 1)
+        pad_h, pad_w = min(h - 1, int(h * (scale - 1) / 2)), min(w - 1, int(w * (scale - 1) / 2))
+        padded = torch.nn.functional.pad(x[None].float(), (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+        out = torch.nn.functional.interpolate(padded, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        return out[0].round_().clamp_(0, 255).to(x.dtype)
+
+
+class RandomMicroscope(torch.nn.Module):
+    """A dermoscope's circular field of view: black outside a circle of random radius (many archive
+    images have it, many do not), so the model cannot use its presence as a clue."""
+
+    def __init__(self, p: float = 0.4, radius: tuple[float, float] = (0.5, 0.72)):
+        super().__init__()
+        self.p, self.radius = p, radius
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) >= self.p:
+            return x
+        h, w = x.shape[-2:]
+        side = min(h, w)
+        r = (self.radius[0] + float(torch.rand(())) * (self.radius[1] - self.radius[0])) * side
+        shift = (torch.rand(2) - 0.5) * 0.1  # the circle's centre moves up to 5% of the side
+        cy, cx = (h - 1) / 2 + float(shift[0]) * h, (w - 1) / 2 + float(shift[1]) * w
+        yy = torch.arange(h, dtype=torch.float32)[:, None] - cy
+        xx = torch.arange(w, dtype=torch.float32)[None, :] - cx
+        mask = ((r - torch.sqrt(yy**2 + xx**2)) / (0.02 * side) + 0.5).clamp_(0, 1)  # a soft edge
+        return (x.float() * mask).round_().to(x.dtype)
+
+
 def _to_float(normalization: Normalization) -> torch.nn.Module:
     if normalization == "imagenet":
         return ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)
@@ -48,8 +89,9 @@ def eval_preset(image_size: int, normalization: Normalization = "imagenet") -> v
 def train_preset(image_size: int, augment: Augment = "none", normalization: Normalization = "imagenet") -> v2.Compose:
     """`none`: exactly the eval preset. `classic`: the augmentations dermoscopy models use (lesions
     have no canonical orientation): flips, 0-180 degree rotations, scale/crop, mild colour jitter.
-    `strong`: for models meant to work on other clinics' images: wider scale range, strong colour,
-    contrast and sharpness changes (dermatoscopes and cameras differ mostly there), occasional blur."""
+    `strong`: for models meant to work on other clinics' images: zoom in and out, strong colour,
+    contrast and sharpness changes (dermatoscopes and cameras differ mostly there), occasional blur,
+    a dermoscope's circular field of view."""
     if augment == "none":
         return eval_preset(image_size, normalization)
     if augment == "classic":
@@ -64,12 +106,14 @@ def train_preset(image_size: int, augment: Augment = "none", normalization: Norm
     if augment == "strong":
         return v2.Compose([
             v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), ratio=(0.75, 1.33), antialias=True),
+            RandomZoomOut(),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.RandomRotation(180),
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.06),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
             v2.RandomAdjustSharpness(2.0, p=0.3),
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
+            RandomMicroscope(),
             _to_float(normalization),
         ])
     raise ValueError(f"unknown augment {augment!r}; use 'none', 'classic' or 'strong'")

@@ -174,6 +174,7 @@ class ReviewApp:
                     self.store.register_items("review", self.real.key, [
                         ("real", r.uid, int(r.label), str(r.diagnosis)) for r in part.itertuples()])
         self._review_cache: dict[str, tuple[float, bytes]] = {}
+        self._review_lock = threading.Lock()
 
     # model -----------------------------------------------------------------------------------
     def score(self, pixels, x: torch.Tensor, with_cam: bool = True) -> tuple[float, bytes | None]:
@@ -206,8 +207,9 @@ class ReviewApp:
 
     def review_score(self, item) -> tuple[float, bytes]:
         """Model probability and Grad-CAM of a review item, preprocessed exactly as in training."""
-        if item["item_id"] in self._review_cache:
-            return self._review_cache[item["item_id"]]
+        with self._review_lock:
+            if item["item_id"] in self._review_cache:
+                return self._review_cache[item["item_id"]]
         assert self.real is not None
         opts = self.predictor.options
         if self.real.cache.options.key == opts.key:
@@ -220,9 +222,10 @@ class ReviewApp:
                 raise UserError(404, f"Image {item['item_id']} cannot be read any more ({exc}).") from exc
         x = self.predictor.transform(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
         result = self.score(pixels, x)
-        if len(self._review_cache) > 256:
-            self._review_cache.pop(next(iter(self._review_cache)))
-        self._review_cache[item["item_id"]] = result
+        with self._review_lock:
+            if len(self._review_cache) >= 256:
+                self._review_cache.pop(next(iter(self._review_cache)))  # the oldest entry
+            self._review_cache[item["item_id"]] = result
         return result
 
     # Turing test -----------------------------------------------------------------------------

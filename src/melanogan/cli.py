@@ -462,6 +462,10 @@ def evaluate(
     for name, m in r["thresholds"].items():
         console.print(f"  {name:11s} t={m['threshold']:.3f}: sensitivity {m['sensitivity']:.3f}, specificity "
                       f"{m['specificity']:.3f}, precision {m['precision']:.3f}")
+    for source, m in r.get("by_source", {}).items():
+        auc = f"ROC-AUC {m['roc_auc']:.3f} [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" \
+            if "roc_auc" in m else "one class only"
+        console.print(f"  source {source}: {m['n_images']} images, {m['n_melanoma']} melanoma, {auc}")
 
 
 @app.command()

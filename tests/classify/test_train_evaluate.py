@@ -105,3 +105,26 @@ def test_schedule_warms_up_then_anneals_and_follows_the_clock_under_a_time_budge
     assert _progress(49, 100, elapsed=1e6, budget=inf) == pytest.approx(0.5)  # no budget: steps only
     assert _progress(9, 100, elapsed=30, budget=60) == pytest.approx(0.5)  # the clock runs out first
     assert _progress(79, 100, elapsed=30, budget=60) == pytest.approx(0.8)  # the epochs run out first
+
+
+def test_a_multi_source_test_split_is_also_reported_per_source(demo_raw, tmp_path):
+    from PIL import Image
+
+    from melanogan.data.demo import render_phantom
+
+    rng = np.random.default_rng(5)
+    for k in range(40):  # a second source: class folders of other phantoms
+        cls = "melanoma" if k % 4 == 0 else "nevus"
+        (tmp_path / "folder" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render_phantom(rng, cls == "melanoma", 96, 80)).save(tmp_path / "folder" / cls / f"{k}.jpg")
+    prepare([("siim-isic-2020", demo_raw), ("folder", tmp_path / "folder")], tmp_path / "data", CacheOptions(size=32),
+            seed=0)
+    train_classifier(tmp_path / "data", tmp_path / "run", TrainConfig(**TINY), progress=False)
+    r = evaluate_run(tmp_path / "run", bootstrap=50)
+    preds = pd.read_csv(tmp_path / "run" / "eval-test" / "predictions.csv")
+    assert set(r["by_source"]) == set(preds["source"]) == {"siim-isic-2020", "folder"}
+    for source, m in r["by_source"].items():
+        part = preds[preds["source"] == source]
+        assert m["n_images"] == len(part) and m["n_melanoma"] == int(part["label"].sum())
+        if "roc_auc" in m:
+            assert m["roc_auc"] == pytest.approx(M.roc_auc(part["label"], part["logit"]))

@@ -140,3 +140,18 @@ def test_fused_normalisation_equals_torchvision():
     assert torch.allclose(ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(x), reference, atol=1e-5)
     with pytest.raises(TypeError, match="uint8"):
         ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)(x.float())
+
+
+def test_dermoscope_augmentations_keep_the_centre_and_change_the_frame():
+    from melanogan.data.transforms import RandomMicroscope, RandomZoomOut
+
+    x = torch.full((3, 64, 64), 200, dtype=torch.uint8)
+    x[:, 24:40, 24:40] = 50  # a dark "lesion" in the middle
+    scoped = RandomMicroscope(p=1.0)(x)
+    assert scoped.dtype == torch.uint8 and int(scoped[:, 0, 0].max()) == 0  # corners outside the field of view
+    assert torch.equal(scoped[:, 24:40, 24:40], x[:, 24:40, 24:40])
+    torch.manual_seed(0)
+    zoomed = RandomZoomOut(p=1.0, max_scale=1.6)(x)
+    assert zoomed.shape == x.shape and zoomed.dtype == torch.uint8
+    assert int((zoomed < 100).sum()) < int((x < 100).sum())  # the lesion now covers fewer pixels
+    assert torch.equal(RandomZoomOut(p=0.0)(x), x) and torch.equal(RandomMicroscope(p=0.0)(x), x)

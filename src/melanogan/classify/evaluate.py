@@ -72,7 +72,8 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
     logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"),
                             autocast="bf16" in cfg.precision)
     rows = ds.rows
-    return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "label": rows["label"].astype(int),
+    return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "source": rows["source"].astype(str),
+                         "label": rows["label"].astype(int),
                          "group": rows["source"].astype(str) + ":" + rows["cluster_id"].astype(str),
                          "logit": logits, "probability": M.sigmoid(logits)})
 
@@ -104,6 +105,15 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
     }
 
 
+def _auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: int) -> dict:
+    y, p = test["label"].to_numpy(), M.sigmoid(test["logit"].to_numpy() / temperature)
+    summary = {"n_images": len(y), "n_melanoma": int(y.sum())}
+    if 0 < y.sum() < len(y):
+        summary.update(roc_auc=M.roc_auc(y, p), roc_auc_ci95=list(M.bootstrap_ci(
+            y, p, test["group"].to_numpy(), M.roc_auc, n=bootstrap, seed=seed)))
+    return summary
+
+
 def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", temperature_scaling: bool = False,
                  bootstrap: int = 1000, out: Path | None = None) -> dict:
     """Evaluate RUN_DIR's best checkpoint; writes metrics.json, predictions.csv and plots."""
@@ -122,6 +132,9 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
     test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split], exclude=overlap)
     temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0
     result = clinical_metrics(val, test, temperature, bootstrap=bootstrap, seed=cfg.seed)
+    if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
+        result["by_source"] = {str(src): _auc_summary(part, temperature, bootstrap, cfg.seed)
+                               for src, part in test.groupby("source")}
     result.update({"run_dir": str(run_dir), "data_dir": str(data_dir), "split": split, "external": external,
                    "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),
                    "val_auc_at_best": best_state.get("val_auc"),

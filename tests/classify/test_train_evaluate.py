@@ -12,7 +12,14 @@ from safetensors.torch import load_file
 
 from melanogan.classify import metrics as M
 from melanogan.classify.evaluate import evaluate_run
-from melanogan.classify.train import TrainConfig, _lr_at, _progress, check_synthetic_manifest, train_classifier
+from melanogan.classify.train import (
+    TrainConfig,
+    _lr_at,
+    _progress,
+    balanced_indices,
+    check_synthetic_manifest,
+    train_classifier,
+)
 from melanogan.data.cache import CacheOptions
 from melanogan.data.manifest import prepare
 from melanogan.errors import MelanoganError
@@ -128,3 +135,18 @@ def test_a_multi_source_test_split_is_also_reported_per_source(demo_raw, tmp_pat
         assert m["n_images"] == len(part) and m["n_melanoma"] == int(part["label"].sum())
         if "roc_auc" in m:
             assert m["roc_auc"] == pytest.approx(M.roc_auc(part["label"], part["logit"]))
+
+
+def test_balanced_sampling_halves_the_classes_and_splits_one_draw_across_ranks():
+    import torch
+    from torch.utils.data import WeightedRandomSampler
+
+    labels = np.array([1] * 50 + [0] * 950)
+    one = balanced_indices(labels, torch.Generator().manual_seed(3))
+    assert abs(labels[one].mean() - 0.5) < 0.06 and len(one) == len(labels)
+    w = np.where(labels == 1, 0.5 / 50, 0.5 / 950)
+    reference = list(WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(labels), replacement=True,
+                                           generator=torch.Generator().manual_seed(3)))
+    assert one == reference  # same order as before: single-process runs are unchanged
+    shares = [balanced_indices(labels, torch.Generator().manual_seed(3), r, 2) for r in (0, 1)]
+    assert shares[0] != shares[1] and sorted(shares[0] + shares[1]) == sorted(one)

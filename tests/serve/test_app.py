@@ -39,7 +39,7 @@ def test_home_health_and_docs(client):
     assert client.get("/health").json()["status"] == "ok"
     home = client.get("/")
     assert home.status_code == 200 and "Visual Turing test" in home.text and "small-cnn" in home.text
-    assert client.get("/api/openapi.json").status_code == 200
+    assert client.get("/api/openapi.json").status_code == 200 and client.get("/api/docs").status_code == 200
 
 
 def test_predict_page_and_api_match_the_command_line(client, serve_inputs, demo_raw):

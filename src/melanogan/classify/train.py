@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader
 
 from melanogan import __version__
 from melanogan.classify.metrics import pr_auc, roc_auc
@@ -155,6 +155,16 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Classifi
     return model.to(device).eval(), cfg, state
 
 
+def balanced_indices(labels: np.ndarray, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> list[int]:
+    """One epoch of indices drawn with replacement so that half are melanoma on average; under DDP
+    every rank takes its own share of the same global draw (not the same batches on every rank)."""
+    n_pos = int(labels.sum())
+    w = np.where(labels == 1, 0.5 / max(n_pos, 1), 0.5 / max(len(labels) - n_pos, 1))
+    drawn = torch.multinomial(torch.as_tensor(w, dtype=torch.double), len(labels), replacement=True,
+                              generator=generator)  # the draw WeightedRandomSampler makes
+    return drawn[rank::world_size].tolist()
+
+
 def _lr_at(progress: float, cfg: TrainConfig) -> float:
     """Linear warm-up over the first `warmup_fraction` of training, then cosine decay to zero;
     `progress` is the fraction of the training budget used (0..1)."""
@@ -266,9 +276,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation randomness of this epoch
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             if cfg.sampler == "balanced":
-                w = np.where(labels == 1, 0.5 / labels.sum(), 0.5 / (len(labels) - labels.sum()))
-                sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(labels),
-                                                replacement=True, generator=gen)
+                sampler = balanced_indices(labels, gen, rank, fabric.world_size)
                 loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                     num_workers=cfg.workers, generator=gen)
             else:

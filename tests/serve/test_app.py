@@ -31,7 +31,7 @@ def _jpeg(demo_raw) -> tuple[str, bytes]:
     return str(path), path.read_bytes()
 
 
-def _turing_item_id(page: str) -> str:
+def _item_id(page: str) -> str:
     return re.search(r'name="item_id" value="([^"]+)"', page).group(1)
 
 
@@ -105,7 +105,7 @@ def test_turing_test_is_blinded_balanced_and_scored(client, serve_inputs):
     items = {i["item_id"]: i for i in client.app.state.review.store.items("turing")}
     for k in range(48):
         page = client.get("/turing/next", params={"reviewer": "Ann"})
-        item_id = _turing_item_id(page.text)
+        item_id = _item_id(page.text)
         assert "synthetic:" not in page.text and "/tmp" not in page.text  # nothing reveals the source
         png = client.get(f"/turing/image/{item_id}")
         assert png.headers["content-type"] == "image/png"
@@ -131,7 +131,7 @@ def test_turing_test_is_blinded_balanced_and_scored(client, serve_inputs):
 
 
 def test_turing_answers_are_validated(client):
-    item_id = _turing_item_id(client.get("/turing/next", params={"reviewer": "Val"}).text)
+    item_id = _item_id(client.get("/turing/next", params={"reviewer": "Val"}).text)
     base = {"reviewer": "Val", "item_id": item_id, "answer": "real", "confidence": 3}
     assert client.post("/turing/answer", data={**base, "answer": "maybe"}).status_code == 422
     assert client.post("/turing/answer", data={**base, "confidence": 7}).status_code == 422
@@ -149,7 +149,7 @@ def test_turing_answers_are_validated(client):
 def test_prediction_review(client, serve_inputs):
     assert client.get("/review").status_code == 200
     page = client.get("/review/next", params={"reviewer": "Dr B"})
-    item_id = _turing_item_id(page.text)
+    item_id = _item_id(page.text)
     shown = float(re.search(r'id="probability">([0-9.]+)<', page.text).group(1))
     for suffix in ("", "?gradcam=true"):
         png = client.get(f"/review/image/{item_id}{suffix}")
@@ -172,14 +172,14 @@ def test_prediction_review(client, serve_inputs):
 def test_answers_survive_a_restart(serve_inputs, tmp_path):
     db = tmp_path / "r.sqlite"
     first = _client(serve_inputs, db)
-    item_id = _turing_item_id(first.get("/turing/next", params={"reviewer": "Cy"}).text)
+    item_id = _item_id(first.get("/turing/next", params={"reviewer": "Cy"}).text)
     first.post("/turing/answer", data={"reviewer": "Cy", "item_id": item_id, "answer": "real", "confidence": 5})
     ids = {i["item_id"] for i in first.app.state.review.store.items("turing")}
     second = _client(serve_inputs, db)  # a new process would build exactly this
     assert {i["item_id"] for i in second.app.state.review.store.items("turing")} == ids
     assert "Cy" in second.get("/turing/results").text
     for _ in range(10):  # an answered image is not shown again
-        assert _turing_item_id(second.get("/turing/next", params={"reviewer": "Cy"}).text) != item_id
+        assert _item_id(second.get("/turing/next", params={"reviewer": "Cy"}).text) != item_id
 
 
 def test_without_synthetic_images_the_turing_test_explains_how_to_turn_it_on(serve_inputs, tmp_path):

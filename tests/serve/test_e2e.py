@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from melanogan.serve.process import start_server, stop_server
 
 CHROMIUM = os.environ.get("MELANOGAN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a sandboxed CI machine with no network: no background connections, no GPU, no sandbox as root.
@@ -33,48 +30,18 @@ def browser():
         browser.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`melanogan serve` in a child process, as a user would start it."""
-
-    def __init__(self, run: Path, real: Path, syn: Path, db: Path, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from melanogan.cli import main; main()", "serve", "--run", str(run),
-               "--real", str(real), "--synthetic", str(syn), "--db", str(db), "--port", str(self.port)]
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log.close()
+def _serve(run: Path, real: Path, syn: Path, db: Path, log: Path):
+    return start_server(["--run", str(run), "--real", str(real), "--synthetic", str(syn), "--db", str(db)], log)
 
 
 def test_upload_predict_turing_results_and_restart(browser, serve_inputs, demo_raw, tmp_path):
     run, real, syn = serve_inputs
     db = tmp_path / "review.sqlite"
-    server = Server(run, real, syn, db, tmp_path / "server.log")
+    server, url = _serve(run, real, syn, db, tmp_path / "server.log")
     page = browser.new_page()
     try:
         # Predict: upload an image, see probability, decision and a rendered Grad-CAM overlay.
-        page.goto(server.url + "/predict")
+        page.goto(url + "/predict")
         image = sorted((demo_raw / "jpeg" / "train").glob("*.jpg"))[0]
         page.set_input_files("#file", str(image))
         page.click("#predict")
@@ -85,7 +52,7 @@ def test_upload_predict_turing_results_and_restart(browser, serve_inputs, demo_r
         assert page.eval_on_selector("#gradcam", "img => img.complete && img.naturalWidth > 0")
 
         # Turing test: ten answers, each on a rendered image.
-        page.goto(server.url + "/turing")
+        page.goto(url + "/turing")
         page.fill("#reviewer", "Dr Playwright")
         page.click("#start")
         for k in range(10):
@@ -97,22 +64,22 @@ def test_upload_predict_turing_results_and_restart(browser, serve_inputs, demo_r
         page.wait_for_selector("#turing-image")
         assert page.inner_text("#n-done") == "10"
 
-        page.goto(server.url + "/turing/results")
+        page.goto(url + "/turing/results")
         row = page.locator(".reviewer[data-reviewer='Dr Playwright'] tr[data-group='all images']")
         assert row.locator(".n").inner_text() == "10"
     finally:
         page.close()
-        server.stop()
+        stop_server(server)
 
     # Restart on the same database: the answers are still there, and counted.
-    server = Server(run, real, syn, db, tmp_path / "server.log")
+    server, url = _serve(run, real, syn, db, tmp_path / "server.log")
     page = browser.new_page()
     try:
-        page.goto(server.url + "/turing/results")
+        page.goto(url + "/turing/results")
         row = page.locator(".reviewer[data-reviewer='Dr Playwright'] tr[data-group='all images']")
         assert row.locator(".n").inner_text() == "10"
-        page.goto(server.url + "/turing/next?reviewer=Dr%20Playwright")
+        page.goto(url + "/turing/next?reviewer=Dr%20Playwright")
         assert page.inner_text("#n-done") == "10"
     finally:
         page.close()
-        server.stop()
+        stop_server(server)

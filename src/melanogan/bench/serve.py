@@ -10,12 +10,9 @@ Without --run, a small model is trained on demo phantoms first (about a minute).
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -39,23 +36,6 @@ def _images(tmp: Path, n: int, width: int, height: int) -> list[Path]:
 
     generate_demo_dataset(tmp / "images", n_images=n, melanoma_rate=0.2, seed=1, width=width, height=height)
     return sorted((tmp / "images" / "jpeg" / "train").glob("*.jpg"))
-
-
-def _start_server(run: Path, db: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from melanogan.cli import main; main()", "serve", "--run", str(run), "--db",
-           str(db), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-1000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start within 120 s")
 
 
 def load_test(url: str, payloads: list[bytes], requests: int, concurrency: int, max_seconds: float) -> dict:
@@ -103,7 +83,7 @@ def load_test(url: str, payloads: list[bytes], requests: int, concurrency: int, 
 def run(run_dir: Path | None = None, n_images: int = 200, width: int = 1024, height: int = 768,
         requests: int = 200, concurrency: int = 4, max_seconds: float = 60.0, gradcam: bool = True) -> dict:
     from melanogan.classify.predict import predict
-    from melanogan.serve.app import ServeConfig  # noqa: F401  (fails early if the web extras are missing)
+    from melanogan.serve.process import start_server, stop_server
 
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-serve-") as tmp:
         tmp = Path(tmp)
@@ -117,21 +97,15 @@ def run(run_dir: Path | None = None, n_images: int = 200, width: int = 1024, hei
         seconds = time.perf_counter() - t0
         results["predict_folder"] = {"images": len(table), "seconds": round(seconds, 2),
                                      "images_per_s": round(len(table) / seconds, 1)}
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = _start_server(run_dir, tmp / "bench.sqlite", port)
+        proc, base = start_server(["--run", str(run_dir), "--db", str(tmp / "bench.sqlite")], tmp / "server.log")
         try:
             payloads = [p.read_bytes() for p in files[:50]]
-            url = f"http://127.0.0.1:{port}/api/predict"
+            url = f"{base}/api/predict"
             load_test(url, payloads, 8, 2, 30)  # warm-up
             results["api_predict"] = load_test(url, payloads, requests, concurrency, max_seconds)
             if gradcam:
                 results["api_predict_gradcam"] = load_test(url + "?gradcam=true", payloads, requests, concurrency,
                                                            max_seconds)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
         return results

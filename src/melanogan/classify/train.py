@@ -170,7 +170,7 @@ def _lr_at(progress: float, cfg: TrainConfig) -> float:
     `progress` is the fraction of the training budget used (0..1)."""
     warm = max(cfg.warmup_fraction, 1e-9)
     if progress < warm:
-        return cfg.lr * min(1.0, (progress + 1e-12) / warm)
+        return cfg.lr * min(1.0, progress / warm)
     done = min(1.0, (progress - warm) / max(1e-9, 1.0 - warm))
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
 

@@ -17,6 +17,7 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import torch
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -28,7 +29,8 @@ from melanogan.classify import metrics as M
 from melanogan.classify.predict import Predictor, gradcam, overlay, resolve_threshold
 from melanogan.data.images import ImageRejected, decode_image
 from melanogan.errors import MelanoganError
-from melanogan.serve.pools import ImagePool, png_bytes
+from melanogan.fileio import read_json
+from melanogan.serve.pools import ImagePool, LruCache, png_bytes
 from melanogan.serve.stats import accuracy
 from melanogan.serve.store import ReviewStore
 
@@ -142,7 +144,6 @@ class ReviewApp:
         self.synthetic: ImagePool | None = None
         real_dir = cfg.real_dir
         if real_dir is None:  # default: the data the model was trained on (its test split is unseen)
-            from melanogan.fileio import read_json
             trained_on = Path(read_json(Path(cfg.run_dir) / "run.json").get("data_dir", ""))
             real_dir = trained_on if (trained_on / "manifest.parquet").is_file() else None
         if real_dir is not None:
@@ -173,8 +174,7 @@ class ReviewApp:
                 for part in chosen:
                     self.store.register_items("review", self.real.key, [
                         ("real", r.uid, int(r.label), str(r.diagnosis)) for r in part.itertuples()])
-        self._review_cache: dict[str, tuple[float, bytes]] = {}
-        self._review_lock = threading.Lock()
+        self._review_scores: LruCache[tuple[float, bytes]] = LruCache(256)
 
     # model -----------------------------------------------------------------------------------
     def score(self, pixels, x: torch.Tensor, with_cam: bool = True) -> tuple[float, bytes | None]:
@@ -192,8 +192,7 @@ class ReviewApp:
             raise UserError(400, "The upload is empty: choose a dermoscopic image file.")
         opts = self.predictor.options
         try:
-            decoded = decode_image(data, opts.size, resize_mode=opts.resize_mode, hair_removal=opts.hair_removal,
-                                   color_constancy=opts.color_constancy, max_pixels=self.cfg.max_pixels)
+            decoded = decode_image(data, opts.size, **{**opts.decode_kwargs(), "max_pixels": self.cfg.max_pixels})
         except ImageRejected as exc:
             status = {"decompression-bomb": 413, "not-an-image": 415}.get(exc.reason, 422)
             raise UserError(status, f"Not a usable image ({exc.reason}): {exc.detail}. "
@@ -203,13 +202,13 @@ class ReviewApp:
         probability, cam_png = self.score(pixels, x, with_cam)
         return {"probability": probability, "decision": self.decision(probability), "threshold": self.threshold,
                 "threshold_name": self.threshold_name, "width": decoded.width, "height": decoded.height,
-                "image_png": png_bytes(pixels), "gradcam_png": cam_png}
+                "pixels": pixels, "gradcam_png": cam_png}
 
     def review_score(self, item) -> tuple[float, bytes]:
         """Model probability and Grad-CAM of a review item, preprocessed exactly as in training."""
-        with self._review_lock:
-            if item["item_id"] in self._review_cache:
-                return self._review_cache[item["item_id"]]
+        return self._review_scores.get(item["item_id"], lambda: self._score_review_item(item))
+
+    def _score_review_item(self, item) -> tuple[float, bytes]:
         assert self.real is not None
         opts = self.predictor.options
         if self.real.cache.options.key == opts.key:
@@ -221,25 +220,29 @@ class ReviewApp:
             except (OSError, ImageRejected) as exc:
                 raise UserError(404, f"Image {item['item_id']} cannot be read any more ({exc}).") from exc
         x = self.predictor.transform(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
-        result = self.score(pixels, x)
-        with self._review_lock:
-            if len(self._review_cache) >= 256:
-                self._review_cache.pop(next(iter(self._review_cache)))  # the oldest entry
-            self._review_cache[item["item_id"]] = result
-        return result
+        return self.score(pixels, x)
+
+    def item(self, task: str, item_id: str, hint: str = ""):
+        """The item behind a random id, if it belongs to `task` and to a dataset this server shows."""
+        item = self.store.item(item_id)
+        if item is not None and item["task"] == task:
+            pool = self.synthetic if item["pool"] == "synthetic" else self.real
+            if pool is not None and pool.key == item["dataset"]:
+                return item
+        raise UserError(404, f"Unknown image id.{hint}")
 
     # Turing test -----------------------------------------------------------------------------
     def turing_items(self) -> list:
         if self.synthetic is None or self.real is None:
             raise UserError(404, "The visual Turing test is off: start the server with --synthetic SYN_DIR "
                                  "(from `melanogan generate`) and --real DATA_DIR.")
-        keys = {self.real.key, self.synthetic.key}
-        return [i for i in self.store.items("turing") if i["dataset"] in keys and self._pool(i).has(i["uid"])]
+        pools = {(p.kind, p.key): p for p in (self.real, self.synthetic)}
+        return [i for i in self.store.items("turing")
+                if (i["pool"], i["dataset"]) in pools and pools[(i["pool"], i["dataset"])].has(i["uid"])]
 
-    def _pool(self, item) -> ImagePool:
+    def pool_of(self, item) -> ImagePool:
         pool = self.synthetic if item["pool"] == "synthetic" else self.real
-        if pool is None or pool.key != item["dataset"]:
-            raise UserError(404, f"Image {item['item_id']} belongs to a dataset this server was not started with.")
+        assert pool is not None  # `item()` only returns items of the pools this server shows
         return pool
 
     def next_turing_item(self, reviewer: str):
@@ -352,7 +355,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     def predict_page(request: Request, file: UploadFile = File(...)):
         result = state.predict_upload(file.file.read())
         return page(request, "predict.html", max_mb=cfg.max_upload_mb,
-                    result={**result, "image": _data_uri(result["image_png"]),
+                    result={**result, "image": _data_uri(png_bytes(result["pixels"])),
                             "gradcam": _data_uri(result["gradcam_png"])})
 
     @app.post("/api/predict")
@@ -386,18 +389,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise UserError(422, f"answer must be 'real' or 'synthetic', not {answer[:20]!r}.")
         if not 1 <= confidence <= 5:
             raise UserError(422, f"confidence must be 1 to 5, not {confidence}.")
-        item = state.store.item(item_id)
-        if item is None or item["task"] != "turing":
-            raise UserError(404, "Unknown image id: reload the Turing test page.")
+        state.item("turing", item_id, " Reload the Turing test page.")
         state.store.add_turing_answer(reviewer, item_id, answer, confidence)  # a repeated submit changes nothing
         return RedirectResponse(f"/turing/next?{_query(reviewer)}", status_code=303)
 
     @app.get("/turing/image/{item_id}")
     def turing_image(item_id: str):
-        item = state.store.item(item_id)
-        if item is None or item["task"] != "turing":
-            raise UserError(404, "Unknown image id.")
-        pool = state._pool(item)
+        item = state.item("turing", item_id)
+        pool = state.pool_of(item)
         return Response(pool.png(item["uid"], state.display_size or pool.cache_size), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
 
@@ -428,10 +427,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get("/review/image/{item_id}")
     def review_image(item_id: str, gradcam: bool = Query(False)):
-        item = state.store.item(item_id)
-        if item is None or item["task"] != "review" or state.real is None or item["dataset"] != state.real.key:
-            raise UserError(404, "Unknown image id.")
-        png = state.review_score(item)[1] if gradcam else state.real.png(item["uid"], state.real.cache_size)
+        item = state.item("review", item_id)
+        pool = state.pool_of(item)
+        png = state.review_score(item)[1] if gradcam else pool.png(item["uid"], pool.cache_size)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/review/answer")
@@ -444,9 +442,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise UserError(422, f"diagnosis must be one of: {', '.join(DIAGNOSES)}.")
         if len(comment) > 1000:
             raise UserError(422, "A comment has at most 1,000 characters.")
-        item = state.store.item(item_id)
-        if item is None or item["task"] != "review" or state.real is None or item["dataset"] != state.real.key:
-            raise UserError(404, "Unknown image id: reload the review page.")
+        item = state.item("review", item_id, " Reload the review page.")
         probability, _ = state.review_score(item)  # the server's score, not one sent by the browser
         state.store.add_review_answer(reviewer, item_id, probability, state.threshold, state.decision(probability),
                                       agree == "agree", diagnosis, comment.strip(), str(cfg.run_dir.resolve()))
@@ -465,6 +461,4 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
 
 def _query(reviewer: str) -> str:
-    from urllib.parse import urlencode
-
     return urlencode({"reviewer": reviewer})

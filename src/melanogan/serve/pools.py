@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from threading import Lock
+from typing import Generic, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -16,6 +18,30 @@ from PIL import Image
 from melanogan.data.manifest import default_cache, load_manifest
 from melanogan.errors import MelanoganError
 from melanogan.fileio import read_json
+
+V = TypeVar("V")
+
+
+class LruCache(Generic[V]):
+    """A small thread-safe least-recently-used cache; values are computed outside the lock (two
+    threads may compute the same value once each; both results are identical)."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return value
 
 
 class ImagePool:
@@ -34,8 +60,7 @@ class ImagePool:
         self.cache = default_cache(self.data_dir)
         self._slots = pd.Series(self.cache.slots_for(self.rows["uid"]), index=self.rows["uid"].to_numpy())
         self._pixels = self.cache.pixels
-        self._png: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._lock = Lock()
+        self._png: LruCache[bytes] = LruCache(512)
 
     @property
     def key(self) -> str:
@@ -70,22 +95,14 @@ class ImagePool:
 
     def png(self, uid: str, size: int) -> bytes:
         """PNG bytes of the image resized to `size` (kept in a small in-memory LRU)."""
-        key = (uid, size)
-        with self._lock:
-            if key in self._png:
-                self._png.move_to_end(key)
-                return self._png[key]
-        img = Image.fromarray(self.pixels(uid))
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        data = buf.getvalue()
-        with self._lock:
-            self._png[key] = data
-            while len(self._png) > 512:
-                self._png.popitem(last=False)
-        return data
+
+        def render() -> bytes:
+            img = Image.fromarray(self.pixels(uid))
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.LANCZOS)
+            return png_bytes(np.asarray(img))
+
+        return self._png.get((uid, size), render)
 
     def sample(self, per_label: int, labels: set[int] | None = None, splits: tuple[str, ...] | None = None,
                seed: int = 0) -> pd.DataFrame:

@@ -43,6 +43,41 @@ def _mean_ci(values) -> str:
     return f"{_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
 
 
+def _score_ci(ms: list[dict], key: str) -> str:
+    """`key` (e.g. roc_auc) over seeds: the mean with a t CI; with one seed, that run's grouped-bootstrap
+    CI (`{key}_ci95`), so a single-seed report still shows its uncertainty."""
+    if len(ms) == 1 and ms[0].get(f"{key}_ci95"):
+        lo, hi = ms[0][f"{key}_ci95"]
+        return f"{_fmt(_nan(ms[0].get(key)))} [{_fmt(_nan(lo))}, {_fmt(_nan(hi))}]"
+    return _mean_ci([_nan(m.get(key)) for m in ms])
+
+
+def _by_arm(cfg, metrics: dict):
+    """(arm, metrics of each finished seed) for every arm with at least one finished run."""
+    for arm in cfg.arms:
+        ms = [metrics[(s, arm)] for s in cfg.seeds if (s, arm) in metrics]
+        if ms:
+            yield arm, ms
+
+
+def source_table(cfg, metrics: dict) -> list[str]:
+    """Markdown lines: ROC-AUC of every arm on each source's part of the test split (empty when the
+    test split has one source)."""
+    sources = sorted({src for m in metrics.values() for src in m.get("by_source", {})})
+    if not sources:
+        return []
+    sizes = {}
+    for m in metrics.values():
+        for src, part in m.get("by_source", {}).items():
+            sizes.setdefault(src, f"{src} ({part['n_images']} images, {part['n_melanoma']} melanoma)")
+    rows = [[arm] + [_score_ci([m["by_source"][src] for m in ms if src in m.get("by_source", {})], "roc_auc")
+                     for src in sources] for arm, ms in _by_arm(cfg, metrics)]
+    return ["## By source", "",
+            "ROC-AUC on each source's part of the test split (same CIs as above): a model can do well overall "
+            "and poorly on one clinic's or archive's images.", ""] + \
+        _table(["arm"] + [sizes[src] for src in sources], rows) + [""]
+
+
 def collect(study_dir: Path, cfg) -> tuple[dict, dict]:
     """metrics[(seed, arm)] and predictions[(seed, arm)] of the test split."""
     metrics, preds = {}, {}
@@ -214,10 +249,7 @@ def write_report(study_dir: Path, cfg) -> Path:
               "a large recall change with falling accuracy usually means the threshold moved, not that the model "
               "got better. Shown for comparability only (mean over seeds).", ""]
     rows = []
-    for arm in cfg.arms:
-        ms = [metrics[(s, arm)] for s in cfg.seeds if (s, arm) in metrics]
-        if not ms:
-            continue
+    for arm, ms in _by_arm(cfg, metrics):
         t = [m["thresholds"]["fixed_0.5"] for m in ms]
         rows.append([arm, _fmt(_nanmean([_nan(x["accuracy"]) for x in t])),
                      _fmt(_nanmean([_nan(x["precision"]) for x in t])),
@@ -227,18 +259,17 @@ def write_report(study_dir: Path, cfg) -> Path:
 
     lines += ["## The honest table", "",
               "Threshold-free discrimination (ROC-AUC, PR-AUC) and the operating point chosen on validation "
-              "(Youden's J), applied unchanged to the test split. Mean over seeds with a 95% CI (t over seeds).", ""]
+              "(Youden's J), applied unchanged to the test split. Mean over seeds with a 95% CI (t over seeds); "
+              "ROC-AUC and PR-AUC of a single seed with that run's 95% CI from a bootstrap over patients/lesions.", ""]
     rows = []
-    for arm in cfg.arms:
-        ms = [metrics[(s, arm)] for s in cfg.seeds if (s, arm) in metrics]
-        if not ms:
-            continue
+    for arm, ms in _by_arm(cfg, metrics):
         y = [m["thresholds"]["val_youden"] for m in ms]
-        rows.append([arm, _mean_ci([_nan(m["roc_auc"]) for m in ms]), _mean_ci([_nan(m["pr_auc"]) for m in ms]),
+        rows.append([arm, _score_ci(ms, "roc_auc"), _score_ci(ms, "pr_auc"),
                      _mean_ci([_nan(x["sensitivity"]) for x in y]), _mean_ci([_nan(x["specificity"]) for x in y]),
                      _mean_ci([_nan(m["specificity_at_sensitivity_95"]) for m in ms])])
     lines += _table(["arm", "ROC-AUC", "PR-AUC", "sensitivity (val threshold)", "specificity (val threshold)",
                      "specificity at 95% sensitivity"], rows) + [""]
+    lines += source_table(cfg, metrics)
 
     comps = comparisons(cfg, preds)
     lines += ["## Versus baseline", "",
@@ -262,14 +293,10 @@ def write_report(study_dir: Path, cfg) -> Path:
     if cfg.external:
         lines += ["## External test sets", "", "Thresholds from the training data's validation split.", ""]
         for ext in cfg.external:
-            rows = []
-            for arm in cfg.arms:
-                ms = [read_json(p) for s in cfg.seeds
-                      if (p := arm_dir(study_dir, s, arm) / f"eval-external-{Path(ext).name}-all" /
-                          "metrics.json").is_file()]
-                if ms:
-                    rows.append([arm, _mean_ci([_nan(m["roc_auc"]) for m in ms]),
-                                 _mean_ci([_nan(m["pr_auc"]) for m in ms])])
+            ext_metrics = {(s, arm): read_json(p) for s in cfg.seeds for arm in cfg.arms
+                           if (p := arm_dir(study_dir, s, arm) / f"eval-external-{Path(ext).name}-all" /
+                               "metrics.json").is_file()}
+            rows = [[arm, _score_ci(ms, "roc_auc"), _score_ci(ms, "pr_auc")] for arm, ms in _by_arm(cfg, ext_metrics)]
             lines += [f"### {ext}", ""] + _table(["arm", "ROC-AUC", "PR-AUC"], rows) + [""]
 
     quality = study_dir / f"seed-{cfg.seeds[0]}" / "synthetic" / "quality" / "quality.json"

@@ -1,0 +1,36 @@
+"""Report tables from fabricated metrics: exact cells, in milliseconds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from melanogan.study.report import _score_ci, source_table
+
+
+def _run(auc: float, ci: list[float], by_source: dict | None = None) -> dict:
+    m = {"roc_auc": auc, "roc_auc_ci95": ci}
+    if by_source is not None:
+        m["by_source"] = by_source
+    return m
+
+
+def test_single_seed_shows_the_runs_bootstrap_ci_and_several_seeds_a_t_interval():
+    assert _score_ci([_run(0.8, [0.7, 0.9])], "roc_auc") == "0.800 [0.700, 0.900]"
+    # two seeds 0.8 and 0.9: mean 0.85, t(0.975, 1) = 12.706, sd 0.0707 / sqrt(2) -> half width 0.635
+    assert _score_ci([_run(0.8, [0.7, 0.9]), _run(0.9, [0.8, 1.0])], "roc_auc") == "0.850 [0.215, 1.485]"
+    assert _score_ci([{"roc_auc": None}], "roc_auc") == "n/a"  # a single-class split has no AUC
+
+
+def test_source_table_lists_every_arm_per_source_and_is_empty_for_one_source():
+    cfg = SimpleNamespace(arms=["baseline", "gan"], seeds=[0])
+    ham = {"n_images": 100, "n_melanoma": 10, "roc_auc": 0.9, "roc_auc_ci95": [0.85, 0.95]}
+    isic = {"n_images": 50, "n_melanoma": 20, "roc_auc": 0.6, "roc_auc_ci95": [0.5, 0.7]}
+    only_melanoma = {"n_images": 5, "n_melanoma": 5}
+    metrics = {(0, "baseline"): _run(0.8, [0.7, 0.9], {"ham10000": ham, "folder": isic}),
+               (0, "gan"): _run(0.8, [0.7, 0.9], {"ham10000": ham, "folder": only_melanoma})}
+    lines = source_table(cfg, metrics)
+    assert lines[0] == "## By source"
+    assert "| arm | folder (50 images, 20 melanoma) | ham10000 (100 images, 10 melanoma) |" in lines
+    assert "| baseline | 0.600 [0.500, 0.700] | 0.900 [0.850, 0.950] |" in lines
+    assert "| gan | n/a | 0.900 [0.850, 0.950] |" in lines
+    assert source_table(cfg, {(0, "baseline"): _run(0.8, [0.7, 0.9])}) == []

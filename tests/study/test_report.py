@@ -25,7 +25,7 @@ def test_source_table_lists_every_arm_per_source_and_is_empty_for_one_source():
     cfg = SimpleNamespace(arms=["baseline", "gan"], seeds=[0])
     ham = {"n_images": 100, "n_melanoma": 10, "roc_auc": 0.9, "roc_auc_ci95": [0.85, 0.95]}
     isic = {"n_images": 50, "n_melanoma": 20, "roc_auc": 0.6, "roc_auc_ci95": [0.5, 0.7]}
-    only_melanoma = {"n_images": 5, "n_melanoma": 5}
+    only_melanoma = {"n_images": 5, "n_melanoma": 5, "roc_auc": None, "roc_auc_ci95": [None, None]}
     metrics = {(0, "baseline"): _run(0.8, [0.7, 0.9], {"ham10000": ham, "folder": isic}),
                (0, "gan"): _run(0.8, [0.7, 0.9], {"ham10000": ham, "folder": only_melanoma})}
     lines = source_table(cfg, metrics)

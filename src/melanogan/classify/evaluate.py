@@ -78,6 +78,15 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
                          "logit": logits, "probability": M.sigmoid(logits)})
 
 
+def auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: int) -> dict:
+    """Images, melanomas, ROC-AUC and its grouped-bootstrap CI (NaN when `test` has one class only)."""
+    y, p = test["label"].to_numpy(), M.sigmoid(test["logit"].to_numpy() / temperature)
+    ci = [math.nan, math.nan]
+    if 0 < y.sum() < len(y):  # else no resample has both classes: skip the bootstrap loop
+        ci = list(M.bootstrap_ci(y, p, test["group"].to_numpy(), M.roc_auc, n=bootstrap, seed=seed))
+    return {"n_images": len(y), "n_melanoma": int(y.sum()), "roc_auc": M.roc_auc(y, p), "roc_auc_ci95": ci}
+
+
 def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float = 1.0, bootstrap: int = 1000,
                      seed: int = 0) -> dict:
     """All metrics of the evaluation on `test`, thresholds chosen on `val` (probabilities)."""
@@ -86,12 +95,10 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
     groups = test["group"].to_numpy()
     thresholds = {"fixed_0.5": 0.5, "val_youden": M.threshold_youden(yv, pv),
                   "val_sens95": M.threshold_for_sensitivity(yv, pv, 0.95)}
-    auc_ci = M.bootstrap_ci(y, p, groups, M.roc_auc, n=bootstrap, seed=seed)
     pr_ci = M.bootstrap_ci(y, p, groups, M.pr_auc, n=bootstrap, seed=seed)
     rel = M.reliability(y, p, 10)
     return {
-        "n_images": len(y), "n_melanoma": int(y.sum()), "n_groups": len(np.unique(groups)),
-        "roc_auc": M.roc_auc(y, p), "roc_auc_ci95": list(auc_ci),
+        **auc_summary(test, temperature, bootstrap, seed), "n_groups": len(np.unique(groups)),
         "pr_auc": M.pr_auc(y, p), "pr_auc_ci95": list(pr_ci), "prevalence": float(y.mean()),
         "thresholds": {name: {**M.confusion_at(y, p, t), "chosen_on": "validation" if name != "fixed_0.5" else "fixed"}
                        for name, t in thresholds.items()},
@@ -105,13 +112,6 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
     }
 
 
-def _auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: int) -> dict:
-    y, p = test["label"].to_numpy(), M.sigmoid(test["logit"].to_numpy() / temperature)
-    summary = {"n_images": len(y), "n_melanoma": int(y.sum())}
-    if 0 < y.sum() < len(y):
-        summary.update(roc_auc=M.roc_auc(y, p), roc_auc_ci95=list(M.bootstrap_ci(
-            y, p, test["group"].to_numpy(), M.roc_auc, n=bootstrap, seed=seed)))
-    return summary
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", temperature_scaling: bool = False,
@@ -133,7 +133,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
     temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0
     result = clinical_metrics(val, test, temperature, bootstrap=bootstrap, seed=cfg.seed)
     if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
-        result["by_source"] = {str(src): _auc_summary(part, temperature, bootstrap, cfg.seed)
+        result["by_source"] = {str(src): auc_summary(part, temperature, bootstrap, cfg.seed)
                                for src, part in test.groupby("source")}
     result.update({"run_dir": str(run_dir), "data_dir": str(data_dir), "split": split, "external": external,
                    "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -464,7 +465,7 @@ def evaluate(
                       f"{m['specificity']:.3f}, precision {m['precision']:.3f}")
     for source, m in r.get("by_source", {}).items():
         auc = f"ROC-AUC {m['roc_auc']:.3f} [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" \
-            if "roc_auc" in m else "one class only"
+            if not math.isnan(m["roc_auc"]) else "one class only"
         console.print(f"  source {source}: {m['n_images']} images, {m['n_melanoma']} melanoma, {auc}")
 
 

@@ -127,16 +127,24 @@ def test_a_multi_source_test_split_is_also_reported_per_source(demo_raw, tmp_pat
     prepare([("siim-isic-2020", demo_raw), ("folder", tmp_path / "folder")], tmp_path / "data", CacheOptions(size=32),
             seed=0)
     train_classifier(tmp_path / "data", tmp_path / "run", TrainConfig(**TINY), progress=False)
-    r = evaluate_run(tmp_path / "run", bootstrap=50)
+    from typer.testing import CliRunner
+
+    from melanogan.cli import app
+
+    shown = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run"), "--bootstrap", "50"])
+    assert shown.exit_code == 0, shown.output
+    r = json.loads((tmp_path / "run" / "eval-test" / "metrics.json").read_text())
     preds = pd.read_csv(tmp_path / "run" / "eval-test" / "predictions.csv")
     assert set(r["by_source"]) == set(preds["source"]) == {"siim-isic-2020", "folder"}
+    for source in r["by_source"]:
+        assert f"source {source}: " in shown.output
     for source, m in r["by_source"].items():
         part = preds[preds["source"] == source]
         assert m["n_images"] == len(part) and m["n_melanoma"] == int(part["label"].sum())
         if 0 < part["label"].sum() < len(part):
             assert m["roc_auc"] == pytest.approx(M.roc_auc(part["label"], part["logit"]))
         else:
-            assert np.isnan(m["roc_auc"]) and np.isnan(m["roc_auc_ci95"]).all()
+            assert m["roc_auc"] is None and m["roc_auc_ci95"] == [None, None]  # NaN is null in metrics.json
 
 
 def test_balanced_sampling_halves_the_classes_and_splits_one_draw_across_ranks():
@@ -152,3 +160,15 @@ def test_balanced_sampling_halves_the_classes_and_splits_one_draw_across_ranks()
     assert one == reference  # same order as before: single-process runs are unchanged
     shares = [balanced_indices(labels, torch.Generator().manual_seed(3), r, 2) for r in (0, 1)]
     assert shares[0] != shares[1] and sorted(shares[0] + shares[1]) == sorted(one)
+
+
+def test_auc_summary_exact_on_tiny_parts_and_nan_for_one_class():
+    from melanogan.classify.evaluate import auc_summary
+
+    both = pd.DataFrame({"label": [0, 1, 0, 1], "logit": [0.1, 0.9, 0.2, 0.3], "group": list("abcd")})
+    s = auc_summary(both, 1.0, 200, 0)
+    assert (s["n_images"], s["n_melanoma"], s["roc_auc"]) == (4, 2, 0.75)
+    assert 0.0 <= s["roc_auc_ci95"][0] <= 0.75 <= s["roc_auc_ci95"][1] <= 1.0
+    one = pd.DataFrame({"label": [1, 1], "logit": [0.1, 0.9], "group": ["a", "b"]})
+    s = auc_summary(one, 1.0, 200, 0)
+    assert s["n_melanoma"] == 2 and np.isnan(s["roc_auc"]) and np.isnan(s["roc_auc_ci95"]).all()

@@ -165,7 +165,7 @@ def test_balanced_sampling_halves_the_classes_and_splits_one_draw_across_ranks()
 def test_auc_summary_exact_on_tiny_parts_and_nan_for_one_class():
     from melanogan.classify.evaluate import auc_summary
 
-    both = pd.DataFrame({"label": [0, 1, 0, 1], "logit": [0.1, 0.9, 0.2, 0.3], "group": list("abcd")})
+    both = pd.DataFrame({"label": [0, 1, 0, 1], "logit": [0.1, 0.9, 0.35, 0.3], "group": list("abcd")})
     s = auc_summary(both, 1.0, 200, 0)
     assert (s["n_images"], s["n_melanoma"], s["roc_auc"]) == (4, 2, 0.75)
     assert 0.0 <= s["roc_auc_ci95"][0] <= 0.75 <= s["roc_auc_ci95"][1] <= 1.0

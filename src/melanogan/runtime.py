@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from melanogan.errors import MelanoganError
 
@@ -33,3 +34,24 @@ def shutdown_distributed(fabric) -> None:
     if fabric.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         fabric.barrier()
         torch.distributed.destroy_process_group()
+
+
+class TrainingBar:
+    """The training loops' Rich progress bar: done/total, a free-text status, elapsed time and (when
+    the total is what ends the run) an ETA."""
+
+    def __init__(self, label: str, total: int, completed: int = 0, eta: bool = True):
+        columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn()]
+        if eta:
+            columns += [TextColumn("ETA"), TimeRemainingColumn()]
+        self._progress = Progress(*columns)
+        self._progress.start()
+        self._task = self._progress.add_task(label, total=total, completed=completed, info="")
+
+    def update(self, info: str, completed: int | None = None) -> None:
+        extra = {} if completed is None else {"completed": completed}
+        self._progress.update(self._task, info=info, **extra)
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -51,7 +51,7 @@ def test_training_on_real_images_beats_chance_on_held_out_images(real_subset, tm
 
 def test_deterministic_and_resumable(demo_prepared, tmp_path):
     cfg = TrainConfig(**{**TINY, "epochs": 3})
-    train_classifier(demo_prepared, tmp_path / "a", cfg, progress=False)
+    train_classifier(demo_prepared, tmp_path / "a", cfg, progress=True)
     paused = train_classifier(demo_prepared, tmp_path / "b", cfg, progress=False, stop_after_epochs=2)
     assert paused["stopped_by"] == "paused" and paused["epochs"] == 2
     train_classifier(demo_prepared, tmp_path / "b", cfg, resume=True, progress=False)

@@ -38,7 +38,7 @@ def test_tiny_run_learns_the_colour_of_skin(demo_prepared, tmp_path, tiny_cfg):
 
     torch.manual_seed(cfg.seed)
     initial_gap = colour_gap(build_models(cfg)[0])
-    train_gan(demo_prepared, tmp_path / "run", cfg, progress=False)
+    train_gan(demo_prepared, tmp_path / "run", cfg, progress=True)
     trained = load_checkpoint(latest_checkpoint(tmp_path / "run"))["generator"]
     assert colour_gap(trained) < 0.6 * initial_gap
     with torch.no_grad():  # and it has not collapsed outright: different noise, different images

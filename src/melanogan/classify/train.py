@@ -34,7 +34,7 @@ from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.data.transforms import eval_preset, train_preset
 from melanogan.errors import MelanoganError
 from melanogan.fileio import append_jsonl, atomic_path, read_json, save_figure, write_json, write_text
-from melanogan.runtime import ddp_strategy, fabric_precision, shutdown_distributed
+from melanogan.runtime import TrainingBar, ddp_strategy, fabric_precision, shutdown_distributed
 
 
 class TrainConfig(BaseModel):
@@ -267,7 +267,9 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     t_start = time.perf_counter() - state["seconds"]
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     stopped_by = "epochs"
-    bar = _Bar(cfg.epochs, state["epoch"]) if progress and rank == 0 else None
+    # With a time budget the epoch count does not end the run: no ETA then.
+    bar = TrainingBar("train", cfg.epochs, state["epoch"], eta=not cfg.max_minutes) if progress and rank == 0 else None
+    epoch_status = ""  # the last epoch's validation AUC, kept on the bar while the next epoch runs
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, state["epoch"] + stop_after_epochs)
     if last_epoch < cfg.epochs:
         stopped_by = "paused"
@@ -302,7 +304,8 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
                 seen += len(x) * fabric.world_size
                 state["step"] += 1
                 if bar:
-                    bar.batch(epoch, len(losses), len(loader), float(np.mean(losses[-20:])))
+                    bar.update(f"epoch {epoch + 1} batch {len(losses)}/{len(loader)} "
+                               f"loss {float(np.mean(losses[-20:])):.3f} {epoch_status}")
                 if time.perf_counter() - t_start > budget:
                     stopped_by = "time budget"
                     break
@@ -331,7 +334,8 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
                 append_jsonl(run_dir / "stats.jsonl", {**record, "best": improved})
                 plot_curves(run_dir)
                 if bar:
-                    bar.epoch(epoch + 1, record)
+                    epoch_status = f"| val AUC {record['val_auc']:.3f} ({record['img_per_s']:.0f} img/s)"
+                    bar.update(epoch_status, completed=epoch + 1)
             if stopped_by == "time budget":
                 break
             if state["bad_epochs"] >= cfg.patience:
@@ -344,24 +348,3 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
             "best_val_auc": state["best_auc"], "stopped_by": stopped_by, "seconds": round(state["seconds"], 1)}
-
-
-class _Bar:
-    def __init__(self, epochs: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-        self.p.start()
-        self.task = self.p.add_task("epochs", total=epochs, completed=start, info="")
-        self.last = ""
-
-    def batch(self, epoch: int, i: int, n: int, loss: float) -> None:
-        self.p.update(self.task, info=f"epoch {epoch + 1} batch {i}/{n} loss {loss:.3f} {self.last}")
-
-    def epoch(self, epoch: int, record: dict) -> None:
-        self.last = f"| val AUC {record['val_auc']:.3f} ({record['img_per_s']:.0f} img/s)"
-        self.p.update(self.task, completed=epoch, info=self.last)
-
-    def close(self) -> None:
-        self.p.stop()

@@ -34,7 +34,7 @@ from melanogan.fileio import append_jsonl, atomic_path, save_figure, write_json,
 from melanogan.gan.checkpoint import build_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from melanogan.gan.config import GanConfig
 from melanogan.gan.losses import critic_loss, diff_augment, generator_loss, gradient_penalty, wasserstein_estimate
-from melanogan.runtime import ddp_strategy, fabric_precision, shutdown_distributed
+from melanogan.runtime import TrainingBar, ddp_strategy, fabric_precision, shutdown_distributed
 
 CLASS_NAMES = {0: "other", 1: "melanoma"}
 
@@ -272,7 +272,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
     kid_tracker = KidTracker(data_dir, cfg, run_dir) if cfg.kid_every and rank == 0 else None
     mine = slice(rank * per_rank_batch, (rank + 1) * per_rank_batch)
     end_step = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
-    bar = _progress_bar(progress and rank == 0, start_step, cfg.steps)
+    bar = TrainingBar("GAN", cfg.steps, start_step) if progress and rank == 0 else None
     acc: dict[str, list[torch.Tensor]] = {"critic_loss": [], "gradient_penalty": [], "wasserstein": [],
                                           "generator_loss": []}
     t_last, imgs_since = time.perf_counter(), 0
@@ -338,7 +338,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
                 if rank == 0:
                     append_jsonl(stats_path, record)
                     if bar:
-                        bar.update(done, record)
+                        bar.update(_status(record), completed=done)
             if done % cfg.checkpoint_every == 0 or done == end_step:
                 if rank == 0:
                     save_checkpoint(run_dir, done, cfg, raw_generator, raw_critic, generator_ema, opt_g, opt_d)
@@ -416,23 +416,6 @@ def _check_divergence(means: dict[str, float], step: int, cfg: GanConfig, run_di
                                f"in {run_dir / 'checkpoints'} is kept; lower the learning rate and resume.")
 
 
-class _Bar:
-    def __init__(self, start: int, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]GAN"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn())
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, completed=start, info="")
-
-    def update(self, step: int, record: dict) -> None:
-        info = (f"W {record['wasserstein']:.3f} GP {record['gradient_penalty']:.3f} "
-                f"G {record['generator_loss']:.3f} {record['img_per_s']:.1f} img/s")
-        self.progress.update(self.task, completed=step, info=info)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-def _progress_bar(enabled: bool, start: int, total: int) -> _Bar | None:
-    return _Bar(start, total) if enabled else None
+def _status(record: dict) -> str:
+    return (f"W {record['wasserstein']:.3f} GP {record['gradient_penalty']:.3f} "
+            f"G {record['generator_loss']:.3f} {record['img_per_s']:.1f} img/s")

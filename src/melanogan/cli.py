@@ -409,6 +409,9 @@ def train(
     augment: Annotated[str, typer.Option(
         help="none, classic (flips, rotations, scale/crop, mild colour jitter) or strong (wider crops, "
              "strong colour/contrast/sharpness changes, blur: for images from other clinics).")] = "none",
+    diagnosis_weight: Annotated[float, typer.Option(
+        help="Weight of an auxiliary loss that also predicts each training image's own diagnosis (the "
+             "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off.")] = 0.0,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes, keeping the best.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
@@ -431,6 +434,7 @@ def train(
     try:
         cfg = TrainConfig(model=model, weights=weights, image_size=image_size, epochs=epochs, max_minutes=max_minutes,
                           batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, augment=augment,
+                          diagnosis_weight=diagnosis_weight,
                           synthetic=[str(s) for s in synthetic or []], patience=patience, seed=seed, workers=workers,
                           precision=precision)
     except ValueError as exc:
@@ -552,6 +556,8 @@ def bench_classifier(
              "external AUC.")] = None,
     model: Annotated[str, typer.Option(help="Recommended from-scratch model.")] = "small-cnn",
     image_size: Annotated[int, typer.Option(help="Its input size.")] = 128,
+    diagnosis_weight: Annotated[float, typer.Option(
+        help="Its auxiliary diagnosis loss weight for the AUC run (0 = off).")] = 0.5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Training img/s of original-cnn at 224px (batch 32; NCHW fp32, channels_last, + bf16) and of the
@@ -559,7 +565,7 @@ def bench_classifier(
     from melanogan.bench.classifier import run
     from melanogan.fileio import write_json
 
-    results = run(tf_python, shared, auc_minutes, model, image_size)
+    results = run(tf_python, shared, auc_minutes, model, image_size, diagnosis_weight)
     console.print_json(json.dumps(results, default=str))
     if json_out:
         write_json(json_out, results)

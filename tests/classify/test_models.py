@@ -26,6 +26,25 @@ def test_forward_backward(name):
     logits.sum().backward()
     assert all(p.grad is not None for p in model.head.parameters())
     assert model.forward_features(x).shape == (2, model.feature_dim)
+    with pytest.raises(MelanoganError, match="no diagnosis head"):
+        model(x, with_diagnosis=True)
+
+
+def test_diagnosis_head_is_an_extra_output_that_inference_never_sees(tmp_path):
+    torch.manual_seed(0)
+    model = create_classifier("small-cnn", 32, diagnosis_classes=5).eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits, diagnosis = model(x, with_diagnosis=True)
+    assert logits.shape == (3,) and diagnosis.shape == (3, 5)
+    assert torch.equal(model(x), logits)  # the melanoma logit does not depend on the extra head
+    (logits.sum() + diagnosis.sum()).backward()
+    assert model.diagnosis_head.weight.grad is not None
+    # a run's weights (with its diagnosis head) initialise a new model without one, or with other classes
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "run.safetensors")
+    plain = create_classifier("small-cnn", 32, weights=tmp_path / "run.safetensors").eval()
+    assert plain.diagnosis_head is None and torch.equal(plain(x), logits)
+    other = create_classifier("small-cnn", 32, weights=tmp_path / "run.safetensors", diagnosis_classes=2)
+    assert other.diagnosis_head.out_features == 2
 
 
 def test_original_cnn_matches_the_study_architecture():

@@ -18,6 +18,9 @@ from melanogan.classify.train import (
     _progress,
     balanced_indices,
     check_synthetic_manifest,
+    diagnosis_classes,
+    diagnosis_loss,
+    load_model,
     train_classifier,
 )
 from melanogan.data.cache import CacheOptions
@@ -172,3 +175,46 @@ def test_auc_summary_exact_on_tiny_parts_and_nan_for_one_class():
     one = pd.DataFrame({"label": [1, 1], "logit": [0.1, 0.9], "group": ["a", "b"]})
     s = auc_summary(one, 1.0, 200, 0)
     assert s["n_melanoma"] == 2 and np.isnan(s["roc_auc"]) and np.isnan(s["roc_auc_ci95"]).all()
+
+
+def test_diagnosis_loss_exact_and_zero_without_known_diagnoses():
+    import math
+
+    import torch
+
+    logits = torch.zeros(3, 4, requires_grad=True)  # uniform over 4 classes: cross-entropy log 4 per row
+    loss = diagnosis_loss(logits, torch.tensor([-100, 2, 0]))
+    assert loss.item() == pytest.approx(math.log(4))
+    none_known = diagnosis_loss(logits, torch.tensor([-100, -100, -100]))
+    none_known.backward()
+    assert none_known.item() == 0.0 and torch.equal(logits.grad, torch.zeros(3, 4))
+
+
+def test_diagnosis_classes_are_per_source_and_skip_unknown():
+    rows = pd.DataFrame({"source": ["ham10000", "ham10000", "folder", "folder", "siim-isic-2020"],
+                         "diagnosis": ["mel", "nv", "nevus", "Unknown", "unknown"]})
+    assert diagnosis_classes(rows) == ["folder:nevus", "ham10000:mel", "ham10000:nv"]
+
+
+def test_training_with_a_diagnosis_head_records_its_classes_and_rebuilds(demo_prepared, tmp_path):
+    cfg = TrainConfig(**{**TINY, "diagnosis_weight": 0.5})
+    train_classifier(demo_prepared, tmp_path / "run", cfg, progress=False)
+    model, saved, _ = load_model(tmp_path / "run" / "best")
+    assert saved.diagnosis_classes == ["siim-isic-2020:melanoma", "siim-isic-2020:nevus"]  # "unknown" is no class
+    assert model.diagnosis_head.out_features == 2
+    assert "diagnosis_head.weight" in load_file(tmp_path / "run" / "best" / "model.safetensors")
+    assert evaluate_run(tmp_path / "run", bootstrap=20)["n_images"] > 0
+    from melanogan.classify.export import export_model
+
+    for fmt in ("onnx", "torchscript"):  # the exported model is the melanoma logit alone
+        assert export_model(tmp_path / "run", fmt, tmp_path / f"m.{fmt}")["max_abs_difference_vs_pytorch"] <= 1e-4
+    # a manifest without known diagnoses: a clear error, before any training
+    m = pd.read_parquet(demo_prepared / "manifest.parquet")
+    data = tmp_path / "nodx"
+    data.mkdir()
+    for item in demo_prepared.iterdir():
+        if item.name != "manifest.parquet":
+            os.symlink(item, data / item.name)
+    write_parquet(data / "manifest.parquet", m.assign(diagnosis="unknown"))
+    with pytest.raises(MelanoganError, match="at least 2 known diagnoses"):
+        train_classifier(data, tmp_path / "run2", cfg, progress=False)

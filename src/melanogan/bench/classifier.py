@@ -53,7 +53,7 @@ def run_tf_peer(python: str, shared: Path) -> str:
 
 
 def run(tf_python: str | None = None, shared: Path | None = None, auc_minutes: float | None = None,
-        model: str = "small-cnn", image_size: int = 128) -> dict:
+        model: str = "small-cnn", image_size: int = 128, diagnosis_weight: float = 0.5) -> dict:
     results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     if tf_python and shared:
         results["tf_peer"] = run_tf_peer(tf_python, shared)
@@ -63,11 +63,12 @@ def run(tf_python: str | None = None, shared: Path | None = None, auc_minutes: f
     results[f"{model}_{image_size}px_channels_last_bf16_img_per_s"] = round(
         time_training(model, image_size, 32, True, True), 1)
     if auc_minutes:
-        results.update(held_out_auc(shared, auc_minutes, model, image_size))
+        results.update(held_out_auc(shared, auc_minutes, model, image_size, diagnosis_weight))
     return results
 
 
-def held_out_auc(shared: Path | None, minutes: float, model: str, image_size: int) -> dict:
+def held_out_auc(shared: Path | None, minutes: float, model: str, image_size: int,
+                 diagnosis_weight: float = 0.5) -> dict:
     """Train on HAM10000 for `minutes`, evaluate on its test split and on external ISIC images."""
     from melanogan.classify.evaluate import evaluate_run
     from melanogan.classify.train import TrainConfig, train_classifier
@@ -85,13 +86,14 @@ def held_out_auc(shared: Path | None, minutes: float, model: str, image_size: in
         prepare([("ham10000", shared / "data" / "ham10000_224")], tmp / "ham", options, seed=0, workers=2)
         prepare([("folder", shared / "data" / "isic9_180")], tmp / "isic9", options, seed=0, workers=2)
         cfg = TrainConfig(model=model, image_size=image_size, epochs=200, max_minutes=minutes, augment="classic",
-                          patience=1000, workers=1, lr=2e-3, batch_size=32)
+                          patience=1000, workers=1, lr=2e-3, batch_size=32, diagnosis_weight=diagnosis_weight)
         t0 = time.perf_counter()
         summary = train_classifier(tmp / "ham", tmp / "run", cfg, progress=False)
         train_minutes = (time.perf_counter() - t0) / 60
         internal = evaluate_run(tmp / "run", bootstrap=500)
         external = evaluate_run(tmp / "run", data_dir=tmp / "isic9", split="all", bootstrap=500)
-    return {"auc_model": model, "auc_image_size": image_size, "auc_train_minutes": round(train_minutes, 1),
+    return {"auc_model": model, "auc_image_size": image_size, "auc_diagnosis_weight": diagnosis_weight,
+            "auc_train_minutes": round(train_minutes, 1),
             "auc_epochs": summary["epochs"], "auc_best_val": round(summary["best_val_auc"], 4),
             "ham10000_test_auc": round(internal["roc_auc"], 4), "ham10000_test_auc_ci95": internal["roc_auc_ci95"],
             "external_isic9_auc": round(external["roc_auc"], 4), "external_isic9_auc_ci95": external["roc_auc_ci95"],

@@ -22,19 +22,33 @@ from melanogan.errors import MelanoganError
 
 
 class Classifier(nn.Module):
-    """backbone (image -> features) + dropout + linear head (features -> one melanoma logit)."""
+    """backbone (image -> features) + dropout + linear head (features -> one melanoma logit), and
+    optionally a diagnosis head (features -> one logit per diagnosis): an auxiliary training target
+    that inference never uses."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, 1))
+        self.diagnosis_head: nn.Linear | None = None
+
+    def add_diagnosis_head(self, n_classes: int) -> None:
+        self.diagnosis_head = nn.Linear(self.feature_dim, n_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)).squeeze(1)
+    def forward(self, x: torch.Tensor, with_diagnosis: bool = False):
+        """Melanoma logits (N,); with `with_diagnosis`, also the diagnosis logits (N, K). A keyword
+        of forward (not another method) so that DDP's wrapper sees the call and syncs gradients."""
+        features = self.backbone(x)
+        logits = self.head(features).squeeze(1)
+        if not with_diagnosis:
+            return logits
+        if self.diagnosis_head is None:
+            raise MelanoganError("this classifier has no diagnosis head (train with --diagnosis-weight > 0).")
+        return logits, self.diagnosis_head(features)
 
 
 class OriginalCNN(nn.Module):
@@ -149,7 +163,8 @@ def load_backbone_weights(model: Classifier, name: str, state: dict[str, torch.T
     """Load a torchvision-style (or our own full-model) state dict; ImageNet heads are dropped; any
     other missing, unexpected or mis-shaped layer is an error that names them."""
     if any(k.startswith("backbone.") for k in state):
-        target, prefix_free = model, state
+        # a diagnosis head belongs to the run that trained it (its classes), not to the weights reused
+        target, prefix_free = model, {k: v for k, v in state.items() if not k.startswith("diagnosis_head.")}
     else:
         head_attr = _TORCHVISION.get(name, (None, None, ""))[2]
         drop = _HEAD_PREFIXES.get(head_attr, ())
@@ -193,13 +208,21 @@ def list_classifiers() -> list[str]:
     return list(_BUILDERS)
 
 
-def create_classifier(name: str, image_size: int = 128, weights: str | Path | None = None) -> Classifier:
-    """Build a registered classifier; `weights` None, 'imagenet', or a local file path."""
+def create_classifier(name: str, image_size: int = 128, weights: str | Path | None = None,
+                      diagnosis_classes: int = 0) -> Classifier:
+    """Build a registered classifier; `weights` None, 'imagenet', or a local file path;
+    `diagnosis_classes` > 0 adds an auxiliary diagnosis head (freshly initialised)."""
     if name not in _BUILDERS:
         raise MelanoganError(f"unknown model {name!r}; registered: {', '.join(_BUILDERS)}.")
     model = _BUILDERS[name](image_size)
-    if weights is None or weights == "none":
-        return model
+    if weights is not None and weights != "none":
+        _load_weights(model, name, weights)
+    if diagnosis_classes:
+        model.add_diagnosis_head(diagnosis_classes)
+    return model
+
+
+def _load_weights(model: Classifier, name: str, weights: str | Path) -> None:
     if str(weights) == "imagenet":
         if name not in PRETRAINABLE:
             raise MelanoganError(f"{name} has no published ImageNet weights; --weights imagenet applies to "
@@ -207,4 +230,3 @@ def create_classifier(name: str, image_size: int = 128, weights: str | Path | No
         load_backbone_weights(model, name, _imagenet_state_dict(name), "ImageNet (torchvision)")
     else:
         load_backbone_weights(model, name, read_weights_file(Path(weights)), str(weights))
-    return model

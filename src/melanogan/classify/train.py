@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from melanogan import __version__
 from melanogan.classify.metrics import pr_auc, roc_auc
@@ -58,6 +58,11 @@ class TrainConfig(BaseModel):
     augment: Literal["none", "classic", "strong"] = "none"
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
+    # Auxiliary target: each training image's own diagnosis (manifest `diagnosis`, per source),
+    # weighted against the melanoma loss; 0 = off. The classes are filled in from the training split
+    # when a run starts and recorded here, so that a checkpoint rebuilds the same model.
+    diagnosis_weight: float = Field(0.0, ge=0.0)
+    diagnosis_classes: list[str] = Field(default_factory=list)
     seed: int = 0
     workers: int = 1
     precision: str = "bf16-mixed"
@@ -76,8 +81,48 @@ def check_synthetic_manifest(syn_dir: Path) -> pd.DataFrame:
     return m
 
 
+UNKNOWN_DIAGNOSES = {"", "unknown", "nan", "none"}
+IGNORE = -100  # diagnosis index of an image without a known diagnosis (synthetic ones included)
+
+
+def _diagnosis_keys(rows: pd.DataFrame) -> pd.Series:
+    return rows["source"].astype(str) + ":" + rows["diagnosis"].astype(str)
+
+
+def diagnosis_classes(train_rows: pd.DataFrame) -> list[str]:
+    """`source:diagnosis` classes of the training rows (sources name diagnoses differently, so they
+    are not merged); unknown diagnoses are not a class."""
+    known = train_rows[~train_rows["diagnosis"].astype(str).str.strip().str.lower().isin(UNKNOWN_DIAGNOSES)]
+    return sorted(_diagnosis_keys(known).unique())
+
+
+class WithDiagnosis(Dataset):
+    """(image, melanoma label, diagnosis index or IGNORE) over a cached dataset."""
+
+    def __init__(self, dataset: CachedImageDataset, classes: list[str]) -> None:
+        index = {c: i for i, c in enumerate(classes)}
+        self.dataset = dataset
+        self.codes = _diagnosis_keys(dataset.rows).map(index).fillna(IGNORE).to_numpy(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        x, y = self.dataset[i]
+        return x, y, int(self.codes[i])
+
+
+def diagnosis_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows with a known diagnosis; 0 when a batch has none (the head
+    still takes part in the graph, so DDP sees every parameter used)."""
+    known = codes >= 0
+    ce = F.cross_entropy(logits.float(), codes.clamp(min=0), reduction="none")
+    return (ce * known).sum() / known.sum().clamp(min=1)
+
+
 def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, CachedImageDataset, np.ndarray]:
-    """Training set (real train split + synthetic sets, train preset) and validation set (eval preset)."""
+    """Training set (real train split + synthetic sets, train preset; items are (image, label,
+    diagnosis index)) and validation set (eval preset)."""
     train_tf = train_preset(cfg.image_size, cfg.augment)
     parts = [CachedImageDataset(data_dir, "train", transform=train_tf, labels=[0, 1])]
     for syn in cfg.synthetic:
@@ -90,7 +135,7 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     if val.labels.sum() == 0 or val.labels.sum() == len(val.labels):
         raise MelanoganError(f"{data_dir}: the validation split needs both classes to choose the best epoch "
                              "and thresholds; re-run `melanogan prepare` with a larger --val fraction.")
-    return ConcatDataset(parts), val, labels
+    return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes) for p in parts]), val, labels
 
 
 def loss_fn(cfg: TrainConfig, labels: np.ndarray):
@@ -146,7 +191,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Classifi
                              "Train one with `melanogan train`.")
     state = read_json(path / "state.json")
     cfg = TrainConfig(**state["config"])
-    model = create_classifier(cfg.model, cfg.image_size)
+    model = create_classifier(cfg.model, cfg.image_size, diagnosis_classes=len(cfg.diagnosis_classes))
     try:
         weights = load_file(path / "model.safetensors")
     except Exception as exc:
@@ -220,7 +265,13 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
         cfg = TrainConfig(**read_json(run_dir / "last" / "state.json")["config"])
     elif (run_dir / "stats.jsonl").is_file():
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
-    build_datasets(data_dir, cfg)  # fail early with a clear message
+    train_rows = build_datasets(data_dir, cfg)[0].datasets[0].dataset.rows  # fails early with a clear message
+    if cfg.diagnosis_weight and not cfg.diagnosis_classes:
+        classes = diagnosis_classes(train_rows)
+        if len(classes) < 2:
+            raise MelanoganError(f"{data_dir}: --diagnosis-weight needs at least 2 known diagnoses in the training "
+                                 f"split (found {classes or 'none'} in the manifest's `diagnosis` column).")
+        cfg = cfg.model_copy(update={"diagnosis_classes": classes})
     fabric = Fabric(accelerator=accelerator, devices=devices, precision=fabric_prec, strategy=ddp_strategy(devices))
     return fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
 
@@ -230,7 +281,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     rank = fabric.global_rank
     torch.manual_seed(cfg.seed)
     train_set, val_set, labels = build_datasets(data_dir, cfg)
-    model = create_classifier(cfg.model, cfg.image_size, cfg.weights)
+    model = create_classifier(cfg.model, cfg.image_size, cfg.weights, diagnosis_classes=len(cfg.diagnosis_classes))
     device = fabric.device
     channels_last = device.type == "cpu"
     if channels_last:
@@ -287,13 +338,18 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
             loader = fabric.setup_dataloaders(loader, use_distributed_sampler=cfg.sampler == "none")
             model.train()
             losses, seen, t0 = [], 0, time.perf_counter()
-            for x, y in loader:
+            for x, y, diagnosis in loader:
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(_progress(state["step"], total_steps,
                                                               time.perf_counter() - t_start, budget), cfg)
-                loss = compute_loss(model(x), y)
+                if cfg.diagnosis_weight:
+                    logits, diagnosis_logits = model(x, with_diagnosis=True)
+                    loss = compute_loss(logits, y) + cfg.diagnosis_weight * diagnosis_loss(diagnosis_logits,
+                                                                                           diagnosis)
+                else:
+                    loss = compute_loss(model(x), y)
                 if not torch.isfinite(loss):
                     raise MelanoganError(f"classifier loss became {float(loss)} at epoch {epoch + 1}; the best "
                                          f"checkpoint in {run_dir / 'best'} is kept. Lower --lr or use --precision 32.")

@@ -52,6 +52,7 @@ class ClassifierOptions(BaseModel):
     batch_size: int = 32
     lr: float = 2e-3
     patience: int = 8
+    diagnosis_weight: float = 0.0
     precision: str = "bf16-mixed"
     workers: int = 1
 

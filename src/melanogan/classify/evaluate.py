@@ -112,8 +112,6 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
     }
 
 
-
-
 def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", temperature_scaling: bool = False,
                  bootstrap: int = 1000, out: Path | None = None) -> dict:
     """Evaluate RUN_DIR's best checkpoint; writes metrics.json, predictions.csv and plots."""

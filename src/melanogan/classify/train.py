@@ -265,9 +265,9 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
         cfg = TrainConfig(**read_json(run_dir / "last" / "state.json")["config"])
     elif (run_dir / "stats.jsonl").is_file():
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
-    train_rows = build_datasets(data_dir, cfg)[0].datasets[0].dataset.rows  # fails early with a clear message
+    train_set, _, _ = build_datasets(data_dir, cfg)  # fail early with a clear message
     if cfg.diagnosis_weight and not cfg.diagnosis_classes:
-        classes = diagnosis_classes(train_rows)
+        classes = diagnosis_classes(train_set.datasets[0].dataset.rows)  # the real training split's rows
         if len(classes) < 2:
             raise MelanoganError(f"{data_dir}: --diagnosis-weight needs at least 2 known diagnoses in the training "
                                  f"split (found {classes or 'none'} in the manifest's `diagnosis` column).")

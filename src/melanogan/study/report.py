@@ -46,9 +46,9 @@ def _mean_ci(values) -> str:
 def _score_ci(ms: list[dict], key: str) -> str:
     """`key` (e.g. roc_auc) over seeds: the mean with a t CI; with one seed, that run's grouped-bootstrap
     CI (`{key}_ci95`), so a single-seed report still shows its uncertainty."""
-    if len(ms) == 1 and not math.isnan(_nan(ms[0].get(key))) and ms[0].get(f"{key}_ci95"):
+    if len(ms) == 1 and ms[0].get(f"{key}_ci95") and not math.isnan(value := _nan(ms[0].get(key))):
         lo, hi = ms[0][f"{key}_ci95"]
-        return f"{_fmt(_nan(ms[0].get(key)))} [{_fmt(_nan(lo))}, {_fmt(_nan(hi))}]"
+        return f"{_fmt(value)} [{_fmt(_nan(lo))}, {_fmt(_nan(hi))}]"
     return _mean_ci([_nan(m.get(key)) for m in ms])
 
 

@@ -62,3 +62,15 @@ def demo_prepared(demo_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_prepared")
     prepare([("siim-isic-2020", demo_raw)], out, CacheOptions(size=64), seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_prepared_skin_colour(demo_raw, tmp_path_factory) -> Path:
+    """The demo phantoms without colour constancy (which makes skin grey): for tests that need the
+    data's own colour."""
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.manifest import prepare
+
+    out = tmp_path_factory.mktemp("demo_prepared_skin")
+    prepare([("siim-isic-2020", demo_raw)], out, CacheOptions(size=64, color_constancy=False), seed=0)
+    return out

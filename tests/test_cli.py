@@ -69,3 +69,140 @@ def test_train_gan_then_generate(demo_prepared, tmp_path):
 def test_serve_refuses_bad_options_before_starting(tmp_path):
     r = runner.invoke(app, ["serve", "--run", str(tmp_path / "missing"), "--max-upload-mb", "0"])
     assert r.exit_code != 0 and "must be positive" in str(r.exception or r.output)
+
+
+# ---------------------------------------------------------------------------------------- defaults
+# Every CLI option either feeds a library function/dataclass parameter of the same name (or the one
+# named in RENAMED), whose default must be the CLI's, or is listed in CLI_ONLY with the reason.
+def _targets():
+    from melanogan.bench import classifier as bench_classifier
+    from melanogan.bench import gan as bench_gan
+    from melanogan.bench import preprocess as bench_preprocess
+    from melanogan.bench import quality as bench_quality
+    from melanogan.bench import serve as bench_serve
+    from melanogan.classify.evaluate import evaluate_run
+    from melanogan.classify.export import export_model
+    from melanogan.classify.predict import explain, predict
+    from melanogan.classify.train import TrainConfig, train_classifier
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.demo import generate_demo_dataset
+    from melanogan.data.manifest import prepare
+    from melanogan.data.splits import SplitFractions
+    from melanogan.gan.config import load_config
+    from melanogan.gan.evaluate import evaluate_gan
+    from melanogan.gan.sample import generate
+    from melanogan.gan.train import train_gan
+    from melanogan.serve.app import ServeConfig
+    from melanogan.study.experiments import run_study
+
+    return {
+        "demo-data": [generate_demo_dataset], "prepare": [CacheOptions, SplitFractions, prepare], "audit": [],
+        "demo": [], "train-gan": [load_config, train_gan], "generate": [generate], "evaluate-gan": [evaluate_gan],
+        "train": [TrainConfig, train_classifier], "evaluate": [evaluate_run], "predict": [predict],
+        "explain": [explain], "export": [export_model], "serve": [ServeConfig], "study": [run_study],
+        "bench preprocess": [bench_preprocess.run], "bench classifier": [bench_classifier.run],
+        "bench gan": [bench_gan.run], "bench quality": [bench_quality.run], "bench serve": [bench_serve.run],
+    }
+
+
+RENAMED = {("train-gan", "config"): "config_file", ("train-gan", "max_steps"): "stop_after",
+           ("generate", "ema"): "use_ema", ("evaluate-gan", "pairs"): "n_pairs", ("export", "format"): "fmt",
+           ("evaluate", "data"): "data_dir", ("serve", "run"): "run_dir", ("serve", "synthetic"): "synthetic_dir",
+           ("serve", "real"): "real_dir", ("serve", "allowed_host"): "allowed_hosts",
+           ("bench serve", "run"): "run_dir", ("prepare", "source"): "sources", ("train-gan", "out"): "run_dir",
+           ("train", "out"): "run_dir", ("evaluate-gan", "real"): "real_dir", ("study", "out"): "out"}
+CLI_ONLY = {
+    ("demo", "out"): "the demo's own folder", ("demo", "n_images"): "the demo's own size",
+    ("demo", "seeds"): "the demo's own seeds", ("audit", "json_out"): "an extra output file",
+    ("predict", "out"): "the CLI always writes a CSV; the library writes only when given a path",
+    ("serve", "host"): "fed to uvicorn and to ServeConfig.host (checked separately)",
+    ("serve", "port"): "fed to uvicorn",
+    **{(f"bench {b}", "json_out"): "an extra output file" for b in ("preprocess", "classifier", "serve", "quality",
+                                                                       "gan")},
+}
+CONVERT = {("prepare", "melanoma_folders"): lambda v: tuple(v.split(",")),
+           ("bench quality", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),
+           ("serve", "allowed_host"): lambda v: tuple(v or ()), ("train", "synthetic"): lambda v: list(v or [])}
+
+
+def _library_defaults(target) -> dict:
+    import dataclasses
+    import inspect
+
+    from pydantic import BaseModel
+
+    if isinstance(target, type) and issubclass(target, BaseModel):
+        return {k: f.get_default(call_default_factory=True) for k, f in target.model_fields.items()
+                if not f.is_required()}
+    if dataclasses.is_dataclass(target):
+        return {f.name: f.default for f in dataclasses.fields(target) if f.default is not dataclasses.MISSING}
+    return {k: p.default for k, p in inspect.signature(target).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _plain(value):
+    from enum import Enum
+    from pathlib import Path
+
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def test_every_cli_default_equals_the_library_default_it_feeds():
+    import typer.main
+
+    from melanogan.gan.config import GanConfig
+
+    root = typer.main.get_command(app)
+    targets = _targets()
+    commands = {name: cmd for name, cmd in root.commands.items() if name != "bench"}
+    commands.update({f"bench {n}": c for n, c in root.commands["bench"].commands.items()})
+    assert set(commands) == set(targets), "a new command needs its library targets listed here"
+    checked, mismatches, unmapped = 0, [], []
+    for name, cmd in commands.items():
+        defaults = {}
+        for target in targets[name]:
+            for key, value in _library_defaults(target).items():
+                defaults.setdefault(key, value)
+        for param in cmd.params:
+            if param.param_type_name == "argument" or param.name == "help":
+                continue
+            key = (name, param.name)
+            lib_name = RENAMED.get(key, param.name)
+            if key in CLI_ONLY:
+                continue
+            if name == "train-gan" and lib_name not in defaults and param.name in GanConfig.model_fields:
+                # a preset override: None lets the preset (the library's default for it) decide
+                assert param.default is None, f"train-gan --{param.name} must default to the preset's value"
+                checked += 1
+                continue
+            if lib_name not in defaults:
+                params = {p for t in targets[name] for p in __import__("inspect").signature(t).parameters}
+                if lib_name in params or any(lib_name in getattr(t, "model_fields", {}) for t in targets[name]):
+                    continue  # the library makes it required: the CLI's default is the only one
+                unmapped.append(key)
+                continue
+            cli_value = CONVERT.get(key, lambda v: v)(param.default)
+            if _plain(cli_value) != _plain(defaults[lib_name]):
+                mismatches.append(f"{name} --{param.name.replace('_', '-')}: CLI {param.default!r} vs library "
+                                  f"{defaults[lib_name]!r}")
+            checked += 1
+    assert not unmapped, f"options that feed no library parameter (map or list them): {unmapped}"
+    assert not mismatches, "\n".join(mismatches)
+    assert checked > 60  # the walk really compared the options
+
+
+def test_recommended_settings_are_the_defaults():
+    """What the README recommends is what a user gets without flags."""
+    from melanogan.classify.train import TrainConfig
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE
+    from melanogan.study.experiments import ClassifierOptions, GanOptions
+
+    assert CacheOptions().color_constancy is True and DEFAULT_PHASH_DISTANCE == 22
+    assert TrainConfig().augment == ClassifierOptions().augment == "classic"
+    assert TrainConfig().diagnosis_weight is None and ClassifierOptions().diagnosis_weight is None  # 0.5 when possible
+    assert GanOptions().precision == TrainConfig().precision == "bf16-mixed"

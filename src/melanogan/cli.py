@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,10 @@ from rich.progress import (
 from rich.table import Table
 
 from melanogan import __version__
+from melanogan.data.cache import CacheOptions
+from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE
+from melanogan.data.sources import DEFAULT_MELANOMA_FOLDERS
+from melanogan.data.splits import SplitFractions
 from melanogan.errors import MelanoganError
 
 app = typer.Typer(
@@ -62,10 +65,6 @@ def _progress_callback(progress: Progress, description: str):
     return update
 
 
-def _default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
 @app.callback(invoke_without_command=True)
 def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
     if version:
@@ -102,20 +101,27 @@ def prepare(
         "--source", help="KIND=PATH, repeatable. KIND: siim-isic-2020, isic-2019, ham10000, folder.")],
     out: Annotated[Path, typer.Option("--out", help="DATA_DIR to write manifest.parquet, rejected.csv, "
                                       "near_duplicates.csv, prepare.json and cache/ into.")],
-    size: Annotated[int, typer.Option(help="Cached image side in pixels (models resize from it).")] = 256,
-    resize_mode: Annotated[str, typer.Option(help="crop (centre square), squash, or pad.")] = "crop",
-    hair_removal: Annotated[bool, typer.Option("--hair-removal", help="DullRazor-style hair removal.")] = False,
-    color_constancy: Annotated[bool, typer.Option("--color-constancy",
-                                                  help="Shades of Gray colour constancy (p=6).")] = False,
-    train: Annotated[float, typer.Option(help="Training fraction.")] = 0.70,
-    val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
-    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
+    size: Annotated[int, typer.Option(help="Cached image side in pixels (models resize from it).")] =
+        CacheOptions.size,
+    resize_mode: Annotated[str, typer.Option(help="crop (centre square), squash, or pad.")] =
+        str(CacheOptions.resize_mode),
+    hair_removal: Annotated[bool, typer.Option("--hair-removal/--no-hair-removal",
+                                               help="DullRazor-style hair removal.")] = CacheOptions.hair_removal,
+    color_constancy: Annotated[bool, typer.Option(
+        "--color-constancy/--no-color-constancy",
+        help="Shades of Gray colour constancy (p=6): the largest measured factor in how a model does on other "
+             "clinics' images (recommended, on by default).")] = CacheOptions.color_constancy,
+    train: Annotated[float, typer.Option(help="Training fraction.")] = SplitFractions.train,
+    val: Annotated[float, typer.Option(help="Validation fraction.")] = SplitFractions.val,
+    test: Annotated[float, typer.Option(help="Test fraction.")] = SplitFractions.test,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
-    workers: Annotated[int, typer.Option(help="Decoding processes (default: up to 2).")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: up to 2).")] = 0,
     melanoma_folders: Annotated[str, typer.Option(
-        help="For `folder` sources: comma-separated folder names that mean melanoma.")] = "melanoma,mel,malignant",
+        help="For `folder` sources: comma-separated folder names that mean melanoma.")] =
+        ",".join(DEFAULT_MELANOMA_FOLDERS),
     phash_distance: Annotated[int, typer.Option(
-        help="Max perceptual-hash bit distance (of 63) for two images to count as the same photograph.")] = 6,
+        help="Max perceptual-hash bit distance (of 256) for two images to count as the same photograph "
+             "(calibrated on ../shared/data).")] = DEFAULT_PHASH_DISTANCE,
 ) -> None:
     """Read dataset sources into one leak-free manifest and a decoded uint8 image cache.
 
@@ -124,10 +130,8 @@ def prepare(
     resized, or the same ISIC id in two sources) and patient/lesion groups are kept in one split.
     Re-running keeps existing split assignments and resumes an interrupted run.
     """
-    from melanogan.data.cache import CacheOptions
     from melanogan.data.manifest import prepare as run_prepare
     from melanogan.data.sources import parse_source
-    from melanogan.data.splits import SplitFractions
 
     sources = [parse_source(s) for s in source]
     options = CacheOptions(size=size, resize_mode=resize_mode, hair_removal=hair_removal,
@@ -135,7 +139,7 @@ def prepare(
     t0 = time.perf_counter()
     with _progress() as progress:
         result = run_prepare(sources, out, options, SplitFractions(train, val, test), seed,
-                             workers or _default_workers(), tuple(m for m in melanoma_folders.split(",") if m),
+                             workers, tuple(m for m in melanoma_folders.split(",") if m),
                              phash_distance, on_progress=_progress_callback(progress, "decoding"))
     _print_prepare_summary(result, time.perf_counter() - t0)
 
@@ -232,7 +236,7 @@ def demo(
     console.print(f"[bold]2/4[/bold] preparing {out / 'data'}")
     with _progress() as progress:
         result = run_prepare([("siim-isic-2020", raw)], out / "data", CacheOptions(size=128), seed=0,
-                             workers=_default_workers(), on_progress=_progress_callback(progress, "decoding"))
+                             on_progress=_progress_callback(progress, "decoding"))
     _print_prepare_summary(result, time.perf_counter() - t0)
     console.print(f"[bold]3/4[/bold] auditing {out / 'data'}")
     report = run_audit(out / "data")
@@ -271,7 +275,9 @@ def train_gan_cmd(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices per node; more than one trains with DDP.")] = 1,
     num_nodes: Annotated[int, typer.Option(help="Machines (launch with torchrun or SLURM).")] = 1,
-    precision: Annotated[str, typer.Option(help="32 or bf16-mixed (16-mixed on older GPUs).")] = "32",
+    precision: Annotated[str, typer.Option(
+        help="bf16-mixed (default, as `train`; the gradient penalty is always fp32), 32, or 16-mixed on GPUs "
+             "without bf16.")] = "bf16-mixed",
     max_steps: Annotated[int | None, typer.Option(
         help="Stop this invocation after N steps (resumable), e.g. to time-box CPU sessions.")] = None,
 ) -> None:
@@ -373,7 +379,9 @@ def evaluate_gan_cmd(
     syn_dir: Annotated[Path, typer.Argument(help="A SYN_DIR written by `melanogan generate`.")],
     real: Annotated[Path, typer.Option("--real", help="The prepared real DATA_DIR.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for quality.json and quality.html.")],
-    split: Annotated[str, typer.Option(help="Real split to compare with (train or test).")] = "train",
+    split: Annotated[str, typer.Option(
+        help="Real split that fidelity and diversity are measured against: val (default: images the GAN never "
+             "saw), test, or train (rewards memorisation). Memorisation is always checked against train.")] = "val",
     features: Annotated[list[str] | None, typer.Option(
         help="Feature extractor, repeatable: pixels, inception, classifier:RUN_DIR (default pixels).")] = None,
     inception_weights: Annotated[str | None, typer.Option(
@@ -408,10 +416,12 @@ def train(
     sampler: Annotated[str, typer.Option(help="none or balanced (half melanoma per batch on average).")] = "none",
     augment: Annotated[str, typer.Option(
         help="none, classic (flips, rotations, scale/crop, mild colour jitter) or strong (wider crops, "
-             "strong colour/contrast/sharpness changes, blur: for images from other clinics).")] = "none",
-    diagnosis_weight: Annotated[float, typer.Option(
+             "strong colour/contrast/sharpness changes, blur: for images from other clinics). Default: classic "
+             "(recommended).")] = "classic",
+    diagnosis_weight: Annotated[float | None, typer.Option(
         help="Weight of an auxiliary loss that also predicts each training image's own diagnosis (the "
-             "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off.")] = 0.0,
+             "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off. Default: 0.5 (recommended) when "
+             "the training split has 2 or more known diagnoses, else off.")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes, keeping the best.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
@@ -440,6 +450,8 @@ def train(
     except ValueError as exc:
         raise MelanoganError(f"invalid training options: {exc}") from exc
     summary = train_classifier(data_dir, out, cfg, resume=resume, accelerator=accelerator, devices=devices)
+    for note in summary.get("notes", []):
+        console.print(f"note: {note}")
     console.print(f"trained {summary['epochs']} epoch(s) ({summary['stopped_by']}), best validation AUC "
                   f"{summary['best_val_auc']:.3f} at epoch {summary['best_epoch']}. Run: {out}")
 
@@ -447,20 +459,28 @@ def train(
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],
-    data: Annotated[Path | None, typer.Option(help="Another prepared DATA_DIR: an external test set.")] = None,
-    split: Annotated[str, typer.Option(help="test, val or all (all labeled real images of DATA_DIR).")] = "test",
+    data: Annotated[Path | None, typer.Option(
+        help="Another prepared DATA_DIR: an external test set (its images are preprocessed as the run's training "
+             "data were, cached once inside it).")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="test, val or all (all labeled real images of DATA_DIR). Default: test of the run's own data, all of "
+             "another DATA_DIR.")] = None,
     temperature_scaling: Annotated[bool, typer.Option(
         "--temperature-scaling", help="Calibrate with a temperature fitted on validation.")] = False,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (by patient/lesion group) for CIs.")] = 1000,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/eval-SPLIT).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder (default RUN_DIR/eval-SPLIT, or RUN_DIR/eval-external-NAME-HASH-SPLIT for another "
+             "DATA_DIR).")] = None,
 ) -> None:
     """Evaluate on real images: ROC/PR-AUC with grouped-bootstrap CIs; accuracy, precision, sensitivity,
     specificity, F1, balanced accuracy at 0.5 and at thresholds chosen on validation (Youden, 95%
-    sensitivity); specificity at 90/95% sensitivity; calibration (Brier, ECE, reliability diagram).
-    Writes metrics.json, predictions.csv, roc.png, pr.png, scores.png, reliability.png."""
+    sensitivity); calibration (Brier, ECE, reliability diagram).
+    Writes metrics.json (oracle operating points read off the test ROC kept apart and named so),
+    predictions.csv, roc.png, pr.png, scores.png, reliability.png."""
     from melanogan.classify.evaluate import evaluate_run
 
-    r = evaluate_run(run_dir, data, split, temperature_scaling, bootstrap, out)
+    r = evaluate_run(run_dir, data, split, temperature_scaling, bootstrap, out,
+                     log=lambda m: console.print(f"note: {m}"))
     lo, hi = r["roc_auc_ci95"]
     console.print(f"{r['split']} ({r['n_images']} images, {r['n_melanoma']} melanoma): ROC-AUC {r['roc_auc']:.3f} "
                   f"[{lo:.3f}, {hi:.3f}], PR-AUC {r['pr_auc']:.3f}")
@@ -471,6 +491,7 @@ def evaluate(
         auc = f"ROC-AUC {m['roc_auc']:.3f} [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" \
             if not math.isnan(m["roc_auc"]) else "one class only"
         console.print(f"  source {source}: {m['n_images']} images, {m['n_melanoma']} melanoma, {auc}")
+    console.print(f"written to {r['out']}")
 
 
 @app.command()
@@ -507,6 +528,12 @@ def serve(
         help="Real and synthetic images per class in the Turing test (the same ones on every start).")] = 200,
     review_items: Annotated[int, typer.Option(help="Test images offered for prediction review.")] = 200,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    admin_token: Annotated[str | None, typer.Option(
+        help="Organiser token for the results pages and CSVs (default: a new random one each start, printed "
+             "below). Reviewers never see it.")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        help="A further Host name clients use to reach the server, repeatable (requests naming any other host "
+             "are refused). Needed with --host 0.0.0.0.")] = None,
 ) -> None:
     """Web app for using the model and collecting human judgements: predict (upload -> probability,
     decision, Grad-CAM), a blinded visual Turing test of real vs synthetic images with per-reviewer
@@ -514,17 +541,25 @@ def serve(
     kept in the SQLite --db and survive restarts; results export as CSV. Stop with Ctrl+C."""
     import uvicorn
 
-    from melanogan.serve.app import ServeConfig, create_app
+    from melanogan.serve.app import LOOPBACK_HOSTS, ServeConfig, create_app
 
     if max_upload_mb <= 0 or turing_per_class <= 0 or review_items <= 0:
         raise MelanoganError("--max-upload-mb, --turing-per-class and --review-items must be positive.")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host in ("0.0.0.0", "::") and not allowed_host:
+        raise MelanoganError(f"--host {host} serves every address of this machine: name the host name(s) clients "
+                             "will use with --allowed-host NAME (requests for unknown names are refused).")
+    if host not in LOOPBACK_HOSTS:
         err_console.print(f"[yellow]warning:[/yellow] binding to {host}: anyone who can reach this address can "
-                          "upload images and read the answers; there is no login.")
+                          "upload images and answer; only the results need the organiser token.")
     application = create_app(ServeConfig(run_dir=run, db=db, synthetic_dir=synthetic, real_dir=real,
                                          threshold=threshold, max_upload_mb=max_upload_mb,
-                                         turing_per_class=turing_per_class, review_items=review_items, device=device))
-    console.print(f"serving {run} on http://{host}:{port}  (answers in {db})")
+                                         turing_per_class=turing_per_class, review_items=review_items, device=device,
+                                         admin_token=admin_token, host=host, allowed_hosts=tuple(allowed_host or ())))
+    token = application.state.review.admin_token
+    base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    console.print(f"serving {run} on {base}  (answers in {db})")
+    console.print(f"organiser results (keep private): {base}/turing/results?token={token}  and  "
+                  f"{base}/review/results?token={token}")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 

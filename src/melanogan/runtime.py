@@ -14,10 +14,16 @@ PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16
               "16": "16-mixed", "16-mixed": "16-mixed"}
 
 
-def fabric_precision(precision: str) -> str:
+def fabric_precision(precision: str, accelerator: str = "auto") -> str:
+    """Fabric's name for `precision`; bf16 on a CUDA GPU without bf16 (before Ampere) is refused with
+    what to use instead, rather than left to fail or crawl inside the first step."""
     if precision not in PRECISIONS:
         raise MelanoganError(f"precision {precision!r} is not supported; use 32, bf16-mixed or 16-mixed.")
-    return PRECISIONS[precision]
+    name = PRECISIONS[precision]
+    if (name == "bf16-mixed" and accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
+        raise MelanoganError("this GPU has no bf16 support; pass --precision 16-mixed (or 32).")
+    return name
 
 
 def ddp_strategy(world_size: int) -> str:

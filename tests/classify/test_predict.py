@@ -76,27 +76,68 @@ def test_gradcam_works_for_other_architectures(name):
     assert cam.shape == (32, 32) and cam.min() >= 0 and cam.max() <= 1
 
 
-def test_loading_is_safe(trained):
+class _Payload:
+    """Unpickling this runs code (it creates a marker file): what a malicious .pth would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_loading_is_safe(trained, tmp_path):
+    import shutil
+
+    import torch
+
+    from melanogan.classify.models import read_weights_file
+
     _, cfg, state = load_model(trained / "best")
     assert cfg.model == "small-cnn" and "epoch" in state
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv.weight": _Payload(marker)}, evil)
+    with pytest.raises(MelanoganError, match="never pickled models"):  # --weights FILE
+        read_weights_file(evil)
+    best = tmp_path / "best"  # a checkpoint folder whose weights file is that pickle
+    shutil.copytree(trained / "best", best)
+    shutil.copy(evil, best / "model.safetensors")
+    with pytest.raises(MelanoganError, match="unreadable"):
+        load_model(best)
+    assert not marker.exists()  # the payload never ran
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_matches_pytorch(trained, tmp_path, fmt):
     import json
 
+    import torch
+
     from melanogan.classify.export import export_model
+    from melanogan.classify.predict import run_thresholds
 
     meta = export_model(trained, fmt, tmp_path / f"model.{fmt}")
-    assert meta["max_abs_difference_vs_pytorch"] <= 1e-4
     saved = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert saved["input"]["shape"][1:] == [3, 64, 64] and saved["preprocessing"]["decode"]["size"] == 96
+    assert saved["thresholds"] == pytest.approx(run_thresholds(trained))  # this checkpoint's thresholds
+    # The exported file itself, run by its own runtime, against PyTorch on a batch of 5 real-looking inputs
+    # (5: the export traced a batch of 2, so this also checks the dynamic batch size).
+    model, _, _ = load_model(trained / "best")
+    batch = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        reference = model.float().eval()(torch.from_numpy(batch)).numpy()
     if fmt == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(tmp_path / "model.onnx"))
-        batch = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
-        assert session.run(None, {"image": batch})[0].shape == (5,)  # dynamic batch size
+        exported = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"image": batch})[0]
+    else:
+        exported = torch.jit.load(str(tmp_path / "model.torchscript")).eval()(torch.from_numpy(batch)).detach().numpy()
+    assert exported.shape == reference.shape == (5,)
+    assert np.abs(exported - reference).max() <= 1e-4
+    assert meta["max_abs_difference_vs_pytorch"] <= 1e-4
 
 
 def test_export_errors(trained, tmp_path):

@@ -67,19 +67,55 @@ def test_deterministic_and_resumable(demo_prepared, tmp_path):
 
 
 def test_evaluation_uses_validation_thresholds_and_writes_everything(demo_prepared, tmp_path):
+    from melanogan.classify.predict import run_thresholds
+
     train_classifier(demo_prepared, tmp_path / "run", TrainConfig(**TINY), progress=False)
-    r = evaluate_run(tmp_path / "run", bootstrap=100, temperature_scaling=True)
+    r = evaluate_run(tmp_path / "run", bootstrap=100)
     out = tmp_path / "run" / "eval-test"
     for name in ("metrics.json", "predictions.csv", "roc.png", "pr.png", "scores.png", "reliability.png"):
         assert (out / name).is_file(), name
     preds = pd.read_csv(out / "predictions.csv")
     assert set(preds["split"]) == {"test"} and len(preds) == r["n_images"]
-    assert r["thresholds"]["fixed_0.5"]["threshold"] == 0.5
-    assert r["thresholds"]["val_youden"]["chosen_on"] == "validation"
     assert r["roc_auc"] == pytest.approx(M.roc_auc(preds["label"], preds["logit"]))
+    # The thresholds are the ones validation predictions give, applied unchanged to the test images.
+    evaluate_run(tmp_path / "run", split="val", bootstrap=10)
+    val = pd.read_csv(tmp_path / "run" / "eval-val" / "predictions.csv")
+    yv, pv = val["label"].to_numpy(), M.sigmoid(val["logit"].to_numpy())
+    y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy())
+    for name, expected in (("val_youden", M.threshold_youden(yv, pv)),
+                           ("val_sens95", M.threshold_for_sensitivity(yv, pv, 0.95)), ("fixed_0.5", 0.5)):
+        got = r["thresholds"][name]
+        assert got["threshold"] == pytest.approx(expected)
+        assert (got["sensitivity"], got["specificity"]) == pytest.approx(
+            (M.confusion_at(y, p, expected)["sensitivity"], M.confusion_at(y, p, expected)["specificity"]), nan_ok=True)
+    # `predict`/`serve`/`export` use the same values (same fp32 scores of the same checkpoint)
+    stored = run_thresholds(tmp_path / "run")
+    assert stored["val-youden"] == pytest.approx(M.threshold_youden(yv, pv), abs=1e-7)
+    assert stored["val-sens95"] == pytest.approx(M.threshold_for_sensitivity(yv, pv, 0.95), abs=1e-7)
     saved = json.loads((out / "metrics.json").read_text())
-    assert set(saved) >= {"roc_auc_ci95", "pr_auc", "specificity_at_sensitivity_95", "sensitivity_at_specificity_80",
-                          "calibration"}
+    # oracle operating points (read off the test ROC) are named so and kept apart from the thresholds
+    assert not {k for k in saved if "_at_sens" in k or "_at_spec" in k}
+    oracle = saved["oracle_operating_points"]
+    assert "oracle" in oracle["note"]
+    assert oracle["specificity_at_sensitivity_95"] == pytest.approx(M.specificity_at_sensitivity(y, p, 0.95))
+    assert not any("oracle" in k or "_at_" in k for k in saved["thresholds"])
+
+
+def test_stored_thresholds_follow_the_checkpoint(demo_prepared, tmp_path):
+    """A `best/` replaced after thresholds were stored (e.g. by --resume) gets its own thresholds."""
+    from melanogan.classify.predict import checkpoint_sha256, run_thresholds
+    from melanogan.fileio import read_json, write_json
+
+    train_classifier(demo_prepared, tmp_path / "run", TrainConfig(**TINY), progress=False)
+    best = tmp_path / "run" / "best"
+    first = run_thresholds(tmp_path / "run")
+    stale = {"val-youden": 0.123, "val-sens95": 0.0456, "checkpoint_sha256": "0" * 64}
+    write_json(best / "thresholds.json", stale)  # thresholds of another checkpoint
+    notes = []
+    again = run_thresholds(tmp_path / "run", log=notes.append)
+    assert again == pytest.approx(first) and again["val-youden"] != 0.123
+    assert notes and "another checkpoint" in notes[0]
+    assert read_json(best / "thresholds.json")["checkpoint_sha256"] == checkpoint_sha256(best)
 
 
 def test_synthetic_rows_cannot_reach_val_or_test(demo_prepared, tmp_path):
@@ -171,7 +207,14 @@ def test_auc_summary_exact_on_tiny_parts_and_nan_for_one_class():
     both = pd.DataFrame({"label": [0, 1, 0, 1], "logit": [0.1, 0.9, 0.35, 0.3], "group": list("abcd")})
     s = auc_summary(both, 1.0, 200, 0)
     assert (s["n_images"], s["n_melanoma"], s["roc_auc"]) == (4, 2, 0.75)
-    assert 0.0 <= s["roc_auc_ci95"][0] <= 0.75 <= s["roc_auc_ci95"][1] <= 1.0
+    # The CI resamples groups: ten copies of each image in its own group change neither the AUC nor
+    # the CI, while the same 40 images as 40 groups give a narrower one.
+    copies = pd.concat([both] * 10, ignore_index=True)
+    grouped = auc_summary(copies, 1.0, 200, 0)
+    assert grouped["roc_auc"] == 0.75 and grouped["roc_auc_ci95"] == s["roc_auc_ci95"]
+    by_image = auc_summary(copies.assign(group=[str(i) for i in range(40)]), 1.0, 200, 0)
+    lo, hi = s["roc_auc_ci95"]
+    assert by_image["roc_auc_ci95"][1] - by_image["roc_auc_ci95"][0] < hi - lo
     one = pd.DataFrame({"label": [1, 1], "logit": [0.1, 0.9], "group": ["a", "b"]})
     s = auc_summary(one, 1.0, 200, 0)
     assert s["n_melanoma"] == 2 and np.isnan(s["roc_auc"]) and np.isnan(s["roc_auc_ci95"]).all()
@@ -188,6 +231,21 @@ def test_diagnosis_loss_exact_and_zero_without_known_diagnoses():
     none_known = diagnosis_loss(logits, torch.tensor([-100, -100, -100]))
     none_known.backward()
     assert none_known.item() == 0.0 and torch.equal(logits.grad, torch.zeros(3, 4))
+
+
+def test_diagnosis_head_is_on_by_default_where_the_data_has_diagnoses():
+    from melanogan.classify.train import RECOMMENDED_DIAGNOSIS_WEIGHT, resolve_diagnosis_head
+
+    rows = pd.DataFrame({"source": ["ham10000"] * 3, "diagnosis": ["mel", "nv", "unknown"]})
+    cfg, notes = resolve_diagnosis_head(TrainConfig(), rows, "DATA")
+    assert cfg.diagnosis_weight == RECOMMENDED_DIAGNOSIS_WEIGHT == 0.5
+    assert cfg.diagnosis_classes == ["ham10000:mel", "ham10000:nv"] and "on" in notes[0]
+    cfg, notes = resolve_diagnosis_head(TrainConfig(), rows.assign(diagnosis="unknown"), "DATA")
+    assert cfg.diagnosis_weight == 0.0 and cfg.diagnosis_classes == [] and "off" in notes[0]
+    cfg, notes = resolve_diagnosis_head(TrainConfig(diagnosis_weight=0), rows, "DATA")
+    assert cfg.diagnosis_weight == 0.0 and cfg.diagnosis_classes == [] and notes == []
+    with pytest.raises(MelanoganError, match="at least 2 known diagnoses"):
+        resolve_diagnosis_head(TrainConfig(diagnosis_weight=0.3), rows.assign(diagnosis="unknown"), "DATA")
 
 
 def test_diagnosis_classes_are_per_source_and_skip_unknown():

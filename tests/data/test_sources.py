@@ -51,7 +51,7 @@ def test_siim_2020_kaggle_layout_with_unlabeled_test(tmp_path):
     rows = read_siim_isic_2020(tmp_path)
     assert rows["unlabeled"].tolist() == [False, False, True]
     assert rows.loc[2, "label"] == -1 and rows.loc[2, "path"].endswith("ISIC_2000001.jpg")
-    assert rows["diagnosis"].tolist() == ["melanoma", "benign", "unlabeled"]
+    assert rows["diagnosis"].tolist() == ["melanoma", "unknown", "unlabeled"]
 
 
 def test_isic_2019_real_csv_with_downsampled_names(shared_data, tmp_path):

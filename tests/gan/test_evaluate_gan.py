@@ -61,7 +61,8 @@ def test_memorised_copies_are_flagged(demo_prepared, tmp_path):
     noisy = np.asarray(Image.open(train_mel["path"].iat[1])).astype(int)
     noisy = np.clip(noisy + np.random.default_rng(0).integers(-3, 4, noisy.shape), 0, 255).astype(np.uint8)
     Image.fromarray(noisy).save(src / "noisy.jpg", quality=95)
-    Image.fromarray(np.full((80, 96, 3), (40, 160, 40), np.uint8)).save(src / "green.jpg")
+    novel = np.random.default_rng(1).integers(0, 256, (80, 96, 3), dtype=np.uint8)  # like no training image
+    Image.fromarray(novel).save(src / "novel.jpg")
     (tmp_path / "fake" / "other").mkdir()
     Image.fromarray(np.full((80, 96, 3), 128, np.uint8)).save(tmp_path / "fake" / "other" / "grey.jpg")
     prepare([("folder", tmp_path / "fake")], tmp_path / "fakedata", CacheOptions(size=64), SplitAll(), seed=0)
@@ -82,25 +83,55 @@ def SplitAll():
     return SplitFractions(1.0, 0.0, 0.0)
 
 
-def test_inception_from_a_local_file_and_offline_error(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
-    torch.save(model.state_dict(), tmp_path / "inception.pth")  # random weights: tests loading, not numbers
-    ex = create_extractor("inception", str(tmp_path / "inception.pth"))
-    feats = ex(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
-    assert feats.shape == (2, 2048) and ex.describe()["input_size"] == 299
+def _fid_inception_with_random_weights(monkeypatch, tmp_path):
+    """torch-fidelity's FID Inception with random weights (its constructor always loads weights:
+    loading is skipped once here), and a state dict with the standard keys and shapes."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.save({}, tmp_path / "empty.pth")
+        torch.manual_seed(0)
+        model = FeatureExtractorInceptionV3("ref", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_inception_is_the_standard_fid_network_from_a_local_file(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from melanogan.gan.features import FID_WEIGHTS_URL
+
+    reference, state = _fid_inception_with_random_weights(monkeypatch, tmp_path)
+    assert "Mixed_7c.branch_pool.conv.weight" in state and state["fc.weight"].shape == (1008, 2048)
+    save_file(state, tmp_path / "fid.safetensors")  # standard keys and shapes (random values)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for path in (tmp_path / "fid.safetensors", tmp_path / "fid.pth"):
+        torch.save(state, tmp_path / "fid.pth")
+        ex = create_extractor("inception", str(path))
+        feats = ex(images)
+        assert feats.shape == (2, 2048) and ex.describe()["input_size"] == 299
+        with torch.no_grad():  # the library's own network, its own TF-style resize, on the same uint8 images
+            expected = reference(images)[0]
+        assert torch.allclose(feats, expected, atol=1e-5)
+    # offline, no file: the error names the weights URL and the option
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(MelanoganError, match="--inception-weights PATH"):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(MelanoganError, match="--inception-weights FILE") as e:
         create_extractor("inception")
+    assert FID_WEIGHTS_URL in str(e.value)
     with pytest.raises(MelanoganError, match="unknown feature extractor"):
         create_extractor("clip")
     (tmp_path / "bad.pth").write_bytes(b"junk")
     with pytest.raises(MelanoganError, match="never pickled"):
         create_extractor("inception", str(tmp_path / "bad.pth"))
+    torchvision_state = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).state_dict()
+    torch.save(torchvision_state, tmp_path / "tv.pth")  # torchvision's Inception is not the FID network
+    with pytest.raises(MelanoganError, match="not the FID Inception-v3 weights"):
+        create_extractor("inception", str(tmp_path / "tv.pth"))
 
 
 def test_feature_cache_is_keyed_by_images_and_extractor(demo_prepared, tmp_path):

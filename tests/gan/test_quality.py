@@ -95,3 +95,30 @@ def test_fid_both_algorithms_agree():
     assert Q.fid(a, b) == pytest.approx(_fid_scipy(a, b), rel=1e-6)
     c, d = rng.normal(size=(500, 6)), rng.normal(0.3, 0.9, size=(400, 6))  # N > D: eigh path
     assert Q.fid(c, d) == pytest.approx(_fid_scipy(c, d), rel=1e-6)
+
+
+@pytest.mark.parametrize(("n", "dim"), [(80, 16), (20, 64)])  # more samples than dimensions, and fewer
+def test_fid_equals_torch_fidelity_on_the_same_features(n, dim):
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, dim))
+    b = rng.normal(0.3, 1.2, size=(n + 7, dim))
+    theirs = fid_statistics_to_metric(fid_features_to_statistics(torch.as_tensor(a)),
+                                      fid_features_to_statistics(torch.as_tensor(b)), verbose=False)
+    assert Q.fid(a, b) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+
+
+def test_fid_of_identical_sets_is_zero_and_ms_ssim_matches_pytorch_msssim():
+    from pytorch_msssim import ms_ssim
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 8))
+    assert Q.fid(feats, feats) == pytest.approx(0.0, abs=1e-8)
+    # MS-SSIM at a size both support (5 scales, 11 px Gaussian window: > 160 px)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 176, 176, generator=g)
+    y = (x + 0.1 * torch.randn(2, 3, 176, 176, generator=g)).clamp(0, 1)
+    ours = Q.ms_ssim(x, y)
+    reference = ms_ssim(x, y, data_range=1.0, size_average=False)
+    assert torch.allclose(ours.float(), reference.float(), atol=1e-4), (ours, reference)

@@ -15,10 +15,21 @@ from melanogan.classify.predict import predict
 from melanogan.serve.app import ServeConfig, create_app
 from tests.conftest import png_with_header_size
 
+TOKEN = "organiser-token"
+LOCAL = "http://127.0.0.1:8000"  # what a browser on this machine sends as Host/Origin
+
 
 def _client(serve_inputs, db, **options) -> TestClient:
     run, real, syn = serve_inputs
-    return TestClient(create_app(ServeConfig(run_dir=run, db=db, synthetic_dir=syn, real_dir=real, **options)))
+    options = {"admin_token": TOKEN, **options}
+    return TestClient(create_app(ServeConfig(run_dir=run, db=db, synthetic_dir=syn, real_dir=real, **options)),
+                      base_url=LOCAL)
+
+
+def _internal(client, public_id: str):
+    """The item behind a reviewer's public id (what only the server knows)."""
+    store = client.app.state.review.store
+    return store.item(store.resolve_public(public_id)["item_id"])
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +113,6 @@ def test_turing_test_is_blinded_balanced_and_scored(client, serve_inputs):
     assert client.get("/turing/next", params={"reviewer": ""}).status_code == 422
     assert client.get("/turing/next", params={"reviewer": "x" * 65}).status_code == 422
     seen_pools, sizes, truth = set(), set(), {}
-    items = {i["item_id"]: i for i in client.app.state.review.store.items("turing")}
     for k in range(48):
         page = client.get("/turing/next", params={"reviewer": "Ann"})
         item_id = _item_id(page.text)
@@ -110,7 +120,7 @@ def test_turing_test_is_blinded_balanced_and_scored(client, serve_inputs):
         png = client.get(f"/turing/image/{item_id}")
         assert png.headers["content-type"] == "image/png"
         sizes.add(Image.open(io.BytesIO(png.content)).size)
-        pool = items[item_id]["pool"]
+        pool = _internal(client, item_id)["pool"]
         seen_pools.add(pool)
         answer = "synthetic" if k % 3 else "real"  # a reviewer who guesses
         truth[item_id] = answer == pool
@@ -120,11 +130,13 @@ def test_turing_test_is_blinded_balanced_and_scored(client, serve_inputs):
     assert seen_pools == {"real", "synthetic"}
     assert sizes == {(32, 32)}  # real images shown at the generator's resolution, like synthetic ones
     done = client.get("/turing/next", params={"reviewer": "Ann"})
-    assert 'id="done"' in done.text and "48" in done.text
-    results = client.get("/turing/results").text
+    assert 'id="done"' in done.text and "48" in done.text and "/results" not in done.text
+    assert client.get("/turing/results").status_code == 403  # the truth is for the organiser only
+    assert client.get("/turing/results.csv", params={"token": "guess"}).status_code == 403
+    results = client.get("/turing/results", params={"token": TOKEN}).text
     n_correct = sum(truth.values())
     assert f"{100 * n_correct / 48:.1f}%" in results and "Ann" in results and "synthetic images" in results
-    rows = list(csv.DictReader(io.StringIO(client.get("/turing/results.csv").text)))
+    rows = list(csv.DictReader(io.StringIO(client.get("/turing/results.csv", params={"token": TOKEN}).text)))
     ann = [r for r in rows if r["reviewer"] == "Ann"]
     assert len(ann) == 48 and sum(int(r["correct"]) for r in ann) == n_correct
     assert {r["truth"] for r in ann} == {"real", "synthetic"} and {r["label"] for r in ann} == {"0", "1"}
@@ -160,12 +172,13 @@ def test_prediction_review(client, serve_inputs):
     assert client.post("/review/answer", data={**base, "comment": "x" * 1001}).status_code == 422
     r = client.post("/review/answer", data=base, follow_redirects=False)
     assert r.status_code == 303
-    rows = list(csv.DictReader(io.StringIO(client.get("/review/results.csv").text)))
+    assert client.get("/review/results.csv").status_code == 403
+    rows = list(csv.DictReader(io.StringIO(client.get("/review/results.csv", params={"token": TOKEN}).text)))
     (mine,) = [x for x in rows if x["reviewer"] == "Dr B"]
     assert mine["reviewer_diagnosis"] == "melanoma" and mine["agree"] == "0" and mine["comment"] == "atypical"
     assert float(mine["probability"]) == pytest.approx(shown, abs=5e-4)  # the server's score, as shown
     assert mine["true_label"] in ("0", "1")
-    assert "Dr B" in client.get("/review/results").text
+    assert "Dr B" in client.get("/review/results", params={"token": TOKEN}).text
     assert client.get("/review/image/unknown").status_code == 404
 
 
@@ -177,14 +190,14 @@ def test_answers_survive_a_restart(serve_inputs, tmp_path):
     ids = {i["item_id"] for i in first.app.state.review.store.items("turing")}
     second = _client(serve_inputs, db)  # a new process would build exactly this
     assert {i["item_id"] for i in second.app.state.review.store.items("turing")} == ids
-    assert "Cy" in second.get("/turing/results").text
+    assert "Cy" in second.get("/turing/results", params={"token": TOKEN}).text
     for _ in range(10):  # an answered image is not shown again
         assert _item_id(second.get("/turing/next", params={"reviewer": "Cy"}).text) != item_id
 
 
 def test_without_synthetic_images_the_turing_test_explains_how_to_turn_it_on(serve_inputs, tmp_path):
     run, real, _ = serve_inputs
-    client = TestClient(create_app(ServeConfig(run_dir=run, db=tmp_path / "r.sqlite", real_dir=real)))
+    client = TestClient(create_app(ServeConfig(run_dir=run, db=tmp_path / "r.sqlite", real_dir=real)), base_url=LOCAL)
     r = client.get("/turing/next", params={"reviewer": "Ann"})
     assert r.status_code == 404 and "--synthetic" in r.text
     assert client.get("/review/next", params={"reviewer": "Ann"}).status_code == 200  # review still works
@@ -200,3 +213,91 @@ def test_concurrent_predictions_are_consistent(client, demo_raw):
     probabilities = {round(r.json()["probability"], 9) for r in results}
     assert all(r.status_code == 200 for r in results) and len(probabilities) == 1
     assert np.isfinite(next(iter(probabilities)))
+
+
+def test_reviewers_see_their_own_ids_and_no_results_links(client):
+    store = client.app.state.review.store
+    internal = store.items("turing")[0]["item_id"]
+    a, b = store.public_id("Ann", internal), store.public_id("Bo", internal)
+    assert a != b and store.public_id("Ann", internal) == a  # stable per reviewer, different between reviewers
+    # Bo cannot answer with (or learn from) Ann's id
+    r = client.post("/turing/answer", data={"reviewer": "Bo", "item_id": a, "answer": "real", "confidence": 3})
+    assert r.status_code == 404
+    assert not [x for x in store.turing_answers() if x["reviewer"] == "Bo"]
+    for page in (client.get("/").text, client.get("/turing").text,
+                 client.get("/turing/next", params={"reviewer": "Ann"}).text):
+        assert "/results" not in page and TOKEN not in page
+
+
+def test_cross_site_posts_and_unknown_hosts_are_refused(client, demo_raw):
+    item_id = _item_id(client.get("/turing/next", params={"reviewer": "Xs"}).text)
+    answer = {"reviewer": "Xs", "item_id": item_id, "answer": "real", "confidence": 3}
+    for header in ({"origin": "http://evil.example"}, {"referer": "http://evil.example/page"},
+                   {"origin": "http://127.0.0.1:9999"}, {"origin": "null"}):
+        r = client.post("/turing/answer", data=answer, headers=header, follow_redirects=False)
+        assert r.status_code == 403, header
+    assert not [x for x in client.app.state.review.store.turing_answers() if x["reviewer"] == "Xs"]
+    upload = {"file": ("a.jpg", _jpeg(demo_raw)[1])}
+    assert client.post("/api/predict", files=upload, headers={"origin": "http://evil.example"}).status_code == 403
+    assert client.get("/health", headers={"host": "evil.example"}).status_code == 400  # DNS rebinding
+    ok = client.post("/turing/answer", data=answer, headers={"origin": LOCAL}, follow_redirects=False)
+    assert ok.status_code == 303  # the server's own page
+    assert client.post("/api/predict", files=upload).status_code == 200  # scripts send no Origin
+
+
+def test_csv_cells_cannot_become_spreadsheet_formulas(client):
+    from melanogan.serve.app import csv_safe
+
+    assert [csv_safe(v) for v in ("=1+1", "+x", "-2", "@A1", "\tx", "Ann", 0.25, -3)] == \
+        ["'=1+1", "'+x", "'-2", "'@A1", "'\tx", "Ann", 0.25, -3]
+    name = '=HYPERLINK("http://evil.example","x")'
+    item_id = _item_id(client.get("/turing/next", params={"reviewer": name}).text)
+    client.post("/turing/answer", data={"reviewer": name, "item_id": item_id, "answer": "real", "confidence": 1})
+    text = client.get("/turing/results.csv", params={"token": TOKEN}).text
+    (row,) = [r for r in csv.DictReader(io.StringIO(text)) if "HYPERLINK" in r["reviewer"]]
+    assert row["reviewer"] == "'" + name
+
+
+def test_uploads_stay_in_memory_and_decodes_are_bounded(serve_inputs, tmp_path, monkeypatch):
+    import tempfile
+    import threading
+    import time
+
+    import melanogan.serve.app as app_mod
+
+    client = _client(serve_inputs, tmp_path / "r.sqlite", max_upload_mb=5)
+    noise = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="JPEG", quality=95)
+    assert len(buf.getvalue()) > 1_500_000  # over Starlette's 1 MB spooling size
+
+    def no_disk(self):
+        raise AssertionError("an upload was spooled to a file on disk")
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", no_disk)
+    r = client.post("/api/predict", files={"file": ("big.jpg", buf.getvalue())})
+    assert r.status_code == 200 and r.json()["width"] == 1200
+
+    state, running, peak = client.app.state.review, [0], [0]
+    lock, real_decode = threading.Lock(), app_mod.decode_image
+
+    def slow_decode(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app_mod, "decode_image", slow_decode)
+    small = io.BytesIO()
+    Image.fromarray(noise[:64, :64]).save(small, format="PNG")
+    threads = [threading.Thread(target=state.predict_upload, args=(small.getvalue(), False)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == app_mod.DECODE_SLOTS  # decodes overlap, but never more than the slots

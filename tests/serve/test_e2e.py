@@ -31,7 +31,11 @@ def browser():
 
 
 def _serve(run: Path, real: Path, syn: Path, db: Path, log: Path):
-    return start_server(["--run", str(run), "--real", str(real), "--synthetic", str(syn), "--db", str(db)], log)
+    return start_server(["--run", str(run), "--real", str(real), "--synthetic", str(syn), "--db", str(db),
+                         "--admin-token", TOKEN], log)
+
+
+TOKEN = "e2e-organiser"
 
 
 def test_upload_predict_turing_results_and_restart(browser, serve_inputs, demo_raw, tmp_path):
@@ -64,7 +68,10 @@ def test_upload_predict_turing_results_and_restart(browser, serve_inputs, demo_r
         page.wait_for_selector("#turing-image")
         assert page.inner_text("#n-done") == "10"
 
+        assert page.locator("a[href*='results']").count() == 0  # reviewers are never pointed at the truth
         page.goto(url + "/turing/results")
+        assert "organiser" in page.inner_text("body")  # 403 without the token
+        page.goto(url + f"/turing/results?token={TOKEN}")
         row = page.locator(".reviewer[data-reviewer='Dr Playwright'] tr[data-group='all images']")
         assert row.locator(".n").inner_text() == "10"
     finally:
@@ -75,7 +82,7 @@ def test_upload_predict_turing_results_and_restart(browser, serve_inputs, demo_r
     server, url = _serve(run, real, syn, db, tmp_path / "server.log")
     page = browser.new_page()
     try:
-        page.goto(url + "/turing/results")
+        page.goto(url + f"/turing/results?token={TOKEN}")
         row = page.locator(".reviewer[data-reviewer='Dr Playwright'] tr[data-group='all images']")
         assert row.locator(".n").inner_text() == "10"
         page.goto(url + "/turing/next?reviewer=Dr%20Playwright")

@@ -52,7 +52,7 @@ def run_tf_peer(python: str, shared: Path) -> str:
     return (out.stdout.strip().splitlines() or [out.stderr.strip()[-300:]])[-1]
 
 
-def run(tf_python: str | None = None, shared: Path | None = None, auc_minutes: float | None = None,
+def run(tf_python: str | None = None, shared: Path | None = Path("../shared"), auc_minutes: float | None = None,
         model: str = "small-cnn", image_size: int = 128, diagnosis_weight: float = 0.5) -> dict:
     results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     if tf_python and shared:

@@ -50,7 +50,8 @@ def time_critic_step(preset: str, resolution: int | None, batch: int, channels_l
     return batch / sorted(times)[len(times) // 2]
 
 
-def run(batch: int = 16, repeats: int = 3, tf_python: str | None = None, shared: Path | None = None) -> dict:
+def run(batch: int = 16, repeats: int = 3, tf_python: str | None = None,
+        shared: Path | None = Path("../shared")) -> dict:
     results: dict = {"batch": batch, "threads": torch.get_num_threads(), "torch": torch.__version__}
     if tf_python and shared:
         out = subprocess.run([tf_python, str(shared / "bench" / "seed_tf.py"), "gan", str(batch)], capture_output=True,

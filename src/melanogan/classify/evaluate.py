@@ -9,7 +9,9 @@ set (same file, same ISIC id or perceptual-hash match): their number is reported
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +20,17 @@ import torch
 
 from melanogan.classify import metrics as M
 from melanogan.classify.train import load_model, predict_logits
+from melanogan.data.cache import Cache, CacheOptions
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, hamming_pairs
-from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.data.manifest import cache_for, load_manifest, manifest_hash
 from melanogan.data.sources import global_isic_id
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
 from melanogan.fileio import read_json, save_figure, write_csv, write_json
+
+ORACLE_NOTE = ("oracle: read off the evaluated images' own ROC curve (chosen with their labels); an upper bound "
+               "that no clinic could set in advance, not comparable with the validation-chosen thresholds")
 
 
 def _clean(obj):
@@ -57,9 +63,29 @@ def overlapping_uids(external: pd.DataFrame, own: pd.DataFrame, phash_distance: 
     return hits
 
 
+def run_cache_options(run_dir: Path) -> CacheOptions:
+    """The preprocessing a classifier run was trained with (recorded in its run.json)."""
+    info = read_json(Path(run_dir) / "run.json")
+    if not info.get("cache_options"):
+        raise MelanoganError(f"{run_dir}/run.json does not record the preprocessing the model was trained with, "
+                             "so it cannot be evaluated on matching pixels; re-train it with this version.")
+    return CacheOptions(**info["cache_options"])
+
+
+def eval_dir_name(data_dir: Path, split: str, external: bool) -> str:
+    """`eval-SPLIT`, or for another DATA_DIR `eval-external-NAME-HASH-SPLIT` (HASH of its resolved path:
+    two external sets in folders of the same name never overwrite each other)."""
+    if not external:
+        return f"eval-{split}"
+    digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
+    return f"eval-external-{Path(data_dir).resolve().name}-{digest}-{split}"
+
+
 def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int = 64,
-                  exclude: set | None = None) -> pd.DataFrame:
-    """Logits for the real, labeled rows of `splits` ('all' = every labeled real row), minus `exclude`."""
+                  exclude: set | None = None, cache: Cache | None = None) -> pd.DataFrame:
+    """Logits for the real, labeled rows of `splits` ('all' = every labeled real row), minus `exclude`.
+    `cache`: the pixels to read (the run's preprocessing; default DATA_DIR's own cache). Scored in
+    fp32, as `predict`, `serve` and exports score: thresholds chosen here hold there."""
     manifest = load_manifest(data_dir)
     manifest = manifest[(manifest["label"].isin([0, 1])) & (manifest["source"] != "synthetic")]
     if exclude:
@@ -68,9 +94,8 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
         manifest = manifest[manifest["split"].isin(splits)]
     if manifest.empty:
         raise MelanoganError(f"{data_dir}: no labeled real images in split {'/'.join(splits)}.")
-    ds = CachedImageDataset(data_dir, "all", transform=eval_preset(cfg.image_size), manifest=manifest)
-    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"),
-                            autocast="bf16" in cfg.precision)
+    ds = CachedImageDataset(data_dir, "all", transform=eval_preset(cfg.image_size), manifest=manifest, cache=cache)
+    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False)
     rows = ds.rows
     return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "source": rows["source"].astype(str),
                          "label": rows["label"].astype(int),
@@ -102,9 +127,13 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
         "pr_auc": M.pr_auc(y, p), "pr_auc_ci95": list(pr_ci), "prevalence": float(y.mean()),
         "thresholds": {name: {**M.confusion_at(y, p, t), "chosen_on": "validation" if name != "fixed_0.5" else "fixed"}
                        for name, t in thresholds.items()},
-        "specificity_at_sensitivity_90": M.specificity_at_sensitivity(y, p, 0.90),
-        "specificity_at_sensitivity_95": M.specificity_at_sensitivity(y, p, 0.95),
-        "sensitivity_at_specificity_80": M.sensitivity_at_specificity(y, p, 0.80),
+        # Read off the evaluated images' own ROC, i.e. chosen with their labels: an oracle, kept for
+        # comparison with papers, never beside the validation-chosen thresholds above.
+        "oracle_operating_points": {
+            "note": ORACLE_NOTE,
+            "specificity_at_sensitivity_90": M.specificity_at_sensitivity(y, p, 0.90),
+            "specificity_at_sensitivity_95": M.specificity_at_sensitivity(y, p, 0.95),
+            "sensitivity_at_specificity_80": M.sensitivity_at_specificity(y, p, 0.80)},
         "calibration": {"temperature": temperature, "brier": M.brier(y, p),
                         "ece": M.expected_calibration_error(y, p, 10),
                         "reliability": {"confidence": rel["confidence"].tolist(), "observed": rel["observed"].tolist(),
@@ -112,22 +141,28 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
     }
 
 
-def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", temperature_scaling: bool = False,
-                 bootstrap: int = 1000, out: Path | None = None) -> dict:
-    """Evaluate RUN_DIR's best checkpoint; writes metrics.json, predictions.csv and plots."""
+def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None = None,
+                 temperature_scaling: bool = False, bootstrap: int = 1000, out: Path | None = None,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate RUN_DIR's best checkpoint on pixels preprocessed as in its training; writes
+    metrics.json, predictions.csv and plots. `split` None: `test` of the run's own data, `all` of
+    another DATA_DIR (an external test set is all of it)."""
     run_dir = Path(run_dir)
-    if split not in ("test", "val", "all"):
-        raise MelanoganError(f"--split {split!r}: use test, val or all.")
     model, cfg, best_state = load_model(run_dir / "best")
     run_info = read_json(run_dir / "run.json")
     own_data = Path(run_info["data_dir"])
     data_dir = Path(data_dir) if data_dir else own_data
     external = data_dir.resolve() != own_data.resolve()
-    val = predict_split(model, cfg, own_data, ["val"])
+    split = split or ("all" if external else "test")
+    if split not in ("test", "val", "all"):
+        raise MelanoganError(f"--split {split!r}: use test, val or all.")
+    options = run_cache_options(run_dir)
+    val = predict_split(model, cfg, own_data, ["val"], cache=cache_for(own_data, options, log))
     overlap: set = set()
     if external:
         overlap = overlapping_uids(load_manifest(data_dir), load_manifest(own_data))
-    test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split], exclude=overlap)
+    test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split], exclude=overlap,
+                         cache=cache_for(data_dir, options, log))
     temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0
     result = clinical_metrics(val, test, temperature, bootstrap=bootstrap, seed=cfg.seed)
     if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
@@ -137,9 +172,9 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
                    "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),
                    "val_auc_at_best": best_state.get("val_auc"),
                    "manifest_hash": manifest_hash(load_manifest(data_dir)), "model": cfg.model,
-                   "image_size": cfg.image_size})
-    name = f"eval-external-{data_dir.name}-{split}" if external else f"eval-{split}"
-    out = Path(out) if out else run_dir / name
+                   "image_size": cfg.image_size, "preprocessing": options.to_dict()})
+    out = Path(out) if out else run_dir / eval_dir_name(data_dir, split, external)
+    result["out"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", test.assign(probability=M.sigmoid(test["logit"] / temperature)))
     write_json(out / "metrics.json", _clean(result))

@@ -57,14 +57,19 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
                 exported = torch.jit.load(str(tmp))(check).detach().numpy()
         max_diff = _check(reference, exported, atol)
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    thresholds = run_dir / "best" / "thresholds.json"
+    try:  # the thresholds of this very checkpoint (recomputed if the stored ones are of another)
+        from melanogan.classify.predict import run_thresholds
+
+        thresholds = run_thresholds(run_dir)
+    except MelanoganError:
+        thresholds = None  # training data not here to choose them: the sidecar says so (null)
     meta = {"format": fmt, "file": str(out), "input": {"name": "image", "shape": ["batch", 3, cfg.image_size,
                                                                                    cfg.image_size],
                                                        "dtype": "float32", "layout": "NCHW RGB"},
             "output": {"name": "logit", "meaning": "melanoma logit; probability = sigmoid(logit)"},
             "preprocessing": {"decode": info.get("cache_options"), "resize_to": cfg.image_size,
                               "scale": "x / 255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-            "thresholds": read_json(thresholds) if thresholds.is_file() else None,
+            "thresholds": thresholds,
             "model": cfg.model, "best_epoch": state.get("epoch"), "max_abs_difference_vs_pytorch": max_diff}
     write_json(out.with_suffix(out.suffix + ".json"), meta)
     return meta

@@ -205,3 +205,54 @@ def summarize(values, level: float = 0.95) -> dict[str, float]:
         return {"mean": float(v[0]), "ci_low": float("nan"), "ci_high": float("nan"), "n": 1}
     half = stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return {"mean": float(v.mean()), "ci_low": float(v.mean() - half), "ci_high": float(v.mean() + half), "n": len(v)}
+
+
+def paired_bootstrap_auc_difference(y, scores_a, scores_b, groups, n: int = 1000, seed: int = 0,
+                                    level: float = 0.95) -> dict[str, float]:
+    """Paired grouped bootstrap of AUC(a) - AUC(b) on the same cases, pooled over runs.
+
+    `scores_a` and `scores_b` are lists (one entry per seed/run) of score arrays for the same cases
+    `y`/`groups`. Each replicate resamples whole groups (patients/lesions: their images are
+    correlated, which DeLong ignores) once, and takes the mean over runs of the AUC differences on
+    that resample. Returns the observed mean difference, the percentile CI and a two-sided p-value
+    ((k + 1) / (n + 1) with k the replicates on the far side of 0, doubled, at most 1)."""
+    y = np.asarray(y).astype(int).ravel()
+    a = [np.asarray(s, dtype=float).ravel() for s in scores_a]
+    b = [np.asarray(s, dtype=float).ravel() for s in scores_b]
+    if len(a) != len(b) or not a or any(len(s) != len(y) for s in a + b):
+        raise ValueError("scores_a and scores_b need one score array per run, each as long as y")
+    observed = float(np.mean([roc_auc(y, sa) - roc_auc(y, sb) for sa, sb in zip(a, b, strict=True)]))
+    groups = np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        yi = y[idx]
+        if _both_classes(yi):
+            values.append(np.mean([roc_auc_score(yi, sa[idx]) - roc_auc_score(yi, sb[idx])
+                                   for sa, sb in zip(a, b, strict=True)]))
+    if len(values) < n // 2:
+        return {"difference": observed, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
+                "replicates": len(values)}
+    v = np.asarray(values)
+    lo, hi = np.percentile(v, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    far = min(int((v <= 0).sum()), int((v >= 0).sum()))
+    p = min(1.0, 2 * (far + 1) / (len(v) + 1))
+    return {"difference": observed, "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
+            "replicates": len(v)}
+
+
+def holm(p_values) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given; NaN stays NaN and is not counted):
+    the i-th smallest of m is multiplied by (m - i + 1), made monotone, capped at 1."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(len(p), np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()

@@ -7,6 +7,7 @@ thresholds are the ones chosen on validation, stored in RUN_DIR/best/thresholds.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch
 
 from melanogan.classify import metrics as M
 from melanogan.classify.train import load_model
-from melanogan.data.cache import CacheOptions
 from melanogan.data.images import ImageRejected, decode_file
+from melanogan.data.manifest import cache_for
 from melanogan.data.sources import IMAGE_EXTENSIONS
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
@@ -26,24 +27,44 @@ from melanogan.fileio import read_json, write_csv, write_json
 THRESHOLD_NAMES = ("val-youden", "val-sens95")
 
 
-def run_thresholds(run_dir: Path) -> dict[str, float]:
-    """Validation-chosen thresholds of a run (computed once from its validation split, then stored)."""
-    path = Path(run_dir) / "best" / "thresholds.json"
-    if path.is_file():
-        return read_json(path)
-    from melanogan.classify.evaluate import predict_split
+def checkpoint_sha256(folder: Path) -> str:
+    """Hash of a checkpoint's weights: what stored thresholds are tied to."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    model, cfg, _ = load_model(Path(run_dir) / "best")
-    data_dir = Path(read_json(Path(run_dir) / "run.json")["data_dir"])
+
+def run_thresholds(run_dir: Path, log=None) -> dict[str, float]:
+    """Validation-chosen thresholds of a run's best checkpoint, stored in best/thresholds.json with
+    the checkpoint's hash. A stored file of another checkpoint (e.g. `best/` improved by --resume) is
+    recomputed, never used: its thresholds belong to another model. Scores are fp32, as `predict`'s."""
+    run_dir = Path(run_dir)
+    path = run_dir / "best" / "thresholds.json"
+    current = checkpoint_sha256(run_dir / "best")
+    if path.is_file():
+        stored = read_json(path)
+        if stored.get("checkpoint_sha256") == current:
+            return {k: float(stored[k]) for k in THRESHOLD_NAMES}
+        if log:
+            log(f"{path} belongs to another checkpoint than {run_dir / 'best'}; choosing the thresholds again")
+    from melanogan.classify.evaluate import predict_split, run_cache_options
+
+    model, cfg, _ = load_model(run_dir / "best")
+    data_dir = Path(read_json(run_dir / "run.json")["data_dir"])
     if not (data_dir / "manifest.parquet").is_file():
-        raise MelanoganError(f"{run_dir}: thresholds were never stored and the training data ({data_dir}) is not "
-                             "here to choose them; pass --threshold with a number (e.g. 0.5).")
-    val = predict_split(model, cfg, data_dir, ["val"])
-    p = M.sigmoid(val["logit"].to_numpy())
-    y = val["label"].to_numpy()
-    thresholds = {"val-youden": M.threshold_youden(y, p), "val-sens95": M.threshold_for_sensitivity(y, p, 0.95)}
-    write_json(path, thresholds)
+        raise MelanoganError(f"{run_dir}: thresholds for this checkpoint were never stored and the training data "
+                             f"({data_dir}) is not here to choose them; pass --threshold with a number (e.g. 0.5).")
+    val = predict_split(model, cfg, data_dir, ["val"], cache=cache_for(data_dir, run_cache_options(run_dir), log))
+    thresholds = choose_thresholds(val["label"].to_numpy(), M.sigmoid(val["logit"].to_numpy()))
+    write_json(path, {**thresholds, "checkpoint_sha256": current, "chosen_on": "validation", "precision": "32"})
     return thresholds
+
+
+def choose_thresholds(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """The named operating points, chosen on validation labels `y` and probabilities `p`."""
+    return {"val-youden": M.threshold_youden(y, p), "val-sens95": M.threshold_for_sensitivity(y, p, 0.95)}
 
 
 def resolve_threshold(run_dir: Path, threshold: str) -> tuple[str, float]:
@@ -78,9 +99,9 @@ class Predictor:
     def __init__(self, run_dir: Path, device: str = "cpu"):
         self.run_dir = Path(run_dir)
         self.model, self.cfg, _ = load_model(self.run_dir / "best", device)
-        info = read_json(self.run_dir / "run.json")
-        opts = info.get("cache_options") or {"size": max(self.cfg.image_size, 128)}
-        self.options = CacheOptions(**opts)
+        from melanogan.classify.evaluate import run_cache_options
+
+        self.options = run_cache_options(self.run_dir)
         self.transform = eval_preset(self.cfg.image_size)
         self.device = torch.device(device)
 

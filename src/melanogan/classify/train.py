@@ -30,7 +30,8 @@ from melanogan import __version__
 from melanogan.classify.metrics import pr_auc, roc_auc
 from melanogan.classify.models import Classifier, create_classifier
 from melanogan.data.dataset import CachedImageDataset
-from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.data.manifest import default_cache, load_manifest, manifest_hash
+from melanogan.data.synthetic import check_synthetic_space
 from melanogan.data.transforms import eval_preset, train_preset
 from melanogan.errors import MelanoganError
 from melanogan.fileio import append_jsonl, atomic_path, read_json, save_figure, write_json, write_text
@@ -55,13 +56,16 @@ class TrainConfig(BaseModel):
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
     sampler: Literal["none", "balanced"] = "none"
-    augment: Literal["none", "classic", "strong"] = "none"
+    # classic by default: the recommended setting (README, "Models that travel").
+    augment: Literal["none", "classic", "strong"] = "classic"
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
     # Auxiliary target: each training image's own diagnosis (manifest `diagnosis`, per source),
-    # weighted against the melanoma loss; 0 = off. The classes are filled in from the training split
-    # when a run starts and recorded here, so that a checkpoint rebuilds the same model.
-    diagnosis_weight: float = Field(0.0, ge=0.0)
+    # weighted against the melanoma loss; 0 = off; None (default) = RECOMMENDED_DIAGNOSIS_WEIGHT when
+    # the training split has at least 2 known diagnoses, else off (said in the run's notes). The
+    # resolved weight and the classes are filled in when a run starts and recorded here, so that a
+    # checkpoint rebuilds the same model.
+    diagnosis_weight: float | None = Field(None, ge=0.0)
     diagnosis_classes: list[str] = Field(default_factory=list)
     seed: int = 0
     workers: int = 1
@@ -81,7 +85,9 @@ def check_synthetic_manifest(syn_dir: Path) -> pd.DataFrame:
     return m
 
 
-UNKNOWN_DIAGNOSES = {"", "unknown", "nan", "none"}
+UNKNOWN_DIAGNOSES = {"", "unknown", "nan", "none", "unlabeled"}
+# Measured: external AUC +0.014 and +0.023 on two seeds, HAM10000 -> ISIC 9-class set (README).
+RECOMMENDED_DIAGNOSIS_WEIGHT = 0.5
 IGNORE = -100  # diagnosis index of an image without a known diagnosis (synthetic ones included)
 
 
@@ -125,8 +131,10 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     diagnosis index)) and validation set (eval preset)."""
     train_tf = train_preset(cfg.image_size, cfg.augment)
     parts = [CachedImageDataset(data_dir, "train", transform=train_tf, labels=[0, 1])]
+    data_options = default_cache(data_dir).options
     for syn in cfg.synthetic:
         manifest = check_synthetic_manifest(Path(syn))
+        check_synthetic_space(Path(syn), data_options)
         parts.append(CachedImageDataset(syn, "train", transform=train_tf, manifest=manifest))
     val = CachedImageDataset(data_dir, "val", transform=eval_preset(cfg.image_size), labels=[0, 1])
     labels = np.concatenate([p.labels for p in parts])
@@ -257,7 +265,7 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     `stop_after_epochs` pauses this invocation after that many epochs (resumable with `resume`)."""
     from lightning_fabric import Fabric
 
-    fabric_prec = fabric_precision(cfg.precision)
+    fabric_prec = fabric_precision(cfg.precision, accelerator)
     run_dir = Path(run_dir)
     if resume:
         if not (run_dir / "last" / "state.json").is_file():
@@ -266,14 +274,32 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     elif (run_dir / "stats.jsonl").is_file():
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
     train_set, _, _ = build_datasets(data_dir, cfg)  # fail early with a clear message
-    if cfg.diagnosis_weight and not cfg.diagnosis_classes:
-        classes = diagnosis_classes(train_set.datasets[0].dataset.rows)  # the real training split's rows
-        if len(classes) < 2:
-            raise MelanoganError(f"{data_dir}: --diagnosis-weight needs at least 2 known diagnoses in the training "
-                                 f"split (found {classes or 'none'} in the manifest's `diagnosis` column).")
-        cfg = cfg.model_copy(update={"diagnosis_classes": classes})
+    cfg, notes = resolve_diagnosis_head(cfg, train_set.datasets[0].dataset.rows, data_dir)  # real training rows
     fabric = Fabric(accelerator=accelerator, devices=devices, precision=fabric_prec, strategy=ddp_strategy(devices))
-    return fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
+    summary = fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
+    return {**summary, "notes": notes}
+
+
+def resolve_diagnosis_head(cfg: TrainConfig, train_rows: pd.DataFrame, data_dir: Path) -> tuple[TrainConfig, list]:
+    """Fill in the diagnosis weight (None = recommended where the data allows) and its classes."""
+    if cfg.diagnosis_classes and cfg.diagnosis_weight is not None:
+        return cfg, []  # resumed: already resolved
+    classes = diagnosis_classes(train_rows)
+    notes = []
+    weight = cfg.diagnosis_weight
+    if weight is None:
+        if len(classes) >= 2:
+            weight = RECOMMENDED_DIAGNOSIS_WEIGHT
+            notes.append(f"auxiliary diagnosis head on (weight {weight}, {len(classes)} diagnoses in the training "
+                         "split); --diagnosis-weight 0 turns it off.")
+        else:
+            weight = 0.0
+            notes.append(f"auxiliary diagnosis head off: the training split has {len(classes)} known diagnosis(es) "
+                         "(it needs 2 or more in the manifest's `diagnosis` column).")
+    elif weight and len(classes) < 2:
+        raise MelanoganError(f"{data_dir}: --diagnosis-weight needs at least 2 known diagnoses in the training "
+                             f"split (found {classes or 'none'} in the manifest's `diagnosis` column).")
+    return cfg.model_copy(update={"diagnosis_weight": weight, "diagnosis_classes": classes if weight else []}), notes
 
 
 def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool, progress: bool,

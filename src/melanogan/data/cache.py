@@ -43,7 +43,9 @@ class CacheOptions:
     size: int = 256
     resize_mode: ResizeMode = ResizeMode.crop
     hair_removal: bool = False
-    color_constancy: bool = False
+    # On by default: Shades of Gray was the largest measured factor in external AUC, in both
+    # directions between HAM10000 and the ISIC archive (README, "Models that travel").
+    color_constancy: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
@@ -73,6 +75,12 @@ class CacheOptions:
     def decode_kwargs(self) -> dict:
         return {"resize_mode": self.resize_mode, "hair_removal": self.hair_removal,
                 "color_constancy": self.color_constancy, "max_pixels": self.max_pixels}
+
+
+def default_workers() -> int:
+    """Decoding processes when none are asked for: one per core, at most 2 (more rarely pays on the
+    small machines this is tuned for, and each worker holds a full-size decode in memory)."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def file_signature(path: str) -> str:

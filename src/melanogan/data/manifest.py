@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from melanogan import __version__
-from melanogan.data.cache import Cache, CacheOptions, build_cache
+from melanogan.data.cache import Cache, CacheOptions, build_cache, default_workers
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, UnionFind, near_duplicate_pairs
 from melanogan.data.sources import DEFAULT_MELANOMA_FOLDERS, global_isic_id, read_source
 from melanogan.data.splits import SplitFractions, assign_splits
@@ -57,6 +57,34 @@ def default_cache(data_dir: Path) -> Cache:
     if not info_path.is_file():
         raise DataError(f"{info_path}: not found; {data_dir} was not made by `melanogan prepare`.")
     return Cache.open(Path(data_dir) / read_json(info_path)["cache"])
+
+
+def cache_for(data_dir: Path, options: CacheOptions, log: Callable[[str], None] | None = None,
+              on_progress: Callable[[int, int], None] | None = None, workers: int = 0) -> Cache:
+    """DATA_DIR's images preprocessed with `options`: the default cache when its options are these,
+    else `cache/<options.name>/`, built with prepare's machinery the first time (resumable, reused
+    after). A model must see the preprocessing it was trained with, whatever DATA_DIR was prepared with."""
+    data_dir = Path(data_dir)
+    cache = default_cache(data_dir)
+    if cache.options == options:
+        return cache
+    root = data_dir / "cache" / options.name
+    rows = load_manifest(data_dir)
+    rows = rows[rows["source"] != "synthetic"][["uid", "path"]]
+    if (root / "meta.json").is_file():
+        existing = Cache.open(root)
+        if set(rows["uid"]) <= set(existing.index.loc[existing.index["slot"] >= 0, "uid"]):
+            return existing
+    if log:
+        log(f"{data_dir} was prepared with other options ({cache.options.name}); caching its {len(rows)} images with "
+            f"the model's preprocessing in {root} (once; reused next time)")
+    built = build_cache(root, rows, options, workers=workers or default_workers(), on_progress=on_progress)
+    bad = built.index[built.index["status"] != "ok"]
+    if len(bad):
+        raise DataError(f"{data_dir}: {len(bad)} image(s) could not be decoded again for {root} (e.g. "
+                        f"{bad['path'].iat[0]}: {bad['status'].iat[0]} {bad['detail'].iat[0]}). Re-run `melanogan "
+                        "prepare` for this DATA_DIR.")
+    return built
 
 
 def _name_sources(kinds: list[str]) -> list[str]:
@@ -117,12 +145,13 @@ def prepare(
     options: CacheOptions = CacheOptions(),
     fractions: SplitFractions = SplitFractions(),
     seed: int = 0,
-    workers: int = 1,
+    workers: int = 0,
     melanoma_folders: tuple[str, ...] = DEFAULT_MELANOMA_FOLDERS,
     phash_distance: int = DEFAULT_PHASH_DISTANCE,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PrepareResult:
-    """Read sources, decode every image once into the cache, and write the manifest and reports."""
+    """Read sources, decode every image once into the cache, and write the manifest and reports.
+    `workers` 0: `default_workers()`."""
     if not sources:
         raise DataError("no --source given; pass at least one KIND=PATH (e.g. --source ham10000=/data/HAM10000).")
     out = Path(out)
@@ -142,7 +171,8 @@ def prepare(
                               "detail": "listed in the label file but no image file was found"})]
     candidates = rows.loc[~missing]
     cache_root = out / "cache" / options.name
-    cache = build_cache(cache_root, candidates[["uid", "path"]], options, workers=workers, on_progress=on_progress)
+    cache = build_cache(cache_root, candidates[["uid", "path"]], options, workers=workers or default_workers(),
+                        on_progress=on_progress)
     facts = cache.index.drop(columns=["path", "slot", "signature"]).drop_duplicates("uid").set_index("uid")
     merged = candidates.join(facts, on="uid")
     bad = merged["status"] != "ok"

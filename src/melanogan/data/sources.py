@@ -145,7 +145,8 @@ def _siim_rows(df: pd.DataFrame, labels: np.ndarray, images: dict[str, str], unl
     if "diagnosis" in df.columns:
         diagnosis = df["diagnosis"].fillna("unknown").str.strip()
     else:
-        diagnosis = pd.Series(np.where(labels == 1, "melanoma", "benign"), index=df.index)
+        # Derived from the label only: not a diagnosis the auxiliary head could learn anything from.
+        diagnosis = pd.Series(np.where(labels == 1, "melanoma", "unknown"), index=df.index)
     if unlabeled:
         diagnosis = pd.Series(["unlabeled"] * len(df), index=df.index)
     patient = df["patient_id"].str.strip()

@@ -60,12 +60,16 @@ def _grid(images: list[np.ndarray], cols: int = 8, tile: int = 96) -> np.ndarray
     return grid
 
 
-def evaluate_gan(syn_dir: Path, real_dir: Path, out: Path, split: str = "train", features: list[str] | None = None,
+def evaluate_gan(syn_dir: Path, real_dir: Path, out: Path, split: str = "val", features: list[str] | None = None,
                  inception_weights: str | None = None, n_pairs: int = 200, seed: int = 0) -> dict:
-    """Compute every quality view per synthetic class; write OUT/quality.json and OUT/quality.html."""
+    """Compute every quality view per synthetic class; write OUT/quality.json and OUT/quality.html.
+
+    Fidelity and diversity are measured against real images of `split`, by default validation images
+    the GAN never saw: against its own training images a generator that copies them would score best.
+    Memorisation is always checked against the training split."""
     syn_dir, real_dir, out = Path(syn_dir), Path(real_dir), Path(out)
     if split not in ("train", "val", "test"):
-        raise MelanoganError(f"--split {split!r}: use train, val or test.")
+        raise MelanoganError(f"--split {split!r}: use val (default), test or train.")
     features = features or ["pixels"]
     syn_manifest = load_manifest(syn_dir)
     extractors = [create_extractor(f, inception_weights) for f in features]

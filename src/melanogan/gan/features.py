@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from melanogan.data.dataset import CachedImageDataset
@@ -40,6 +39,8 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> (N, D) float features."""
+        if self.name == "inception":  # the FID network takes uint8 at any size and resizes like TF
+            return self.fn(images_uint8)[0].float()
         x = images_uint8.float() / 255.0
         if self.name == "pixels":
             return F.interpolate(x, size=(self.input_size, self.input_size), mode="area").flatten(1)
@@ -50,34 +51,55 @@ class FeatureExtractor:
         return self.fn((x - mean) / std).float()
 
 
-def _inception(weights: str | None) -> FeatureExtractor:
-    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-    if weights:
-        from melanogan.classify.models import read_weights_file
+# The standard FID network: TF-Inception (2015-12-05) as converted by torch-fidelity, the weights and
+# TF-compatible resizing that pytorch-fid, torch-fidelity and clean-fid's legacy mode share, so our
+# FID can be compared with a paper's.
+FID_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                   "weights-inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
-        state = read_weights_file(Path(weights))
-        origin = str(weights)
-    else:
-        enum = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+
+def fid_inception_state(weights: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The FID Inception state dict: from `weights` (.safetensors or a torch file of tensors), else
+    from the torch hub cache, else downloaded into it. Read as tensors only, never unpickled."""
+    from melanogan.classify.models import read_weights_file
+
+    if weights:
+        return read_weights_file(Path(weights)), str(weights)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            state = enum.get_state_dict(progress=False, check_hash=False)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), progress=False)
         except Exception as exc:
             raise MelanoganError(
-                f"could not get Inception-v3 weights ({type(exc).__name__}: {exc}). Offline? Download {enum.url} "
-                "(or the standard FID file pt_inception-2015-12-05-6726825d.pth) on a machine that is online and "
-                "pass it with --inception-weights PATH.") from exc
-        origin = "torchvision IMAGENET1K_V1"
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise MelanoganError(f"{origin}: not Inception-v3 weights (missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}).")
-    model.fc = nn.Identity()
-    model.eval()
+                f"could not download the FID Inception weights ({type(exc).__name__}: {exc}). Offline? Download "
+                f"{FID_WEIGHTS_URL} on a machine that is online and pass it with --inception-weights FILE (or put it "
+                f"at {path}).") from exc
+    return read_weights_file(path), FID_WEIGHTS_URL
+
+
+def _inception(weights: str | None) -> FeatureExtractor:
+    import tempfile
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    state, origin = fid_inception_state(weights)
+    # torch-fidelity unpickles the file it is given (weights_only=False): it only ever gets this one,
+    # written here from the tensors just read safely.
+    with tempfile.TemporaryDirectory() as tmp:
+        own = Path(tmp) / "inception.pth"
+        torch.save({k: v.contiguous() for k, v in state.items()}, own)
+        try:
+            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                feature_extractor_weights_path=str(own))
+        except RuntimeError as exc:
+            raise MelanoganError(f"{origin}: not the FID Inception-v3 weights ({str(exc).splitlines()[0][:300]}). "
+                                 f"Use {FID_WEIGHTS_FILE} ({FID_WEIGHTS_URL}).") from exc
     digest = hashlib.sha256(b"".join(v.numpy().tobytes()[:4096] for v in list(state.values())[:8])).hexdigest()[:12]
-    return FeatureExtractor("inception", 299, "bilinear-antialias", model, origin, {"weights_digest": digest,
-                                                                                   "layer": "pool3 (2048-d)"})
+    return FeatureExtractor("inception", 299, "tf1-bilinear (torch-fidelity)", model, origin,
+                            {"weights_digest": digest, "layer": "pool3 (2048-d)",
+                             "network": "torch-fidelity inception-v3-compat"})
 
 
 def _classifier(run_dir: Path) -> FeatureExtractor:

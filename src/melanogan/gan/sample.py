@@ -21,6 +21,7 @@ from PIL import Image
 from melanogan import __version__
 from melanogan.data.cache import CacheOptions, build_cache
 from melanogan.data.manifest import MANIFEST, MANIFEST_COLUMNS
+from melanogan.data.synthetic import SYNTHETIC_FORMAT, synthetic_decode_options
 from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
 from melanogan.gan.checkpoint import checkpoint_hash, latest_checkpoint, load_checkpoint
@@ -90,8 +91,11 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
                 rows.append({"image_id": image_id, "path": str(path.resolve()), "noise_index": i})
     table = pd.DataFrame(rows)
     table["uid"] = SYNTHETIC_SOURCE + ":" + table["image_id"]
-    cache_root = out / "cache" / options.name
-    cache = build_cache(cache_root, table[["uid", "path"]], options)
+    # The generator learned the real cache's pixels, colour constancy and hair removal included: its
+    # images are already in that space, and applying either again would shift them away from it.
+    decode = synthetic_decode_options(options)
+    cache_root = out / "cache" / decode.name
+    cache = build_cache(cache_root, table[["uid", "path"]], decode)
     facts = cache.index.set_index("uid")
     bad = facts[facts["status"] != "ok"]
     if len(bad):
@@ -111,11 +115,13 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
         manifest = pd.concat([old[~old["uid"].isin(manifest["uid"])], manifest], ignore_index=True)
         if len(manifest) != len(old) + len(table) - old["uid"].isin(table["uid"]).sum():
             raise MelanoganError(f"{existing}: inconsistent synthetic manifest; use a new --out.")
-        cache = build_cache(cache_root, manifest[["uid", "path"]], options)
+        cache = build_cache(cache_root, manifest[["uid", "path"]], decode)
     write_parquet(existing, manifest)
     write_json(out / "prepare.json", {
-        "melanogan_version": __version__, "kind": "synthetic", "cache": str(cache_root.relative_to(out)),
-        "cache_options": options.to_dict(), "gan_run": str(run_dir.resolve()), "checkpoint": str(ckpt),
+        "melanogan_version": __version__, "kind": "synthetic", "synthetic_format": SYNTHETIC_FORMAT,
+        "cache": str(cache_root.relative_to(out)),
+        "cache_options": options.to_dict(), "decode_options": decode.to_dict(), "gan_run": str(run_dir.resolve()),
+        "checkpoint": str(ckpt),
         "checkpoint_hash": ck_hash, "trained_on_split": run_info.get("trained_on_split", "train"),
         "real_data_dir": str(data_dir), "counts": json.loads(manifest["label"].value_counts().to_json()),
     })

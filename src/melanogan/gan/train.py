@@ -29,7 +29,7 @@ from melanogan import __version__
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.data.transforms import eval_preset
-from melanogan.errors import MelanoganError
+from melanogan.errors import DataError, MelanoganError
 from melanogan.fileio import append_jsonl, atomic_path, save_figure, write_json, write_text
 from melanogan.gan.checkpoint import build_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from melanogan.gan.config import GanConfig
@@ -198,7 +198,7 @@ def train_gan(
     accelerator: str = "auto",
     devices: int = 1,
     num_nodes: int = 1,
-    precision: str = "32",
+    precision: str = "bf16-mixed",
     progress: bool = True,
     stop_after: int | None = None,
     resume_steps: int | None = None,
@@ -208,7 +208,7 @@ def train_gan(
     invocation after that many steps (the run stays resumable): for time-boxed CPU sessions."""
     from lightning_fabric import Fabric
 
-    fabric_prec = fabric_precision(precision)
+    fabric_prec = fabric_precision(precision, accelerator)
     run_dir = Path(run_dir)
     cfg, ckpt = prepare_run_dir(run_dir, cfg, resume, resume_steps)
     BatchSource(data_dir, cfg)  # fail early, in the launching process, on an empty class
@@ -362,8 +362,9 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
 
 
 class KidTracker:
-    """KID of generated melanomas against the training melanomas every `kid_every` steps, logged to
-    RUN_DIR/kid.jsonl; `improved` tells whether the last value is the best so far."""
+    """KID of generated melanomas against the validation melanomas (images the GAN never trains on:
+    against its own training images, copying them would look best) every `kid_every` steps, logged
+    to RUN_DIR/kid.jsonl; `improved` tells whether the last value is the best so far."""
 
     def __init__(self, data_dir: Path, cfg: GanConfig, run_dir: Path):
         from melanogan.gan.features import create_extractor, dataset_features
@@ -371,7 +372,14 @@ class KidTracker:
         self.cfg, self.run_dir = cfg, run_dir
         self.label = 1 if 1 in cfg.classes else cfg.classes[0]
         self.extractor = create_extractor(cfg.kid_features)
-        real = CachedImageDataset(data_dir, "train", labels=[self.label])
+        try:
+            real = CachedImageDataset(data_dir, "val", labels=[self.label])
+        except DataError as exc:
+            raise MelanoganError(f"{data_dir}: kid_every needs real validation images of class {self.label} to "
+                                 f"select the best checkpoint by ({exc}); pass --kid-every 0.") from exc
+        if len(real) < 2:
+            raise MelanoganError(f"{data_dir}: the validation split has {len(real)} image(s) of class {self.label}; "
+                                 "KID needs at least 2. Pass --kid-every 0, or prepare with a larger --val.")
         self.real = dataset_features(real, self.extractor, cache_dir=Path(data_dir) / "features")
         self.best = math.inf
         self.improved = False
@@ -400,7 +408,7 @@ class KidTracker:
         self.improved = value < self.best
         self.best = min(self.best, value)
         append_jsonl(self.run_dir / "kid.jsonl", {"step": step, "kid": value, "features": self.extractor.name,
-                                                 "best": self.improved})
+                                                 "reference": "val", "best": self.improved})
         return value
 
 

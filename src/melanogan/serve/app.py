@@ -1,9 +1,12 @@
 """The FastAPI application behind `melanogan serve`.
 
-Pages are rendered on the server (Jinja2, no front-end build). Uploaded bytes are decoded in memory
-with the same guarded decoder as `prepare` (size limit, decompression-bomb check) and never written
-to disk; uploaded file names are never used. Images shown to reviewers are addressed by random item
-ids held in SQLite, so a page reveals neither a path nor whether an image is real or synthetic.
+Pages are rendered on the server (Jinja2, no front-end build). Uploaded bytes are parsed and decoded
+in memory (the multipart parser never spools them to a file: the body limit caps their size) with the
+same guarded decoder as `prepare` (size limit, decompression-bomb check), a few decodes at a time;
+uploaded file names are never used. Images shown to reviewers are addressed by random ids that
+differ per reviewer, so a page reveals neither a path nor whether an image is real or synthetic, and
+reviewers cannot pool answers by id. Results and CSVs need the organiser's token; POSTs from other
+sites and requests for unknown Host names are refused.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import csv
 import io
 import math
 import random
+import secrets
 import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import torch
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from melanogan import __version__
 from melanogan.classify import metrics as M
@@ -37,6 +43,11 @@ from melanogan.serve.store import ReviewStore
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_PIXELS = 100_000_000  # a 10,000 x 10,000 image; larger headers are decompression bombs
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields around an upload
+# Concurrent decodes: each may hold up to max_pixels x 3 bytes (300 MB at the default) while it runs,
+# so 40 large uploads at once wait their turn instead of exhausting memory.
+DECODE_SLOTS = 2
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 DIAGNOSES = ("melanoma", "nevus", "seborrheic or benign keratosis", "basal cell carcinoma",
              "squamous cell carcinoma", "actinic keratosis", "dermatofibroma", "vascular lesion", "other", "unsure")
 _TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -63,6 +74,52 @@ class ServeConfig:
     turing_per_class: int = 200
     review_items: int = 200
     device: str = "cpu"
+    admin_token: str | None = None  # organiser's token for results and CSVs; None: a random one per start
+    host: str = "127.0.0.1"  # the address served on: requests must name it (or a loopback name) as Host
+    allowed_hosts: tuple[str, ...] = ()  # further Host names clients use (needed when bound to 0.0.0.0)
+
+    def hosts(self) -> set[str]:
+        """Host names a request may carry (DNS-rebinding defence)."""
+        names = {*LOOPBACK_HOSTS, *self.allowed_hosts}
+        if self.host not in ("0.0.0.0", "::", ""):
+            names.add(self.host)
+        return {n.strip("[]").lower() for n in names}
+
+
+def _hostname(netloc: str) -> str:
+    """`host:port` or `[v6]:port` -> host, lower case."""
+    try:
+        return (urlsplit(f"//{netloc}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+class SiteGuard:
+    """ASGI middleware against other web pages and DNS rebinding: a request whose Host is not one of
+    ours gets 400; a POST whose Origin (or, without one, Referer) is not this server gets 403.
+    Browsers send Origin with every cross-site POST, so a page elsewhere cannot submit answers to
+    127.0.0.1; clients that send neither (curl, scripts) are not a browser acting for someone."""
+
+    def __init__(self, app, hosts: set[str]):
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if _hostname(host) not in self.hosts:
+            response = _error_response(scope["path"], 400, f"Unknown host {host[:80]!r}: this server answers to "
+                                       f"{', '.join(sorted(self.hosts))} (see --allowed-host).")
+            return await response(scope, receive, send)
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get("origin") or headers.get("referer")
+            if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host.lower()):
+                response = _error_response(scope["path"], 403, "Cross-site request refused: answers can only be "
+                                           "sent from this server's own pages.")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -135,6 +192,8 @@ class ReviewApp:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
+        self.admin_token = cfg.admin_token or secrets.token_urlsafe(18)
+        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self.predictor = Predictor(cfg.run_dir, device=cfg.device)
         self.threshold_name, self.threshold = resolve_threshold(cfg.run_dir, cfg.threshold)
         self.model_lock = threading.Lock()  # Grad-CAM hooks the model: one request at a time uses it
@@ -192,7 +251,8 @@ class ReviewApp:
             raise UserError(400, "The upload is empty: choose a dermoscopic image file.")
         opts = self.predictor.options
         try:
-            decoded = decode_image(data, opts.size, **{**opts.decode_kwargs(), "max_pixels": self.cfg.max_pixels})
+            with self.decode_slots:
+                decoded = decode_image(data, opts.size, **{**opts.decode_kwargs(), "max_pixels": self.cfg.max_pixels})
         except ImageRejected as exc:
             status = {"decompression-bomb": 413, "not-an-image": 415}.get(exc.reason, 422)
             raise UserError(status, f"Not a usable image ({exc.reason}): {exc.detail}. "
@@ -222,10 +282,12 @@ class ReviewApp:
         x = self.predictor.transform(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
         return self.score(pixels, x)
 
-    def item(self, task: str, item_id: str, hint: str = ""):
-        """The item behind a random id, if it belongs to `task` and to a dataset this server shows."""
-        item = self.store.item(item_id)
-        if item is not None and item["task"] == task:
+    def item(self, task: str, public_id: str, hint: str = "", reviewer: str | None = None):
+        """The item behind a reviewer's public id, if it belongs to `task` (and to `reviewer` when given)
+        and to a dataset this server shows."""
+        owner = self.store.resolve_public(public_id)
+        item = self.store.item(owner["item_id"]) if owner is not None else None
+        if item is not None and item["task"] == task and reviewer in (None, owner["reviewer"]):
             pool = self.synthetic if item["pool"] == "synthetic" else self.real
             if pool is not None and pool.key == item["dataset"]:
                 return item
@@ -239,6 +301,11 @@ class ReviewApp:
         pools = {(p.kind, p.key): p for p in (self.real, self.synthetic)}
         return [i for i in self.store.items("turing")
                 if (i["pool"], i["dataset"]) in pools and pools[(i["pool"], i["dataset"])].has(i["uid"])]
+
+    def check_token(self, token: str | None) -> None:
+        if not token or not secrets.compare_digest(token.encode(), self.admin_token.encode()):
+            raise UserError(403, "Results are for the organiser: open the results link that `melanogan serve` "
+                                 "printed when it started (it carries the organiser token).")
 
     def pool_of(self, item) -> ImagePool:
         pool = self.synthetic if item["pool"] == "synthetic" else self.real
@@ -302,12 +369,20 @@ def review_summary(rows) -> list[dict]:
     return out
 
 
+def csv_safe(value):
+    """A text cell a spreadsheet would run as a formula (=, +, -, @, tab, CR first) gets a leading
+    apostrophe; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 def _csv_response(rows, filename: str) -> Response:
     buf = io.StringIO()
     writer = csv.writer(buf)
     if rows:
         writer.writerow(rows[0].keys())
-        writer.writerows([tuple(r) for r in rows])
+        writer.writerows([tuple(csv_safe(v) for v in r) for r in rows])
     return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
@@ -316,13 +391,38 @@ def _data_uri(png: bytes | None) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode() if png else ""
 
 
+async def read_upload(request: Request, max_bytes: int) -> bytes:
+    """The `file` part of a multipart upload, held in memory: Starlette's parser would spool parts over
+    1 MB to a temporary file on disk; BodyLimit has already capped the whole body at `max_bytes`."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UserError(415, "Send the image as multipart/form-data with a field named `file`.")
+    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=16)
+    parser.spool_max_size = max_bytes + 1  # larger than any body BodyLimit lets through: never rolls over
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise UserError(400, f"Not a valid upload ({exc}).") from exc
+    try:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise UserError(422, "No image in the upload: send it in a form field named `file`.")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "a dermoscopic image"}}}}}}}
+
+
 def create_app(cfg: ServeConfig) -> FastAPI:
     """Build the app (loads the model and opens the database once)."""
     state = ReviewApp(cfg)
     app = FastAPI(title="melanogan", version=__version__, docs_url="/api/docs", redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.review = state
-    max_bytes = int(cfg.max_upload_mb * 1e6)
+    max_bytes = int(cfg.max_upload_mb * 1e6) + FORM_OVERHEAD
 
     def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         return _TEMPLATES.TemplateResponse(request, name, {"version": __version__, "app": state, **context},
@@ -351,17 +451,17 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     def predict_form(request: Request):
         return page(request, "predict.html", result=None, max_mb=cfg.max_upload_mb)
 
-    @app.post("/predict", response_class=HTMLResponse)
-    def predict_page(request: Request, file: UploadFile = File(...)):
-        result = state.predict_upload(file.file.read())
+    @app.post("/predict", response_class=HTMLResponse, openapi_extra=_UPLOAD_SCHEMA)
+    async def predict_page(request: Request):
+        result = await run_in_threadpool(state.predict_upload, await read_upload(request, max_bytes))
         return page(request, "predict.html", max_mb=cfg.max_upload_mb,
                     result={**result, "image": _data_uri(png_bytes(result["pixels"])),
                             "gradcam": _data_uri(result["gradcam_png"])})
 
-    @app.post("/api/predict")
-    def predict_api(file: UploadFile = File(...), gradcam: bool = Query(False)):
+    @app.post("/api/predict", openapi_extra=_UPLOAD_SCHEMA)
+    async def predict_api(request: Request, gradcam: bool = Query(False)):
         """Probability, decision and threshold as JSON (`gradcam=true` adds the overlay as base64 PNG)."""
-        result = state.predict_upload(file.file.read(), with_cam=gradcam)
+        result = await run_in_threadpool(state.predict_upload, await read_upload(request, max_bytes), gradcam)
         body = {k: result[k] for k in ("probability", "decision", "threshold", "threshold_name", "width", "height")}
         if gradcam:
             body["gradcam_png_base64"] = base64.b64encode(result["gradcam_png"]).decode()
@@ -378,8 +478,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         item, n_done = state.next_turing_item(reviewer)
         if item is None:
             return page(request, "done.html", reviewer=reviewer, n_done=n_done, task="turing")
-        return page(request, "turing_item.html", reviewer=reviewer, item=item, n_done=n_done,
-                    size=state.display_size)
+        return page(request, "turing_item.html", reviewer=reviewer, public_id=state.store.public_id(
+            reviewer, item["item_id"]), n_done=n_done, size=state.display_size)
 
     @app.post("/turing/answer")
     def turing_answer(reviewer: str = Form(""), item_id: str = Form(...), answer: str = Form(...),
@@ -389,8 +489,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise UserError(422, f"answer must be 'real' or 'synthetic', not {answer[:20]!r}.")
         if not 1 <= confidence <= 5:
             raise UserError(422, f"confidence must be 1 to 5, not {confidence}.")
-        state.item("turing", item_id, " Reload the Turing test page.")
-        state.store.add_turing_answer(reviewer, item_id, answer, confidence)  # a repeated submit changes nothing
+        item = state.item("turing", item_id, " Reload the Turing test page.", reviewer=reviewer)
+        state.store.add_turing_answer(reviewer, item["item_id"], answer, confidence)  # a resubmit changes nothing
         return RedirectResponse(f"/turing/next?{_query(reviewer)}", status_code=303)
 
     @app.get("/turing/image/{item_id}")
@@ -401,11 +501,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                         headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/turing/results", response_class=HTMLResponse)
-    def turing_results(request: Request):
-        return page(request, "turing_results.html", summary=turing_summary(state.store.turing_answers()))
+    def turing_results(request: Request, token: str = Query("")):
+        state.check_token(token)
+        return page(request, "turing_results.html", summary=turing_summary(state.store.turing_answers()), token=token)
 
     @app.get("/turing/results.csv")
-    def turing_csv():
+    def turing_csv(token: str = Query("")):
+        state.check_token(token)
         return _csv_response(state.store.turing_answers(), "turing_answers.csv")
 
     # prediction review -----------------------------------------------------------------------
@@ -423,6 +525,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             return page(request, "done.html", reviewer=reviewer, n_done=n_done, task="review")
         probability, _ = state.review_score(item)
         return page(request, "review_item.html", reviewer=reviewer, item=item, n_done=n_done, n_total=n_total,
+                    public_id=state.store.public_id(reviewer, item["item_id"]),
                     probability=probability, decision=state.decision(probability), diagnoses=DIAGNOSES)
 
     @app.get("/review/image/{item_id}")
@@ -442,21 +545,25 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise UserError(422, f"diagnosis must be one of: {', '.join(DIAGNOSES)}.")
         if len(comment) > 1000:
             raise UserError(422, "A comment has at most 1,000 characters.")
-        item = state.item("review", item_id, " Reload the review page.")
+        item = state.item("review", item_id, " Reload the review page.", reviewer=reviewer)
         probability, _ = state.review_score(item)  # the server's score, not one sent by the browser
-        state.store.add_review_answer(reviewer, item_id, probability, state.threshold, state.decision(probability),
-                                      agree == "agree", diagnosis, comment.strip(), str(cfg.run_dir.resolve()))
+        state.store.add_review_answer(reviewer, item["item_id"], probability, state.threshold,
+                                      state.decision(probability), agree == "agree", diagnosis, comment.strip(),
+                                      str(cfg.run_dir.resolve()))
         return RedirectResponse(f"/review/next?{_query(reviewer)}", status_code=303)
 
     @app.get("/review/results", response_class=HTMLResponse)
-    def review_results(request: Request):
-        return page(request, "review_results.html", summary=review_summary(state.store.review_answers()))
+    def review_results(request: Request, token: str = Query("")):
+        state.check_token(token)
+        return page(request, "review_results.html", summary=review_summary(state.store.review_answers()), token=token)
 
     @app.get("/review/results.csv")
-    def review_csv():
+    def review_csv(token: str = Query("")):
+        state.check_token(token)
         return _csv_response(state.store.review_answers(), "review_answers.csv")
 
-    app.add_middleware(BodyLimit, max_bytes=max_bytes + FORM_OVERHEAD, limit_mb=cfg.max_upload_mb)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, limit_mb=cfg.max_upload_mb)
+    app.add_middleware(SiteGuard, hosts=cfg.hosts())  # added last: runs first
     return app
 
 

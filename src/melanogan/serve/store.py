@@ -17,7 +17,7 @@ from pathlib import Path
 
 from melanogan.errors import MelanoganError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added reviewer_ids (per-reviewer public item ids); a version-1 file is upgraded in place
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -29,6 +29,12 @@ CREATE TABLE IF NOT EXISTS items (
     diagnosis TEXT,
     dataset   TEXT NOT NULL,
     UNIQUE (task, pool, uid, dataset)
+);
+CREATE TABLE IF NOT EXISTS reviewer_ids (
+    public_id TEXT PRIMARY KEY,
+    reviewer  TEXT NOT NULL,
+    item_id   TEXT NOT NULL REFERENCES items (item_id),
+    UNIQUE (reviewer, item_id)
 );
 CREATE TABLE IF NOT EXISTS turing_answers (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,6 +82,8 @@ class ReviewStore:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) == 1:  # the schema above has just added reviewer_ids: nothing else changed
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise MelanoganError(f"--db {self.path}: schema version {row[0]}, this melanogan reads "
                                          f"{SCHEMA_VERSION}. Use another --db file.")
@@ -134,6 +142,20 @@ class ReviewStore:
         if dataset is None:
             return self.query("SELECT * FROM items WHERE task = ?", (task,))
         return self.query("SELECT * FROM items WHERE task = ? AND dataset = ?", (task, dataset))
+
+    def public_id(self, reviewer: str, item_id: str) -> str:
+        """The id under which `reviewer` sees `item_id`: random, and different for every reviewer, so
+        reviewers cannot pool what they know about an image by its id."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO reviewer_ids (public_id, reviewer, item_id) VALUES (?, ?, ?) "
+                       "ON CONFLICT (reviewer, item_id) DO NOTHING", (secrets.token_urlsafe(12), reviewer, item_id))
+            return db.execute("SELECT public_id FROM reviewer_ids WHERE reviewer = ? AND item_id = ?",
+                              (reviewer, item_id)).fetchone()[0]
+
+    def resolve_public(self, public_id: str) -> sqlite3.Row | None:
+        """(reviewer, item_id) behind a public id, or None."""
+        rows = self.query("SELECT reviewer, item_id FROM reviewer_ids WHERE public_id = ?", (public_id,))
+        return rows[0] if rows else None
 
     def answered_item_ids(self, task: str, reviewer: str) -> set[str]:
         table = "turing_answers" if task == "turing" else "review_answers"

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from melanogan.classify.evaluate import evaluate_run
+from melanogan.classify.evaluate import eval_dir_name, evaluate_run
 from melanogan.classify.train import TrainConfig, train_classifier
 from melanogan.data.manifest import load_manifest
 from melanogan.errors import MelanoganError
@@ -39,29 +39,36 @@ ARMS: dict[str, dict] = {
     "gan": {"synthetic": True},
     "gan+classic-aug": {"synthetic": True, "augment": "classic"},
 }
-DEFAULT_ARMS = ["baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"]
+# The baseline is the recommended classifier (classic augmentation, diagnosis head where the data
+# has diagnoses); an arm identical to it (classic-aug then) is refused. `classifier: {augment: none}`
+# gives the original study's six-arm comparison.
+DEFAULT_ARMS = ["baseline", "weighted-loss", "oversample", "gan"]
+ORIGINAL_ARMS = ["baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"]
 
 
 class ClassifierOptions(BaseModel):
+    """The baseline classifier of every arm: `TrainConfig`'s defaults unless set."""
+
     model_config = ConfigDict(extra="forbid")
-    model: str = "small-cnn"
+    model: str = TrainConfig.model_fields["model"].default
     weights: str | None = None
-    image_size: int = 128
-    epochs: int = 30
+    image_size: int = TrainConfig.model_fields["image_size"].default
+    epochs: int = TrainConfig.model_fields["epochs"].default
     max_minutes: float | None = None
-    batch_size: int = 32
-    lr: float = 2e-3
-    patience: int = 8
-    diagnosis_weight: float = 0.0
-    precision: str = "bf16-mixed"
-    workers: int = 1
+    batch_size: int = TrainConfig.model_fields["batch_size"].default
+    lr: float = TrainConfig.model_fields["lr"].default
+    patience: int = TrainConfig.model_fields["patience"].default
+    augment: str = TrainConfig.model_fields["augment"].default
+    diagnosis_weight: float | None = TrainConfig.model_fields["diagnosis_weight"].default
+    precision: str = TrainConfig.model_fields["precision"].default
+    workers: int = TrainConfig.model_fields["workers"].default
 
 
 class GanOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     preset: str = "default"
     overrides: dict = Field(default_factory=dict)  # any GanConfig field, e.g. resolution, steps
-    precision: str = "32"
+    precision: str = "bf16-mixed"
 
 
 class StudyConfig(BaseModel):
@@ -83,6 +90,14 @@ class StudyConfig(BaseModel):
             raise ValueError(f"unknown arm(s) {unknown}; available: {', '.join(ARMS)}")
         if "baseline" not in self.arms:
             raise ValueError("the arms must include 'baseline': every arm is compared with it")
+        seen: dict[str, str] = {}
+        for arm in self.arms:  # two arms that would train the same classifier compare nothing
+            key = repr(sorted({**self.classifier.model_dump(), **ARMS[arm]}.items()))
+            if key in seen:
+                raise ValueError(f"arms {seen[key]!r} and {arm!r} would train the same classifier with classifier "
+                                 f"options {self.classifier.model_dump()}; drop one, or set e.g. "
+                                 "`classifier: {augment: none}` to compare augmentation with none.")
+            seen[key] = arm
 
     @property
     def uses_gan(self) -> bool:
@@ -152,8 +167,9 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = p
         if cfg.uses_gan and not (syn_dir / "quality" / "quality.json").is_file():
             from melanogan.gan.evaluate import evaluate_gan
 
-            _log(f"seed {seed}: scoring the synthetic images (pixels and baseline-classifier features)", log)
-            evaluate_gan(syn_dir, data, syn_dir / "quality", split="train",
+            _log(f"seed {seed}: scoring the synthetic images against real validation images the GAN never saw "
+                 "(pixels and baseline-classifier features; memorisation against the training split)", log)
+            evaluate_gan(syn_dir, data, syn_dir / "quality", split="val",
                          features=["pixels", f"classifier:{arm_dir(out, seed, 'baseline')}"])
     report = write_report(out, cfg)
     _log(f"report: {report} and {report.with_suffix('.html')}", log)
@@ -186,7 +202,7 @@ def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, pro
 def _arm_stage(cfg: StudyConfig, data: Path, run_dir: Path, arm: str, seed: int, syn_dir: Path, log,
                progress: bool) -> None:
     if (run_dir / "eval-test" / "metrics.json").is_file() and all(
-            (run_dir / f"eval-external-{Path(e).name}-all" / "metrics.json").is_file() for e in cfg.external):
+            (run_dir / eval_dir_name(Path(e), "all", True) / "metrics.json").is_file() for e in cfg.external):
         _log(f"seed {seed}: {arm} already done", log)
         return
     spec = dict(ARMS[arm])
@@ -205,6 +221,6 @@ def _arm_stage(cfg: StudyConfig, data: Path, run_dir: Path, arm: str, seed: int,
 
         write_json(run_dir / "done.json", summary)
     _log(f"seed {seed}: evaluating {arm}", log)
-    evaluate_run(run_dir, split="test", bootstrap=cfg.bootstrap)
+    evaluate_run(run_dir, split="test", bootstrap=cfg.bootstrap, log=lambda m: _log(m, log))
     for ext in cfg.external:
-        evaluate_run(run_dir, data_dir=Path(ext), split="all", bootstrap=cfg.bootstrap)
+        evaluate_run(run_dir, data_dir=Path(ext), split="all", bootstrap=cfg.bootstrap, log=lambda m: _log(m, log))

@@ -17,12 +17,12 @@ import yaml
 
 from melanogan import __version__
 from melanogan.classify import metrics as M
+from melanogan.classify.evaluate import eval_dir_name
 from melanogan.data.audit import audit_manifest
 from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.fileio import atomic_path, read_json, save_figure, write_text
 from melanogan.study.experiments import arm_dir
-
-SIGNIFICANCE = 0.05
+from melanogan.study.stats import ALPHA, compare_with_baseline
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -92,43 +92,6 @@ def collect(study_dir: Path, cfg) -> tuple[dict, dict]:
 
 def _nan(x) -> float:
     return float("nan") if x is None else float(x)
-
-
-def comparisons(cfg, preds: dict) -> list[dict]:
-    """Every arm vs baseline: per-seed paired DeLong tests on the same test images, and the mean
-    AUC difference over seeds with its CI; a plain-language verdict."""
-    rows = []
-    for arm in cfg.arms:
-        if arm == "baseline":
-            continue
-        per_seed = []
-        for seed in cfg.seeds:
-            if (seed, arm) not in preds or (seed, "baseline") not in preds:
-                continue
-            a, b = preds[(seed, arm)], preds[(seed, "baseline")]
-            merged = a.merge(b, on="uid", suffixes=("", "_base"))
-            per_seed.append(M.delong_test(merged["label"], merged["logit"], merged["logit_base"]))
-        if not per_seed:
-            continue
-        diffs = [d["difference"] for d in per_seed]
-        summary = M.summarize(diffs)
-        ps = [d["p_value"] for d in per_seed]
-        if len(per_seed) == 1:
-            lo, hi = per_seed[0]["ci_low"], per_seed[0]["ci_high"]
-            significant = ps[0] < SIGNIFICANCE
-        else:
-            lo, hi = summary["ci_low"], summary["ci_high"]
-            significant = (lo > 0 or hi < 0) and sum(p < SIGNIFICANCE for p in ps) > len(ps) / 2
-        mean = summary["mean"]
-        if significant:
-            verdict = (f"{'Better' if mean > 0 else 'Worse'} than baseline: the AUC difference is significant "
-                       f"(mean {mean:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}).")
-        else:
-            verdict = (f"Not significant: the AUC difference (mean {mean:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}) "
-                       f"does not show that {arm} changes discrimination.")
-        rows.append({"arm": arm, "mean_difference": mean, "ci_low": lo, "ci_high": hi, "p_values": ps,
-                     "significant": significant, "verdict": verdict, "seeds": len(per_seed)})
-    return rows
 
 
 def leakage_audit(study_dir: Path, cfg) -> list[tuple[str, bool, str]]:
@@ -265,19 +228,24 @@ def write_report(study_dir: Path, cfg) -> Path:
     for arm, ms in _by_arm(cfg, metrics):
         y = [m["thresholds"]["val_youden"] for m in ms]
         rows.append([arm, _score_ci(ms, "roc_auc"), _score_ci(ms, "pr_auc"),
-                     _mean_ci([_nan(x["sensitivity"]) for x in y]), _mean_ci([_nan(x["specificity"]) for x in y]),
-                     _mean_ci([_nan(m["specificity_at_sensitivity_95"]) for m in ms])])
-    lines += _table(["arm", "ROC-AUC", "PR-AUC", "sensitivity (val threshold)", "specificity (val threshold)",
-                     "specificity at 95% sensitivity"], rows) + [""]
+                     _mean_ci([_nan(x["sensitivity"]) for x in y]), _mean_ci([_nan(x["specificity"]) for x in y])])
+    lines += _table(["arm", "ROC-AUC", "PR-AUC", "sensitivity (val threshold)", "specificity (val threshold)"],
+                    rows) + [""]
     lines += source_table(cfg, metrics)
 
-    comps = comparisons(cfg, preds)
+    comps = compare_with_baseline(cfg.arms, cfg.seeds, preds, n_bootstrap=cfg.bootstrap)
     lines += ["## Versus baseline", "",
-              "Paired DeLong tests of ROC-AUC on the same test images, per seed; the verdict uses the CI of the mean "
-              "difference over seeds (or the single seed's DeLong CI).", ""]
-    rows = [[c["arm"], f"{c['mean_difference']:+.3f}", f"{c['ci_low']:+.3f} to {c['ci_high']:+.3f}",
-             ", ".join(f"{p:.3f}" for p in c["p_values"]), c["verdict"]] for c in comps]
-    lines += _table(["arm", "AUC difference", "95% CI", "DeLong p per seed", "verdict"], rows) + [""]
+              "Primary test: a paired bootstrap of the ROC-AUC difference on the same test images, resampling "
+              "patient/lesion clusters, pooled over seeds; p-values Holm-adjusted over the arms compared with the "
+              f"baseline, and the verdict uses the adjusted p (alpha {ALPHA}). Secondary: DeLong per seed (ignores "
+              "clusters) and, with several seeds, the mean difference with a t interval over seeds.", ""]
+    rows = [[c["arm"], f"{c['difference']:+.3f}", f"{_fmt(c['ci_low'])} to {_fmt(c['ci_high'])}",
+             _fmt(c["p_value"]), _fmt(c["p_holm"]),
+             (f"{c['seed_mean_difference']:+.3f} [{_fmt(c['seed_ci_low'])}, {_fmt(c['seed_ci_high'])}]"
+              if c["seeds"] > 1 else "one seed"),
+             ", ".join(f"{p:.3f}" for p in c["delong_p_values"]), c["verdict"]] for c in comps]
+    lines += _table(["arm", "AUC difference", "95% CI (cluster bootstrap)", "p", "p (Holm)",
+                     "over seeds", "DeLong p per seed", "verdict"], rows) + [""]
     for c in comps:
         base = [metrics[(s, "baseline")]["thresholds"]["val_youden"] for s in cfg.seeds if (s, "baseline") in metrics]
         arm_t = [metrics[(s, c["arm"])]["thresholds"]["val_youden"] for s in cfg.seeds if (s, c["arm"]) in metrics]
@@ -290,11 +258,23 @@ def write_report(study_dir: Path, cfg) -> Path:
                          f"lesions {fp_arm:.1f} vs {fp_base:.1f}.")
     lines.append("")
 
+    lines += ["## Oracle operating points (not validation-chosen)", "",
+              "Read off each arm's own test ROC curve, i.e. chosen with the test labels: upper bounds for comparison "
+              "with papers that report them, not operating points a clinic could set in advance.", ""]
+    rows = []
+    for arm, ms in _by_arm(cfg, metrics):
+        oracle = [m.get("oracle_operating_points", {}) for m in ms]
+        rows.append([arm] + [_mean_ci([_nan(o.get(k)) for o in oracle]) for k in
+                             ("specificity_at_sensitivity_90", "specificity_at_sensitivity_95",
+                              "sensitivity_at_specificity_80")])
+    lines += _table(["arm", "specificity at 90% sensitivity (oracle)", "specificity at 95% sensitivity (oracle)",
+                     "sensitivity at 80% specificity (oracle)"], rows) + [""]
+
     if cfg.external:
         lines += ["## External test sets", "", "Thresholds from the training data's validation split.", ""]
         for ext in cfg.external:
             ext_metrics = {(s, arm): read_json(p) for s in cfg.seeds for arm in cfg.arms
-                           if (p := arm_dir(study_dir, s, arm) / f"eval-external-{Path(ext).name}-all" /
+                           if (p := arm_dir(study_dir, s, arm) / eval_dir_name(Path(ext), "all", True) /
                                "metrics.json").is_file()}
             rows = [[arm, _score_ci(ms, "roc_auc"), _score_ci(ms, "pr_auc")] for arm, ms in _by_arm(cfg, ext_metrics)]
             lines += [f"### {ext}", ""] + _table(["arm", "ROC-AUC", "PR-AUC"], rows) + [""]

@@ -206,3 +206,19 @@ def test_recommended_settings_are_the_defaults():
     assert TrainConfig().augment == ClassifierOptions().augment == "classic"
     assert TrainConfig().diagnosis_weight is None and ClassifierOptions().diagnosis_weight is None  # 0.5 when possible
     assert GanOptions().precision == TrainConfig().precision == "bf16-mixed"
+
+
+def test_declared_lower_bounds_support_what_the_code_uses():
+    """np.bitwise_count (near-duplicate search) exists from numpy 2.0; pandas/scipy/pyarrow/opencv/
+    scikit-learn/matplotlib need releases built against numpy 2."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    lower = {m.group(1).lower(): tuple(int(x) for x in m.group(2).split("."))
+             for d in deps if (m := re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d))}
+    needed = {"numpy": (2, 0), "pandas": (2, 2, 2), "scipy": (1, 13), "pyarrow": (16,),
+              "opencv-python-headless": (4, 10), "scikit-learn": (1, 4, 2), "matplotlib": (3, 8, 4)}
+    for name, minimum in needed.items():
+        assert lower.get(name, ()) >= minimum, f"{name} needs >= {'.'.join(map(str, minimum))}"

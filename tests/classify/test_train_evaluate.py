@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from melanogan.classify import metrics as M
@@ -276,3 +278,46 @@ def test_training_with_a_diagnosis_head_records_its_classes_and_rebuilds(demo_pr
     write_parquet(data / "manifest.parquet", m.assign(diagnosis="unknown"))
     with pytest.raises(MelanoganError, match="at least 2 known diagnoses"):
         train_classifier(data, tmp_path / "run2", cfg, progress=False)
+
+
+def test_external_data_is_scored_with_the_runs_preprocessing(demo_raw, tmp_path):
+    from PIL import Image
+
+    from melanogan.classify.predict import Predictor
+    from melanogan.data.demo import render_phantom
+    from melanogan.data.manifest import load_manifest
+
+    prepare([("siim-isic-2020", demo_raw)], tmp_path / "own", CacheOptions(size=32), seed=0)
+    train_classifier(tmp_path / "own", tmp_path / "run", TrainConfig(**TINY), progress=False)
+    rng = np.random.default_rng(11)
+    externals = []
+    for parent in ("a", "b"):  # two external sets in folders of the same name
+        for k in range(16):
+            cls = "melanoma" if k % 4 == 0 else "nevus"
+            (tmp_path / parent / "src" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_phantom(rng, cls == "melanoma", 96, 80)).save(
+                tmp_path / parent / "src" / cls / f"{k}.jpg")
+        # prepared otherwise than the run's data: other size, no colour constancy
+        prepare([("folder", tmp_path / parent / "src")], tmp_path / parent / "ext",
+                CacheOptions(size=48, color_constancy=False), seed=0)
+        externals.append(tmp_path / parent / "ext")
+    notes: list[str] = []
+    r = evaluate_run(tmp_path / "run", data_dir=externals[0], bootstrap=20, log=notes.append)
+    assert r["split"] == "all" and r["external"]  # an external set is tested whole by default
+    assert len(notes) == 1 and "the model's preprocessing" in notes[0]  # said on the console, once
+    run_options = json.loads((tmp_path / "run" / "run.json").read_text())["cache_options"]
+    assert r["preprocessing"] == run_options
+    assert (externals[0] / "cache" / CacheOptions(**run_options).name / "pixels.npy").is_file()
+    # the scores are those of the run's own preprocessing of each external file (as `predict` does it)
+    preds = pd.read_csv(Path(r["out"]) / "predictions.csv")
+    manifest = load_manifest(externals[0]).set_index("uid")
+    predictor = Predictor(tmp_path / "run")
+    expected = predictor.logits(torch.stack([predictor.preprocess_file(manifest.loc[u, "path"])[1]
+                                             for u in preds["uid"]]))
+    assert np.allclose(preds["logit"], expected, atol=1e-4)
+    assert len(preds) == int(manifest["label"].isin([0, 1]).sum()) - r["excluded_overlap"]
+    notes.clear()
+    r2 = evaluate_run(tmp_path / "run", data_dir=externals[0], bootstrap=20, log=notes.append)
+    assert notes == [] and r2["roc_auc"] == r["roc_auc"]  # the matching cache is reused
+    r3 = evaluate_run(tmp_path / "run", data_dir=externals[1], bootstrap=20, log=notes.append)
+    assert r3["out"] != r["out"] and Path(r["out"]).name.startswith("eval-external-ext-")

@@ -55,3 +55,32 @@ def test_generate_errors(gan_run, tmp_path):
         generate(gan_run, 3, "nevus", tmp_path / "o")
     with pytest.raises(MelanoganError, match="--n must be positive"):
         generate(gan_run, 0, "melanoma", tmp_path / "o")
+
+
+def test_synthetic_images_are_not_colour_corrected_twice_and_stay_with_their_preprocessing(
+        gan_run, demo_prepared, demo_prepared_skin_colour, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from melanogan.classify.train import TrainConfig, train_classifier
+    from melanogan.data.manifest import default_cache
+
+    real_options = default_cache(demo_prepared).options
+    assert real_options.color_constancy  # the GAN learned colour-constant pixels
+    out = tmp_path / "syn"
+    generate(gan_run, 4, "melanoma", out, seed=0)
+    ds = CachedImageDataset(out, "train")
+    for i in range(len(ds)):  # cached exactly as generated (same size): nothing applied a second time
+        png = np.asarray(Image.open(ds.rows["path"].iat[i]).convert("RGB"))
+        assert np.array_equal(ds.raw(i).permute(1, 2, 0).numpy(), png)
+    info = json.loads((out / "prepare.json").read_text())
+    assert info["cache_options"] == real_options.to_dict() and not info["decode_options"]["color_constancy"]
+    cfg = TrainConfig(model="small-cnn", image_size=32, epochs=1, batch_size=8, workers=0, synthetic=[str(out)])
+    with pytest.raises(MelanoganError, match="generated for data preprocessed as"):  # other data, other options
+        train_classifier(demo_prepared_skin_colour, tmp_path / "run", cfg, progress=False)
+    info.pop("synthetic_format")  # a SYN_DIR of an older melanogan (colour-corrected twice)
+    (out / "prepare.json").write_text(json.dumps(info))
+    with pytest.raises(MelanoganError, match="older melanogan"):
+        train_classifier(demo_prepared, tmp_path / "run2", cfg, progress=False)

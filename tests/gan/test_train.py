@@ -163,6 +163,12 @@ def test_kid_tracking_keeps_the_best_checkpoint(demo_prepared, tmp_path, tiny_cf
     train_gan(demo_prepared, tmp_path / "run", cfg, progress=False)
     records = [json.loads(x) for x in (tmp_path / "run" / "kid.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6] and records[0]["best"]
+    assert {r["reference"] for r in records} == {"val"}  # images the GAN never trained on
+    from melanogan.gan.train import KidTracker
+
+    tracker = KidTracker(demo_prepared, cfg, tmp_path / "run")
+    val_mel = CachedImageDataset(demo_prepared, "val", labels=[1])
+    assert len(tracker.real) == len(val_mel)  # scored against the validation melanomas, not the training ones
     best = min(records, key=lambda r: r["kid"])
     state = json.loads((tmp_path / "run" / "checkpoints" / "best-kid" / "state.json").read_text())
     assert state["step"] == best["step"] and state["kid"] == pytest.approx(best["kid"])

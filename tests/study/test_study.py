@@ -26,7 +26,16 @@ def test_toy_study_report_and_resume(demo_prepared, tmp_path):
                     "Leakage audit", "Provenance"):
         assert f"## {heading}" in text
     assert "| weighted-loss |" in text and "| gan |" in text
-    assert ("Not significant" in text) or ("than baseline: the AUC difference is significant" in text)
+    # the report's verdict column is the one the statistics give for these predictions
+    from melanogan.study.report import collect
+    from melanogan.study.stats import compare_with_baseline
+
+    cfg = _toy(demo_prepared)
+    rows = compare_with_baseline(cfg.arms, cfg.seeds, collect(tmp_path / "study", cfg)[1], n_bootstrap=cfg.bootstrap)
+    assert [r["arm"] for r in rows] == ["weighted-loss", "gan"]
+    for r in rows:
+        assert r["verdict"] in text and f"| {r['arm']} | {r['difference']:+.3f} |" in text
+    assert "## Oracle operating points (not validation-chosen)" in text
     assert "GAN trained on the training split only | pass" in text
     assert "synthetic rows only in train | pass" in text and "FAIL" not in text
     assert "git commit" in text and "data manifest hash" in text
@@ -40,6 +49,14 @@ def test_toy_study_report_and_resume(demo_prepared, tmp_path):
     assert any("GAN already trained" in m for m in logs)
     assert sum("already done" in m for m in logs) == 3
     assert not any(m.startswith("seed 0: training") for m in logs)
+
+
+def test_arms_that_train_the_same_classifier_are_refused(demo_prepared):
+    with pytest.raises(ValueError, match="would train the same classifier"):  # classic aug is the default
+        StudyConfig(data=str(demo_prepared), arms=["baseline", "classic-aug"])
+    cfg = StudyConfig(data=str(demo_prepared), arms=["baseline", "classic-aug"],
+                      classifier=ClassifierOptions(augment="none"))
+    assert cfg.arms == ["baseline", "classic-aug"]
 
 
 def test_study_config_errors(tmp_path, demo_prepared):

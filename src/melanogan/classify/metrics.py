@@ -145,20 +145,23 @@ def bootstrap_ci(y, s, groups, metric=roc_auc, n: int = 1000, seed: int = 0,
     """Percentile CI of `metric`, resampling whole groups (patients) with replacement: images of one
     patient are correlated, so resampling images would understate the uncertainty."""
     y, s = _arrays(y, s)
-    groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in pick])
-        if _both_classes(y[idx]):
-            values.append(metric(y[idx], s[idx]))
+    values = [metric(y[idx], s[idx]) for idx in _group_resamples(y, groups, n, seed)]
     if len(values) < n // 2:
         return float("nan"), float("nan")
     lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return float(lo), float(hi)
+
+
+def _group_resamples(y: np.ndarray, groups, n: int, seed: int):
+    """Index arrays of `n` bootstrap resamples of whole groups drawn with replacement; resamples with
+    one class only (no AUC) are left out."""
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if _both_classes(y[idx]):
+            yield idx
 
 
 def _midrank(x: np.ndarray) -> np.ndarray:
@@ -222,17 +225,8 @@ def paired_bootstrap_auc_difference(y, scores_a, scores_b, groups, n: int = 1000
     if len(a) != len(b) or not a or any(len(s) != len(y) for s in a + b):
         raise ValueError("scores_a and scores_b need one score array per run, each as long as y")
     observed = float(np.mean([roc_auc(y, sa) - roc_auc(y, sb) for sa, sb in zip(a, b, strict=True)]))
-    groups = np.asarray(groups)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        yi = y[idx]
-        if _both_classes(yi):
-            values.append(np.mean([roc_auc_score(yi, sa[idx]) - roc_auc_score(yi, sb[idx])
-                                   for sa, sb in zip(a, b, strict=True)]))
+    values = [np.mean([roc_auc_score(y[idx], sa[idx]) - roc_auc_score(y[idx], sb[idx])
+                       for sa, sb in zip(a, b, strict=True)]) for idx in _group_resamples(y, groups, n, seed)]
     if len(values) < n // 2:
         return {"difference": observed, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
                 "replicates": len(values)}

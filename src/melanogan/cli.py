@@ -98,7 +98,7 @@ def demo_data(
 @app.command()
 def prepare(
     source: Annotated[list[str], typer.Option(
-        "--source", help="KIND=PATH, repeatable. KIND: siim-isic-2020, isic-2019, ham10000, folder.")],
+        "--source", help="KIND=PATH, repeatable. KIND: siim-isic-2020, isic-2019, ham10000, derm7pt, folder.")],
     out: Annotated[Path, typer.Option("--out", help="DATA_DIR to write manifest.parquet, rejected.csv, "
                                       "near_duplicates.csv, prepare.json and cache/ into.")],
     size: Annotated[int, typer.Option(help="Cached image side in pixels (models resize from it).")] =
@@ -339,7 +339,8 @@ def predict(
 
     with _progress() as progress:
         table = run_predict(run_dir, inputs, out, threshold, batch_size,
-                            on_progress=_progress_callback(progress, "predicting"))
+                            on_progress=_progress_callback(progress, "predicting"),
+                            log=lambda m: err_console.print(f"note: {m}"))
     bad = table[table["error"] != ""]
     console.print(f"{len(table) - len(bad)} image(s) scored, {int((table['decision'] == 'melanoma').sum())} above the "
                   f"{table['threshold_name'].iat[0]} threshold {table['threshold'].iat[0]:.3f}; {out}")

@@ -7,6 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 
+from melanogan.data.cache import CacheOptions
 from melanogan.data.sources import (
     global_isic_id,
     parse_source,
@@ -143,3 +144,39 @@ def test_wrong_path_and_unknown_kind(tmp_path):
         parse_source("isic-2018=/x")
     with pytest.raises(DataError, match="KIND=PATH"):
         parse_source("/just/a/path")
+
+
+def test_derm7pt_layout_with_its_quirks(tmp_path):
+    from melanogan.data.manifest import load_manifest, prepare
+    from melanogan.data.sources import read_derm7pt
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "meta.csv").write_text(
+        "diagnosis,pigment_network,streaks,pigmentation,regression_structures,dots_and_globules,"
+        "blue_whitish_veil,vascular_structures,derm\n"
+        "melanoma (in situ),atypical,absent,absent,absent,absent,absent,absent,FCl/Fcl068.jpg\n"
+        "clark nevus,typical,absent,absent,absent,regular,absent,absent,Aal/Aal002.jpg\n"
+        "melanoma (0.76 to 1.5 mm),atypical,irregular,absent,absent,absent,present,absent,Aal/Aal003.jpg\n"
+        "seborrheic keratosis,absent,absent,absent,absent,absent,absent,absent,Aal/Aal404.jpg\n")
+    write_jpeg(tmp_path / "images" / "FCL" / "Fcl068.jpg", 1)  # folder case differs from meta.csv
+    write_jpeg(tmp_path / "images" / "Aal" / "Aal002.JPG", 2)  # upper-case extension
+    write_jpeg(tmp_path / "images" / "Aal" / "Aal003.jpg", 3)  # Aal404 is missing
+    rows = read_derm7pt(tmp_path).set_index("image_id")
+    assert rows["label"].to_dict() == {"FCl/Fcl068": 1, "Aal/Aal002": 0, "Aal/Aal003": 1, "Aal/Aal404": 0}
+    assert rows.loc["FCl/Fcl068", "path"].endswith("FCL/Fcl068.jpg")
+    assert rows.loc["Aal/Aal002", "path"].endswith("Aal002.JPG") and rows.loc["Aal/Aal404", "path"] == ""
+    assert rows.loc["Aal/Aal003", "meta_blue_whitish_veil"] == "present"
+    result = prepare([("derm7pt", tmp_path)], tmp_path / "data", CacheOptions(size=32))
+    m = load_manifest(tmp_path / "data").set_index("image_id")
+    assert set(m.index) == {"FCl/Fcl068", "Aal/Aal002", "Aal/Aal003"}  # the missing one is in rejected.csv
+    assert m.loc["Aal/Aal003", "meta_streaks"] == "irregular" and m.loc["Aal/Aal002", "diagnosis"] == "clark nevus"
+    assert result.rejected["reason"].tolist() == ["missing-file"]
+
+
+def test_derm7pt_real_meta(shared_data):
+    from melanogan.data.sources import read_derm7pt
+
+    rows = read_derm7pt(shared_data / "derm7pt_384")
+    assert len(rows) == 1011 and int(rows["label"].sum()) == 252 and (rows["path"] != "").all()
+    assert rows["path"].str.endswith(".JPG").sum() == 52
+    assert rows.loc[rows["image_id"] == "FCl/Fcl068", "path"].iat[0].endswith("FCL/Fcl068.jpg")

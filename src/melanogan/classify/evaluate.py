@@ -118,8 +118,8 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
     yv, pv = val["label"].to_numpy(), M.sigmoid(val["logit"].to_numpy() / temperature)
     y, p = test["label"].to_numpy(), M.sigmoid(test["logit"].to_numpy() / temperature)
     groups = test["group"].to_numpy()
-    thresholds = {"fixed_0.5": 0.5, "val_youden": M.threshold_youden(yv, pv),
-                  "val_sens95": M.threshold_for_sensitivity(yv, pv, 0.95)}
+    chosen = M.validation_thresholds(yv, pv)  # the same choice `predict` stores for the checkpoint
+    thresholds = {"fixed_0.5": 0.5, "val_youden": chosen["val-youden"], "val_sens95": chosen["val-sens95"]}
     pr_ci = M.bootstrap_ci(y, p, groups, M.pr_auc, n=bootstrap, seed=seed)
     rel = M.reliability(y, p, 10)
     return {

@@ -84,6 +84,11 @@ def threshold_for_sensitivity(y, s, target: float = 0.95) -> float:
     return float(pos[k - 1])
 
 
+def validation_thresholds(y, p) -> dict[str, float]:
+    """The named operating points chosen on validation labels and scores: Youden's J and 95% sensitivity."""
+    return {"val-youden": threshold_youden(y, p), "val-sens95": threshold_for_sensitivity(y, p, 0.95)}
+
+
 def specificity_at_sensitivity(y, s, target: float) -> float:
     t = threshold_for_sensitivity(y, s, target)
     return confusion_at(y, s, t)["specificity"] if not math.isnan(t) else float("nan")

@@ -57,19 +57,14 @@ def run_thresholds(run_dir: Path, log=None) -> dict[str, float]:
         raise MelanoganError(f"{run_dir}: thresholds for this checkpoint were never stored and the training data "
                              f"({data_dir}) is not here to choose them; pass --threshold with a number (e.g. 0.5).")
     val = predict_split(model, cfg, data_dir, ["val"], cache=cache_for(data_dir, run_cache_options(run_dir), log))
-    thresholds = choose_thresholds(val["label"].to_numpy(), M.sigmoid(val["logit"].to_numpy()))
+    thresholds = M.validation_thresholds(val["label"].to_numpy(), M.sigmoid(val["logit"].to_numpy()))
     write_json(path, {**thresholds, "checkpoint_sha256": current, "chosen_on": "validation", "precision": "32"})
     return thresholds
 
 
-def choose_thresholds(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """The named operating points, chosen on validation labels `y` and probabilities `p`."""
-    return {"val-youden": M.threshold_youden(y, p), "val-sens95": M.threshold_for_sensitivity(y, p, 0.95)}
-
-
-def resolve_threshold(run_dir: Path, threshold: str) -> tuple[str, float]:
+def resolve_threshold(run_dir: Path, threshold: str, log=None) -> tuple[str, float]:
     if threshold in THRESHOLD_NAMES:
-        return threshold, float(run_thresholds(run_dir)[threshold])
+        return threshold, float(run_thresholds(run_dir, log)[threshold])
     try:
         value = float(threshold)
     except ValueError:
@@ -115,10 +110,11 @@ class Predictor:
 
 
 def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshold: str = "val-youden",
-            batch_size: int = 32, on_progress=None) -> pd.DataFrame:
-    """Probability and decision for every image; unreadable files get an `error` instead of a score."""
+            batch_size: int = 32, on_progress=None, log=None) -> pd.DataFrame:
+    """Probability and decision for every image; unreadable files get an `error` instead of a score.
+    `log` is told when the stored thresholds belonged to another checkpoint and were chosen again."""
     predictor = Predictor(run_dir)
-    name, t = resolve_threshold(run_dir, threshold)
+    name, t = resolve_threshold(run_dir, threshold, log)
     files = list_images(inputs)
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []

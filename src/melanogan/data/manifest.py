@@ -202,7 +202,8 @@ def prepare(
     ok = ok.sort_values(["source_rank", "uid"], kind="stable")
     ok["label"] = ok["label"].astype(np.int8)
     ok.loc[ok["unlabeled"], "label"] = -1
-    manifest = ok[MANIFEST_COLUMNS].reset_index(drop=True)
+    extra = sorted(c for c in ok.columns if c.startswith("meta_"))  # source-specific metadata (e.g. Derm7pt's)
+    manifest = ok[MANIFEST_COLUMNS + extra].reset_index(drop=True)
     rejected_df = pd.concat([r for r in rejected if len(r)], ignore_index=True) if any(len(r) for r in rejected) \
         else pd.DataFrame(columns=["uid", "reason", "detail"])
     rejected_df = rejected_df.merge(rows[["uid", "source", "image_id", "path", "label"]], on="uid", how="left")

@@ -82,8 +82,12 @@ def index_images(root: Path, strip_suffixes: tuple[str, ...] = ()) -> dict[str, 
 
 
 def _frame(**columns) -> pd.DataFrame:
+    """Rows in SOURCE_COLUMNS, plus any source-specific `meta_*` columns (kept in the manifest)."""
     n = len(columns["image_id"])
     out = pd.DataFrame({c: columns.get(c, [None] * n) for c in SOURCE_COLUMNS})
+    for name, values in columns.items():
+        if name.startswith("meta_"):
+            out[name] = pd.Series(list(values), dtype="string")
     out["label"] = out["label"].astype(int)
     out["unlabeled"] = out["unlabeled"].fillna(False).astype(bool)
     out["age"] = pd.to_numeric(out["age"], errors="coerce")
@@ -229,6 +233,46 @@ def read_ham10000(path: Path) -> pd.DataFrame:
                   origin=[meta_file.name] * len(df))
 
 
+DERM7PT_CRITERIA = ("pigment_network", "streaks", "pigmentation", "regression_structures", "dots_and_globules",
+                    "blue_whitish_veil", "vascular_structures")
+
+
+def read_derm7pt(path: Path) -> pd.DataFrame:
+    """Derm7pt (the seven-point checklist set): `meta/meta.csv` with `diagnosis`, the seven criteria
+    (kept as `meta_*` columns) and `derm`, the dermoscopic image's path under `images/`. Melanoma is
+    every diagnosis beginning with "melanoma" (in situ, by thickness, metastasis). Paths are matched
+    case-insensitively: the published file names `FCl/Fcl068.jpg`, stored as `FCL/Fcl068.jpg`, and
+    some images end in `.JPG`. Groups: `case_num` when the file has it, else one case per image."""
+    path = _require_dir(path, "derm7pt")
+    if path.is_file():
+        meta_file, root = path, path.parent.parent if path.parent.name == "meta" else path.parent
+    else:
+        root = path
+        meta_file = next((f for f in (root / "meta" / "meta.csv", root / "meta.csv") if f.is_file()), None)
+        if meta_file is None:
+            raise DataError(f"{root}: no meta/meta.csv found (expected the published Derm7pt layout: meta/meta.csv "
+                            "and images/).")
+    df = _read_csv(meta_file, ["diagnosis", "derm"], "Derm7pt meta.csv")
+    _check_unique(df, "derm", meta_file)
+    image_root = root / "images" if (root / "images").is_dir() else root
+    by_lower: dict[str, str] = {}
+    for dirpath, _, files in os.walk(image_root):
+        for name in files:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                full = os.path.join(dirpath, name)
+                by_lower.setdefault(Path(full).relative_to(image_root).as_posix().lower(), full)
+    derm = df["derm"].str.strip()
+    ids = derm.str.replace(r"\.[A-Za-z]+$", "", regex=True)
+    dx = df["diagnosis"].str.strip()
+    group = df["case_num"].str.strip().radd("case-") if "case_num" in df.columns else ids
+    criteria = {f"meta_{c}": df[c].str.strip() for c in DERM7PT_CRITERIA if c in df.columns}
+    return _frame(image_id=ids.tolist(), path=[by_lower.get(d.lower(), "") for d in derm],
+                  label=dx.str.lower().str.startswith("melanoma").astype(int), diagnosis=dx.tolist(),
+                  group_id=group.tolist(), patient_id=None, lesion_id=None, sex=df.get("sex"), age=None,
+                  anatom_site=df.get("location"), source="derm7pt", unlabeled=None,
+                  origin=[meta_file.name] * len(df), **criteria)
+
+
 def read_folder(path: Path, melanoma_folders: tuple[str, ...] = DEFAULT_MELANOMA_FOLDERS) -> pd.DataFrame:
     """Class subfolders at any depth (`Train/melanoma/x.jpg`): the image's parent folder is its
     diagnosis; folders named in `melanoma_folders` (case-insensitive) are positive. The image id is
@@ -267,6 +311,7 @@ READERS: dict[str, Callable[..., pd.DataFrame]] = {
     "siim-isic-2020": read_siim_isic_2020,
     "isic-2019": read_isic_2019,
     "ham10000": read_ham10000,
+    "derm7pt": read_derm7pt,
     "folder": read_folder,
 }
 

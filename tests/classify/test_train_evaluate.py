@@ -321,3 +321,47 @@ def test_external_data_is_scored_with_the_runs_preprocessing(demo_raw, tmp_path)
     assert notes == [] and r2["roc_auc"] == r["roc_auc"]  # the matching cache is reused
     r3 = evaluate_run(tmp_path / "run", data_dir=externals[1], bootstrap=20, log=notes.append)
     assert r3["out"] != r["out"] and Path(r["out"]).name.startswith("eval-external-ext-")
+
+
+class _KeysOnSharpness(torch.nn.Module):
+    """Melanoma logit = minus the image's high-frequency energy: blur looks like melanoma."""
+
+    def forward(self, x):
+        lap = x[..., 1:-1, 1:-1] * 4 - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+        return 2.0 - 4.0 * lap.abs().mean(dim=(1, 2, 3))
+
+
+class _KeysOnBrightness(torch.nn.Module):
+    """Melanoma logit = darkness: resampling keeps the mean, so no shortcut."""
+
+    def forward(self, x):
+        return -x.mean(dim=(1, 2, 3))
+
+
+def test_the_shortcut_probe_flags_a_model_that_keys_on_blur(demo_prepared):
+    from melanogan.classify.evaluate import probe_summary, shortcut_probe
+
+    blur = shortcut_probe(_KeysOnSharpness(), 64, demo_prepared, resolution=16)
+    assert blur["warning"] and blur["rise"] > 0.01 and blur["mean_after"] > blur["mean_before"]
+    assert blur["n_images"] == int(((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "val")
+                                    & (pd.read_parquet(demo_prepared / "manifest.parquet")["label"] == 0)).sum())
+    plain = shortcut_probe(_KeysOnBrightness(), 64, demo_prepared, resolution=16)
+    assert not plain["warning"] and abs(plain["rise"]) < 0.01
+    exact = probe_summary(np.zeros(4), np.log([1 / 3] * 4))  # 0.5 -> 0.25: a fall is never a warning
+    assert exact["rise"] == pytest.approx(-0.25) and not exact["warning"]
+
+
+def test_generator_resolution_reaches_real_training_rows_only(demo_prepared):
+    from melanogan.classify.train import build_datasets
+    from melanogan.data.transforms import GeneratorResolution, eval_preset
+
+    cfg = TrainConfig(**{**TINY, "augment": "none", "generator_resolution": 16, "image_size": 64})
+    train, val, _ = build_datasets(demo_prepared, cfg)
+    real = train.datasets[0].dataset
+    raw = real.raw(0)
+    path = GeneratorResolution(16)(raw)
+    assert not torch.equal(path, raw)  # the path changes a 64 px image
+    assert torch.equal(real[0][0], eval_preset(64)(path))  # training row: through the path
+    assert torch.equal(val[0][0], eval_preset(64)(val.raw(0)))  # validation row: never
+    plain, _, _ = build_datasets(demo_prepared, TrainConfig(**{**TINY, "augment": "none", "image_size": 64}))
+    assert torch.equal(plain.datasets[0].dataset[0][0], eval_preset(64)(raw))

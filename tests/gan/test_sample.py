@@ -84,3 +84,25 @@ def test_synthetic_images_are_not_colour_corrected_twice_and_stay_with_their_pre
     (out / "prepare.json").write_text(json.dumps(info))
     with pytest.raises(MelanoganError, match="older melanogan"):
         train_classifier(demo_prepared, tmp_path / "run2", cfg, progress=False)
+
+
+def test_synthetic_images_take_the_resolution_path_real_training_images_take(gan_run, tmp_path):
+    """generate upsamples generator output with the very function `GeneratorResolution` applies to
+    real training images (study `resolution: matched`)."""
+    import numpy as np
+    import torch
+
+    from melanogan.data.transforms import bicubic_upsample
+    from melanogan.gan.checkpoint import latest_checkpoint, load_checkpoint
+    from melanogan.gan.sample import noise_for
+
+    generate(gan_run, 3, "melanoma", tmp_path / "syn", seed=5, use_ema=False)
+    loaded = load_checkpoint(latest_checkpoint(gan_run))
+    cfg, generator = loaded["config"], loaded["generator"].eval()
+    ds = CachedImageDataset(tmp_path / "syn", "train")
+    with torch.no_grad():
+        z = torch.stack([noise_for(i, 5, cfg.noise_dim) for i in range(3)])
+        out = generator(z, torch.ones(3, dtype=torch.long)).float().clamp(-1, 1).add(1).mul(127.5).round().byte()
+    for i in range(3):
+        expected = np.asarray(bicubic_upsample(out[i].permute(1, 2, 0).numpy(), ds.cache.options.size))
+        assert np.array_equal(ds.raw(i).permute(1, 2, 0).numpy(), expected)

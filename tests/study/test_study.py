@@ -10,7 +10,8 @@ from melanogan.study.experiments import ClassifierOptions, GanOptions, StudyConf
 
 def _toy(data) -> StudyConfig:
     return StudyConfig(
-        data=str(data), arms=["baseline", "weighted-loss", "gan"], seeds=[0], n_synthetic=12, bootstrap=50,
+        data=str(data), arms=["baseline", "weighted-loss", "gan"], seeds=[0], n_synthetic=12, n_synthetic_other=4,
+        bootstrap=50,
         classifier=ClassifierOptions(image_size=32, epochs=2, batch_size=8, workers=0),
         gan=GanOptions(overrides={"resolution": 32, "generator_channels": 32, "critic_channels": 8, "n_critic": 1,
                                   "steps": 2, "batch_size": 8, "checkpoint_every": 2, "sample_every": 2,
@@ -36,6 +37,20 @@ def test_toy_study_report_and_resume(demo_prepared, tmp_path):
     for r in rows:
         assert r["verdict"] in text and f"| {r['arm']} | {r['difference']:+.3f} |" in text
     assert "## Oracle operating points (not validation-chosen)" in text
+    # resolution: matched by default with a gan arm: real training rows of every arm took the 32 px path
+    import json
+
+    from melanogan.data.manifest import load_manifest
+
+    for arm in ("baseline", "weighted-loss", "gan"):
+        saved = json.loads((tmp_path / "study" / "seed-0" / "arms" / arm / "best" / "state.json").read_text())
+        assert saved["config"]["generator_resolution"] == 32, arm
+    assert "## Resolution control" in text and "`resolution: matched`" in text
+    probe = json.loads((tmp_path / "study" / "seed-0" / "arms" / "gan" / "shortcut_probe.json").read_text())
+    assert probe["resolution"] == 32 and f"| gan | 0 | {probe['mean_before']:.3f} | {probe['mean_after']:.3f} |" in text
+    assert not (tmp_path / "study" / "seed-0" / "arms" / "baseline" / "shortcut_probe.json").exists()
+    counts = load_manifest(tmp_path / "study" / "seed-0" / "synthetic")["label"].value_counts().to_dict()
+    assert counts == {1: 12, 0: 4}  # synthetic non-melanomas too: "synthetic" is no label proxy
     assert "GAN trained on the training split only | pass" in text
     assert "synthetic rows only in train | pass" in text and "FAIL" not in text
     assert "git commit" in text and "data manifest hash" in text
@@ -49,6 +64,15 @@ def test_toy_study_report_and_resume(demo_prepared, tmp_path):
     assert any("GAN already trained" in m for m in logs)
     assert sum("already done" in m for m in logs) == 3
     assert not any(m.startswith("seed 0: training") for m in logs)
+
+
+def test_resolution_defaults_to_matched_with_a_gan_arm_and_its_cost_arm_needs_it(demo_prepared):
+    assert StudyConfig(data=str(demo_prepared)).resolution == "matched"  # default arms include gan
+    assert StudyConfig(data=str(demo_prepared), arms=["baseline", "oversample"]).resolution == "native"
+    options, synthetic = StudyConfig(data=str(demo_prepared)).arm_options("baseline-native-res")
+    assert options["generator_resolution"] is None and not synthetic
+    with pytest.raises(ValueError, match="would train the same classifier"):  # no path to measure the cost of
+        StudyConfig(data=str(demo_prepared), arms=["baseline", "gan", "baseline-native-res"], resolution="native")
 
 
 def test_arms_that_train_the_same_classifier_are_refused(demo_prepared):

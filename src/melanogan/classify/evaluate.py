@@ -229,3 +229,39 @@ def plot_evaluation(test: pd.DataFrame, result: dict, out: Path, temperature: fl
     ax.set(xlabel="mean predicted probability", ylabel="observed melanoma rate", title="Reliability")
     ax.legend()
     save(fig, "reliability.png")
+
+
+# A mean rise of the melanoma probability of benign images this large, after nothing but the
+# generator's down/up resampling, is reported as a shortcut (when also significant).
+SHORTCUT_MIN_RISE = 0.01
+
+
+def probe_summary(before_logits, after_logits, alpha: float = 0.05) -> dict:
+    """Mean melanoma probability of the same benign images before and after the generator's
+    resampling path; a significant rise (Wilcoxon signed-rank, paired) of at least SHORTCUT_MIN_RISE
+    means the model scores softness as melanoma."""
+    from scipy.stats import wilcoxon
+
+    before, after = M.sigmoid(before_logits), M.sigmoid(after_logits)
+    rise = float(np.mean(after - before))
+    diff = after - before
+    p = float(wilcoxon(diff, alternative="greater").pvalue) if np.any(diff != 0) else 1.0
+    return {"n_images": len(before), "mean_before": float(before.mean()), "mean_after": float(after.mean()),
+            "rise": rise, "p_value": p, "warning": bool(rise >= SHORTCUT_MIN_RISE and p < alpha)}
+
+
+def shortcut_probe(model, image_size: int, data_dir: Path, resolution: int, cache: Cache | None = None,
+                   split: str = "val") -> dict:
+    """`probe_summary` of `model` on the real non-melanomas of `split`, as they are and after the
+    generator's resolution path (`GeneratorResolution`): does resampling alone make them melanomas?"""
+    from torchvision.transforms import v2
+
+    from melanogan.data.transforms import GeneratorResolution
+
+    plain = CachedImageDataset(data_dir, split, transform=eval_preset(image_size), labels=[0], cache=cache)
+    resampled = CachedImageDataset(data_dir, split, labels=[0], cache=cache,
+                                   transform=v2.Compose([GeneratorResolution(resolution), eval_preset(image_size)]))
+    device = torch.device("cpu")
+    return {**probe_summary(predict_logits(model, plain, device=device), predict_logits(model, resampled,
+                                                                                        device=device)),
+            "resolution": resolution, "split": split}

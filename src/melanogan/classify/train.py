@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torchvision.transforms import v2
 
 from melanogan import __version__
 from melanogan.classify.metrics import pr_auc, roc_auc
@@ -32,7 +33,7 @@ from melanogan.classify.models import Classifier, create_classifier
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.manifest import default_cache, load_manifest, manifest_hash
 from melanogan.data.synthetic import check_synthetic_space
-from melanogan.data.transforms import eval_preset, train_preset
+from melanogan.data.transforms import GeneratorResolution, eval_preset, train_preset
 from melanogan.errors import MelanoganError
 from melanogan.fileio import append_jsonl, atomic_path, read_json, save_figure, write_json, write_text
 from melanogan.runtime import TrainingBar, ddp_strategy, fabric_precision, shutdown_distributed
@@ -67,6 +68,10 @@ class TrainConfig(BaseModel):
     # checkpoint rebuilds the same model.
     diagnosis_weight: float | None = Field(None, ge=0.0)
     diagnosis_classes: list[str] = Field(default_factory=list)
+    # Real training images pass through a generator's resolution (down to it, then up as synthetic
+    # images are upsampled): the study's `resolution: matched`, so that softness cannot mean melanoma.
+    # Validation and test images never do. None: the cache's resolution.
+    generator_resolution: int | None = Field(None, ge=8)
     seed: int = 0
     workers: int = 1
     precision: str = "bf16-mixed"
@@ -130,7 +135,9 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     """Training set (real train split + synthetic sets, train preset; items are (image, label,
     diagnosis index)) and validation set (eval preset)."""
     train_tf = train_preset(cfg.image_size, cfg.augment)
-    parts = [CachedImageDataset(data_dir, "train", transform=train_tf, labels=[0, 1])]
+    real_tf = v2.Compose([GeneratorResolution(cfg.generator_resolution), train_tf]) if cfg.generator_resolution \
+        else train_tf  # synthetic images took that path when they were generated
+    parts = [CachedImageDataset(data_dir, "train", transform=real_tf, labels=[0, 1])]
     data_options = default_cache(data_dir).options
     for syn in cfg.synthetic:
         manifest = check_synthetic_manifest(Path(syn))

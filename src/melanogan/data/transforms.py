@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,6 +71,31 @@ class RandomMicroscope(torch.nn.Module):
         xx = torch.arange(w, dtype=torch.float32)[None, :] - cx
         mask = ((r - torch.sqrt(yy**2 + xx**2)) / (0.02 * side) + 0.5).clamp_(0, 1)  # a soft edge
         return (x.float() * mask).round_().to(x.dtype)
+
+
+def bicubic_upsample(image_hwc: np.ndarray, size: int) -> Image.Image:
+    """How `generate` brings generator output (uint8 HxWx3) to the cache size: Pillow's bicubic."""
+    pil = Image.fromarray(image_hwc)
+    return pil if pil.size == (size, size) else pil.resize((size, size), Image.Resampling.BICUBIC)
+
+
+class GeneratorResolution(torch.nn.Module):
+    """The path every synthetic image took, applied to a real uint8 (C, H, W) image: down to the
+    generator's resolution as the GAN sees real images (antialiased, rounded to uint8 like generator
+    output), then back up with `bicubic_upsample`. Real and synthetic training images then share
+    their softness, so a classifier cannot learn "soft, upsampled texture means melanoma"."""
+
+    def __init__(self, resolution: int):
+        super().__init__()
+        self.resolution = int(resolution)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.resolution >= min(h, w):
+            return x
+        small = v2.functional.resize(x, [self.resolution, self.resolution], antialias=True)
+        up = bicubic_upsample(small.permute(1, 2, 0).numpy(), h)
+        return torch.from_numpy(np.asarray(up).copy()).permute(2, 0, 1)
 
 
 def _to_float(normalization: Normalization) -> torch.nn.Module:

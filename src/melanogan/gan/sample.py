@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from melanogan import __version__
 from melanogan.data.cache import CacheOptions, build_cache
 from melanogan.data.manifest import MANIFEST, MANIFEST_COLUMNS
 from melanogan.data.synthetic import SYNTHETIC_FORMAT, synthetic_decode_options
+from melanogan.data.transforms import bicubic_upsample
 from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
 from melanogan.gan.checkpoint import checkpoint_hash, latest_checkpoint, load_checkpoint
@@ -80,10 +80,7 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
             labels = torch.full((len(idx),), y, dtype=torch.long, device=device)
             imgs = model(z, labels).float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu()
             for i, img in zip(idx, imgs, strict=True):
-                arr = img.permute(1, 2, 0).numpy()
-                pil = Image.fromarray(arr)
-                if pil.size != (size, size):
-                    pil = pil.resize((size, size), Image.Resampling.BICUBIC)
+                pil = bicubic_upsample(img.permute(1, 2, 0).numpy(), size)
                 image_id = f"syn-{tag}-{i:06d}"
                 path = image_dir / f"{image_id}.png"
                 with atomic_path(path, suffix=".png") as tmp:

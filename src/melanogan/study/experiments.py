@@ -15,15 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from melanogan.classify.evaluate import eval_dir_name, evaluate_run
-from melanogan.classify.train import TrainConfig, train_classifier
-from melanogan.data.manifest import load_manifest
+from melanogan.classify.evaluate import eval_dir_name, evaluate_run, run_cache_options, shortcut_probe
+from melanogan.classify.train import TrainConfig, load_model, train_classifier
+from melanogan.data.manifest import cache_for, load_manifest
 from melanogan.errors import MelanoganError
-from melanogan.fileio import read_json, write_text
+from melanogan.fileio import read_json, write_json, write_text
 from melanogan.gan.checkpoint import latest_checkpoint
 from melanogan.gan.config import load_config
 from melanogan.gan.sample import generate
@@ -38,11 +39,13 @@ ARMS: dict[str, dict] = {
     "classic-aug": {"augment": "classic"},
     "gan": {"synthetic": True},
     "gan+classic-aug": {"synthetic": True, "augment": "classic"},
+    # the baseline without the generator's resolution path: what `resolution: matched` costs it
+    "baseline-native-res": {"native_resolution": True},
 }
 # The baseline is the recommended classifier (classic augmentation, diagnosis head where the data
 # has diagnoses); an arm identical to it (classic-aug then) is refused. `classifier: {augment: none}`
 # gives the original study's six-arm comparison.
-DEFAULT_ARMS = ["baseline", "weighted-loss", "oversample", "gan"]
+DEFAULT_ARMS = ["baseline", "weighted-loss", "oversample", "gan", "baseline-native-res"]
 ORIGINAL_ARMS = ["baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"]
 
 
@@ -80,6 +83,11 @@ class StudyConfig(BaseModel):
     arms: list[str] = Field(default_factory=lambda: list(DEFAULT_ARMS))
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     n_synthetic: int = 1000
+    # Synthetic non-melanomas too, so that "synthetic" is not a proxy for the label.
+    n_synthetic_other: int = Field(0, ge=0)
+    # matched (the default with a gan arm): every arm's real training images pass through the
+    # generator's down/up resampling path, as synthetic ones did; native: cache resolution.
+    resolution: Literal["matched", "native"] | None = None
     classifier: ClassifierOptions = Field(default_factory=ClassifierOptions)
     gan: GanOptions = Field(default_factory=GanOptions)
     bootstrap: int = 1000
@@ -90,9 +98,12 @@ class StudyConfig(BaseModel):
             raise ValueError(f"unknown arm(s) {unknown}; available: {', '.join(ARMS)}")
         if "baseline" not in self.arms:
             raise ValueError("the arms must include 'baseline': every arm is compared with it")
+        if self.resolution is None:
+            self.resolution = "matched" if self.uses_gan else "native"
         seen: dict[str, str] = {}
         for arm in self.arms:  # two arms that would train the same classifier compare nothing
-            key = repr(sorted({**self.classifier.model_dump(), **ARMS[arm]}.items()))
+            options, synthetic = self.arm_options(arm)
+            key = repr((sorted(options.items()), synthetic))
             if key in seen:
                 raise ValueError(f"arms {seen[key]!r} and {arm!r} would train the same classifier with classifier "
                                  f"options {self.classifier.model_dump()}; drop one, or set e.g. "
@@ -102,6 +113,20 @@ class StudyConfig(BaseModel):
     @property
     def uses_gan(self) -> bool:
         return any(ARMS[a].get("synthetic") for a in self.arms)
+
+    @property
+    def gan_resolution(self) -> int:
+        return load_config(self.gan.preset, **self.gan.overrides).resolution
+
+    def arm_options(self, arm: str) -> tuple[dict, bool]:
+        """An arm's classifier options (TrainConfig fields, seed and synthetic paths aside) and whether
+        it trains with synthetic images."""
+        spec = dict(ARMS[arm])
+        synthetic = spec.pop("synthetic", False)
+        native = spec.pop("native_resolution", False)
+        options = {**self.classifier.model_dump(), **spec}
+        options["generator_resolution"] = self.gan_resolution if self.resolution == "matched" and not native else None
+        return options, synthetic
 
 
 def arm_dir(study_dir: Path, seed: int, arm: str) -> Path:
@@ -189,13 +214,18 @@ def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, pro
     else:
         _log(f"seed {seed}: GAN already trained", log)
     manifest = syn_dir / "manifest.parquet"
-    if not manifest.is_file() or len(load_manifest(syn_dir)) != cfg.n_synthetic:
-        _log(f"seed {seed}: generating {cfg.n_synthetic} synthetic melanomas", log)
+    wanted = {1: cfg.n_synthetic, 0: cfg.n_synthetic_other}
+    have = load_manifest(syn_dir)["label"].value_counts().to_dict() if manifest.is_file() else {}
+    if any(have.get(label, 0) != n for label, n in wanted.items()):
+        _log(f"seed {seed}: generating {cfg.n_synthetic} synthetic melanomas"
+             + (f" and {cfg.n_synthetic_other} synthetic non-melanomas" if cfg.n_synthetic_other else ""), log)
         if syn_dir.exists():
             import shutil
 
             shutil.rmtree(syn_dir)
         generate(gan_dir, cfg.n_synthetic, "melanoma", syn_dir, seed=seed)
+        if cfg.n_synthetic_other:
+            generate(gan_dir, cfg.n_synthetic_other, "other", syn_dir, seed=seed)
     return syn_dir
 
 
@@ -205,10 +235,8 @@ def _arm_stage(cfg: StudyConfig, data: Path, run_dir: Path, arm: str, seed: int,
             (run_dir / eval_dir_name(Path(e), "all", True) / "metrics.json").is_file() for e in cfg.external):
         _log(f"seed {seed}: {arm} already done", log)
         return
-    spec = dict(ARMS[arm])
-    synthetic = [str(syn_dir)] if spec.pop("synthetic", False) else []
-    options = {**cfg.classifier.model_dump(), **spec, "synthetic": synthetic, "seed": seed}
-    train_cfg = TrainConfig(**options)
+    options, uses_synthetic = cfg.arm_options(arm)
+    train_cfg = TrainConfig(**options, synthetic=[str(syn_dir)] if uses_synthetic else [], seed=seed)
     if not (run_dir / "best" / "state.json").is_file() or not (run_dir / "done.json").is_file():
         resume = (run_dir / "last" / "state.json").is_file()
         _log(f"seed {seed}: training {arm}" + (" (resuming)" if resume else ""), log)
@@ -217,10 +245,17 @@ def _arm_stage(cfg: StudyConfig, data: Path, run_dir: Path, arm: str, seed: int,
 
             shutil.rmtree(run_dir)  # started but never checkpointed
         summary = train_classifier(data, run_dir, train_cfg, resume=resume, progress=progress)
-        from melanogan.fileio import write_json
-
         write_json(run_dir / "done.json", summary)
     _log(f"seed {seed}: evaluating {arm}", log)
     evaluate_run(run_dir, split="test", bootstrap=cfg.bootstrap, log=lambda m: _log(m, log))
+    if uses_synthetic:  # does resampling alone make the model call benign validation images melanoma?
+        model, model_cfg, _ = load_model(run_dir / "best")
+        probe = shortcut_probe(model, model_cfg.image_size, data, cfg.gan_resolution,
+                               cache=cache_for(data, run_cache_options(run_dir)))
+        write_json(run_dir / "shortcut_probe.json", probe)
+        if probe["warning"]:
+            _log(f"seed {seed}: WARNING {arm} scores benign validation images higher after the generator's "
+                 f"{cfg.gan_resolution} px resampling alone (mean probability {probe['mean_before']:.3f} -> "
+                 f"{probe['mean_after']:.3f}): it may have learned a resolution shortcut", log)
     for ext in cfg.external:
         evaluate_run(run_dir, data_dir=Path(ext), split="all", bootstrap=cfg.bootstrap, log=lambda m: _log(m, log))

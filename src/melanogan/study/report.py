@@ -78,6 +78,39 @@ def source_table(cfg, metrics: dict) -> list[str]:
         _table(["arm"] + [sizes[src] for src in sources], rows) + [""]
 
 
+def resolution_section(study_dir: Path, cfg, comps: list[dict]) -> list[str]:
+    """Markdown lines: which resolution path the arms' real training images took, what it cost the
+    baseline, and the shortcut probe of every arm trained with synthetic images."""
+    if not cfg.uses_gan:
+        return []
+    res = cfg.gan_resolution
+    lines = ["## Resolution control", ""]
+    if cfg.resolution == "matched":
+        lines.append(f"`resolution: matched`: every arm's real training images passed through the generator's path "
+                     f"(down to {res} px, then up to the cache size as synthetic images are), so that a soft, "
+                     "upsampled texture cannot stand for melanoma; validation and test images did not.")
+        cost = next((c for c in comps if c["arm"] == "baseline-native-res"), None)
+        if cost is not None:
+            lines.append(f"Its cost for the baseline: `baseline-native-res` (the baseline without the path) minus "
+                         f"baseline = {cost['difference']:+.3f} ROC-AUC (95% CI {_fmt(cost['ci_low'])} to "
+                         f"{_fmt(cost['ci_high'])}).")
+    else:
+        lines.append(f"`resolution: native`: real training images at the cache resolution, synthetic ones upsampled "
+                     f"from {res} px. Read the gan arms with the shortcut probe below in mind.")
+    lines += ["", "Shortcut probe: mean melanoma probability of the real validation non-melanomas, as they are and "
+              f"after the generator's {res} px resampling alone; a significant rise (one-sided Wilcoxon, >= 0.01) "
+              "means the arm scores softness as melanoma.", ""]
+    rows = []
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            path = arm_dir(study_dir, seed, arm) / "shortcut_probe.json"
+            if path.is_file():
+                p = read_json(path)
+                rows.append([arm, str(seed), _fmt(p["mean_before"]), _fmt(p["mean_after"]), f"{p['rise']:+.3f}",
+                             _fmt(p["p_value"]), "**WARNING: shortcut**" if p["warning"] else "no shortcut found"])
+    return lines + _table(["arm", "seed", "before", "after", "rise", "p", "verdict"], rows) + [""]
+
+
 def collect(study_dir: Path, cfg) -> tuple[dict, dict]:
     """metrics[(seed, arm)] and predictions[(seed, arm)] of the test split."""
     metrics, preds = {}, {}
@@ -257,6 +290,8 @@ def write_report(study_dir: Path, cfg) -> Path:
                          f"{np.mean([_nan(x['sensitivity']) for x in base]):.3f}; false positives per 100 benign "
                          f"lesions {fp_arm:.1f} vs {fp_base:.1f}.")
     lines.append("")
+
+    lines += resolution_section(study_dir, cfg, comps)
 
     lines += ["## Oracle operating points (not validation-chosen)", "",
               "Read off each arm's own test ROC curve, i.e. chosen with the test labels: upper bounds for comparison "

@@ -77,3 +77,14 @@ def test_unlabeled_rows_stay_out_and_zero_fraction_split_stays_empty():
 def test_bad_fractions(fractions):
     with pytest.raises(DataError, match="sum to 1"):
         SplitFractions(*fractions)
+
+
+def test_split_by_image_ignores_groups_and_keeps_the_label_shares():
+    from melanogan.data.splits import split_by_image
+
+    labels = pd.Series([1] * 20 + [0] * 80)
+    split = split_by_image(labels, seed=0)
+    counts = pd.crosstab(split, labels)
+    assert counts.loc["test", 1] == counts.loc["val", 1] == 3 and counts.loc["train", 1] == 14
+    assert counts.loc["test", 0] == counts.loc["val", 0] == 12 and counts.loc["train", 0] == 56
+    assert split.tolist() == split_by_image(labels, seed=0).tolist() != split_by_image(labels, seed=1).tolist()

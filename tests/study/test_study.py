@@ -97,3 +97,34 @@ def test_study_config_errors(tmp_path, demo_prepared):
     (tmp_path / "study" / "study.yaml").write_text("data: other\n")
     with pytest.raises(MelanoganError, match="different config"):
         run_study(cfg, tmp_path / "study", log=None)
+
+
+def test_the_original_protocol_runs_beside_and_is_labelled_leaky(demo_prepared, tmp_path):
+    import json
+
+    from melanogan.data.manifest import load_manifest
+
+    cfg = _toy(demo_prepared).model_copy(update={"arms": ["baseline", "gan"], "protocol": "both",
+                                                 "n_synthetic_other": 0})
+    text = run_study(cfg, tmp_path / "study", log=None, progress=False).read_text()
+    original = tmp_path / "study" / "original-protocol"
+    # split by image: the same patient/lesion group lands in several splits
+    by_image = load_manifest(original / "data-by-image")
+    real = load_manifest(demo_prepared)
+    assert len(by_image) == int(real["label"].isin([0, 1]).sum())
+    assert (by_image.groupby("group_id")["split"].nunique() > 1).any()
+    assert (real.groupby("group_id")["split"].nunique() == 1).all()  # the honest split never does that
+    # the GAN saw every melanoma, validation and test ones included
+    run = json.loads((original / "seed-0" / "gan" / "run.json").read_text())
+    assert run["trained_on_split"] == "train,val,test"
+    assert run["training_images"]["melanoma"] == int((by_image["label"] == 1).sum())
+    saved = json.loads((original / "seed-0" / "arms" / "baseline" / "best" / "state.json").read_text())["config"]
+    assert (saved["model"], saved["image_size"], saved["augment"]) == ("original-cnn", 224, "none")
+    # labelled as leaky wherever it appears
+    leaky = (original / "report.md").read_text()
+    assert leaky.startswith("# LEAKY") and "Leaky by design" in leaky
+    assert "| FAIL |" in leaky and "trained on every melanoma of every split (LEAKY)" in leaky
+    assert "## The original protocol beside this one" in text and "| original (LEAKY) | gan |" in text
+    assert "| this study | baseline |" in text
+    honest_audit = text.split("## Leakage audit")[1]
+    assert "FAIL" not in honest_audit

@@ -97,3 +97,18 @@ def assign_splits(
         all_now[k] += nall
     split.loc[labeled] = work["cluster_id"].map(cluster_split).to_numpy()
     return split, notes
+
+
+def split_by_image(labels: pd.Series, fractions: SplitFractions = SplitFractions(), seed: int = 0) -> pd.Series:
+    """The original study's split, reproduced to measure its leakage: each image on its own,
+    stratified by label only, so images of one patient or lesion (and near-duplicates) can land in
+    different splits. Never use it for a real estimate."""
+    rng = np.random.default_rng(seed)
+    split = pd.Series("train", index=labels.index, dtype=object)
+    for _, members in labels.groupby(labels):
+        order = rng.permutation(members.index.to_numpy())
+        n_val = round(fractions.val * len(order))
+        n_test = round(fractions.test * len(order))
+        split.loc[order[:n_test]] = "test"
+        split.loc[order[n_test:n_test + n_val]] = "val"
+    return split

@@ -49,6 +49,9 @@ class GanConfig(BaseModel):
     kid_every: int = 0  # steps between KID evaluations (0 = off); the best-KID checkpoint is kept
     kid_features: str = "pixels"  # pixels or classifier:RUN_DIR (domain features)
     kid_samples: int = 500
+    # Splits whose images the GAN trains on. Only ["train"] is honest; the study's `protocol: original`
+    # sets all three to reproduce the original study's leak (its GAN saw every melanoma).
+    train_splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train"])
 
     @field_validator("classes")
     @classmethod

@@ -55,17 +55,18 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 class BatchSource:
-    """Draws training batches from the training split only, optionally class-balanced."""
+    """Draws training batches from the training split only (`train_splits`, which only the original
+    protocol's reproduction widens), optionally class-balanced."""
 
     def __init__(self, data_dir: Path, cfg: GanConfig):
         manifest = load_manifest(data_dir)
-        train = manifest[(manifest["split"] == "train") & manifest["label"].isin(cfg.classes)]
+        train = manifest[manifest["split"].isin(cfg.train_splits) & manifest["label"].isin(cfg.classes)]
         for c in cfg.classes:
             if not (train["label"] == c).any():
                 raise MelanoganError(f"{data_dir}: the training split has no {CLASS_NAMES[c]} image, so the GAN "
                                      f"cannot learn that class. Check the manifest (melanogan audit {data_dir}) "
                                      "or set classes in the config.")
-        self.dataset = CachedImageDataset(data_dir, "train", transform=eval_preset(cfg.resolution, "tanh"),
+        self.dataset = CachedImageDataset(data_dir, cfg.train_splits, transform=eval_preset(cfg.resolution, "tanh"),
                                           labels=cfg.classes, manifest=manifest)
         self.by_class = {c: np.flatnonzero(self.dataset.labels == c) for c in cfg.classes}
         self.cfg = cfg
@@ -260,7 +261,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
         write_json(run_dir / "run.json", {
             "melanogan_version": __version__, "data_dir": str(Path(data_dir).resolve()),
             "manifest_hash": manifest_hash(manifest), "training_images": source.counts,
-            "trained_on_split": "train", "precision": precision, "world_size": world,
+            "trained_on_split": ",".join(cfg.train_splits), "precision": precision, "world_size": world,
             "accelerator": device.type, "torch": torch.__version__,
         })
         _truncate_stats(stats_path, start_step)

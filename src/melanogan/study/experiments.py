@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from melanogan.classify.evaluate import eval_dir_name, evaluate_run, run_cache_options, shortcut_probe
 from melanogan.classify.train import TrainConfig, load_model, train_classifier
 from melanogan.data.manifest import cache_for, load_manifest
+from melanogan.data.splits import split_by_image
 from melanogan.errors import MelanoganError
-from melanogan.fileio import read_json, write_json, write_text
+from melanogan.fileio import read_json, write_json, write_parquet, write_text
 from melanogan.gan.checkpoint import latest_checkpoint
 from melanogan.gan.config import load_config
 from melanogan.gan.sample import generate
@@ -91,6 +92,10 @@ class StudyConfig(BaseModel):
     classifier: ClassifierOptions = Field(default_factory=ClassifierOptions)
     gan: GanOptions = Field(default_factory=GanOptions)
     bootstrap: int = 1000
+    # honest: this study. original: the original study's (leaky) protocol on the same data, to show
+    # where its reported recall came from. both: the honest study, with the original protocol run
+    # beside it (STUDY_DIR/original-protocol/) and compared in the report.
+    protocol: Literal["honest", "original", "both"] = "honest"
 
     def model_post_init(self, _context) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -167,6 +172,47 @@ def _log(message: str, log: Callable[[str], None] | None) -> None:
         log(message)
 
 
+ORIGINAL_DIR = "original-protocol"
+
+
+def original_protocol_config(cfg: StudyConfig, data_by_image: Path) -> StudyConfig:
+    """The original study's protocol on `cfg`'s data (re-split by image into `data_by_image`): the GAN
+    trained on every melanoma (validation and test ones too), the original 3-conv CNN at 224 px
+    without augmentation or auxiliary head, no resolution control, one seed, baseline vs gan. The
+    training budget is the honest study's, so the two differ in protocol only."""
+    c = cfg.classifier
+    return cfg.model_copy(update={
+        "data": str(data_by_image), "external": [], "arms": ["baseline", "gan"], "seeds": cfg.seeds[:1],
+        "n_synthetic_other": 0, "resolution": "native", "protocol": "original",
+        "classifier": ClassifierOptions(model="original-cnn", image_size=224, augment="none", diagnosis_weight=0.0,
+                                        epochs=c.epochs, max_minutes=c.max_minutes, batch_size=c.batch_size,
+                                        lr=c.lr, patience=c.patience, precision=c.precision, workers=c.workers),
+        "gan": cfg.gan.model_copy(update={"overrides": {**cfg.gan.overrides,
+                                                        "train_splits": ["train", "val", "test"]}}),
+    })
+
+
+def split_data_by_image(data: Path, out: Path, seed: int) -> Path:
+    """A DATA_DIR whose manifest is `data`'s re-split image by image (group and cluster ids kept, so
+    the audit shows the leak), sharing `data`'s cache."""
+    out = Path(out)
+    if (out / "manifest.parquet").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(data)
+    labeled = manifest["label"].isin([0, 1]) & (manifest["source"] != "synthetic")
+    manifest = manifest[labeled].copy()
+    manifest["split"] = split_by_image(manifest["label"], seed=seed).to_numpy()
+    info = read_json(Path(data) / "prepare.json")
+    link = out / "cache"
+    if not link.exists():
+        link.symlink_to((Path(data) / "cache").resolve(), target_is_directory=True)
+    write_json(out / "prepare.json", {**info, "protocol": "original (split by image: leaky)",
+                                      "derived_from": str(Path(data).resolve())})
+    write_parquet(out / "manifest.parquet", manifest)  # last: its presence marks the folder complete
+    return out
+
+
 def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = print, progress: bool = True) -> Path:
     """Run (or resume) every stage; returns the path of report.md."""
     from melanogan.study.report import write_report
@@ -180,8 +226,27 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = p
             raise MelanoganError(f"{out}: holds a study with a different config ({study_file}). Use a new --out, "
                                  "or the same config to resume it.")
     write_text(study_file, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    load_manifest(Path(cfg.data))  # clear error if the data is not prepared
+    if cfg.protocol == "original":
+        cfg = original_protocol_config(cfg, split_data_by_image(Path(cfg.data), out / "data-by-image", cfg.seeds[0]))
+        _log("LEAKY: running the original study's protocol (images split without regard to patient or lesion, "
+             "the GAN trained on every melanoma); its numbers do not estimate performance on new patients", log)
+    _run_arms(cfg, out, log, progress)
+    if cfg.protocol == "both":
+        original = out / ORIGINAL_DIR
+        ocfg = original_protocol_config(cfg, split_data_by_image(Path(cfg.data), original / "data-by-image",
+                                                                 cfg.seeds[0]))
+        _log(f"the original (leaky) protocol beside it, in {original}", log)
+        _run_arms(ocfg, original, log, progress)
+        write_report(original, ocfg)
+    report = write_report(out, cfg)
+    _log(f"report: {report} and {report.with_suffix('.html')}", log)
+    return report
+
+
+def _run_arms(cfg: StudyConfig, out: Path, log, progress: bool) -> None:
+    """Every seed's GAN, synthetic images, arms and synthetic-image quality, each skipped when done."""
     data = Path(cfg.data)
-    load_manifest(data)  # clear error if the data is not prepared
     for seed in cfg.seeds:
         seed_dir = out / f"seed-{seed}"
         syn_dir = seed_dir / "synthetic"
@@ -196,9 +261,6 @@ def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = p
                  "(pixels and baseline-classifier features; memorisation against the training split)", log)
             evaluate_gan(syn_dir, data, syn_dir / "quality", split="val",
                          features=["pixels", f"classifier:{arm_dir(out, seed, 'baseline')}"])
-    report = write_report(out, cfg)
-    _log(f"report: {report} and {report.with_suffix('.html')}", log)
-    return report
 
 
 def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, progress: bool) -> Path:

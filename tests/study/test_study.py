@@ -128,3 +128,26 @@ def test_the_original_protocol_runs_beside_and_is_labelled_leaky(demo_prepared, 
     assert "| this study | baseline |" in text
     honest_audit = text.split("## Leakage audit")[1]
     assert "FAIL" not in honest_audit
+
+
+def test_a_time_boxed_gan_pauses_the_gan_arms_and_resumes(demo_prepared, tmp_path):
+    cfg = _toy(demo_prepared)
+    cfg = cfg.model_copy(update={"arms": ["baseline", "gan"], "n_synthetic_other": 0,
+                                 "gan": cfg.gan.model_copy(update={"max_steps_per_invocation": 1})})
+    logs: list[str] = []
+    run_study(cfg, tmp_path / "study", log=logs.append, progress=False)
+    assert any("GAN paused at step 1 of 2" in m for m in logs)
+    arms = tmp_path / "study" / "seed-0" / "arms"
+    assert (arms / "baseline" / "eval-test" / "metrics.json").is_file() and not (arms / "gan").exists()
+    logs.clear()
+    run_study(cfg, tmp_path / "study", log=logs.append, progress=False)
+    assert any("resuming at 1" in m for m in logs) and (arms / "gan" / "eval-test" / "metrics.json").is_file()
+
+
+def test_the_shipped_shared_data_study_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_study_config(Path(__file__).parents[2] / "studies" / "shared-data.yaml")
+    assert cfg.protocol == "both" and cfg.resolution == "matched" and len(cfg.seeds) >= 3
+    assert {"baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"} <= set(cfg.arms)
+    assert cfg.n_synthetic >= 1000 and cfg.external and cfg.gan.max_steps_per_invocation

@@ -73,6 +73,9 @@ class GanOptions(BaseModel):
     preset: str = "default"
     overrides: dict = Field(default_factory=dict)  # any GanConfig field, e.g. resolution, steps
     precision: str = "bf16-mixed"
+    # Time-box a long GAN on a CPU: at most this many steps per `melanogan study` invocation; the arms
+    # that need synthetic images wait (the others run) and the next invocation resumes the GAN.
+    max_steps_per_invocation: int | None = Field(None, ge=1)
 
 
 class StudyConfig(BaseModel):
@@ -250,11 +253,13 @@ def _run_arms(cfg: StudyConfig, out: Path, log, progress: bool) -> None:
     for seed in cfg.seeds:
         seed_dir = out / f"seed-{seed}"
         syn_dir = seed_dir / "synthetic"
+        gan_ready = True
         if cfg.uses_gan:
-            syn_dir = _gan_stage(cfg, data, seed_dir, seed, log, progress)
+            gan_ready = _gan_stage(cfg, data, seed_dir, seed, log, progress)
         for arm in cfg.arms:
-            _arm_stage(cfg, data, arm_dir(out, seed, arm), arm, seed, syn_dir, log, progress)
-        if cfg.uses_gan and not (syn_dir / "quality" / "quality.json").is_file():
+            if gan_ready or not ARMS[arm].get("synthetic"):
+                _arm_stage(cfg, data, arm_dir(out, seed, arm), arm, seed, syn_dir, log, progress)
+        if cfg.uses_gan and gan_ready and not (syn_dir / "quality" / "quality.json").is_file():
             from melanogan.gan.evaluate import evaluate_gan
 
             _log(f"seed {seed}: scoring the synthetic images against real validation images the GAN never saw "
@@ -263,7 +268,9 @@ def _run_arms(cfg: StudyConfig, out: Path, log, progress: bool) -> None:
                          features=["pixels", f"classifier:{arm_dir(out, seed, 'baseline')}"])
 
 
-def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, progress: bool) -> Path:
+def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, progress: bool) -> bool:
+    """Train (or resume) the seed's GAN and generate its synthetic set; False while a time-boxed GAN
+    is not finished."""
     gan_dir, syn_dir = seed_dir / "gan", seed_dir / "synthetic"
     gan_cfg = load_config(cfg.gan.preset, **{**cfg.gan.overrides, "seed": seed})
     ckpt = latest_checkpoint(gan_dir) if gan_dir.exists() else None
@@ -271,8 +278,13 @@ def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, pro
     if done_step < gan_cfg.steps:
         _log(f"seed {seed}: training the GAN ({gan_cfg.preset}, {gan_cfg.resolution}px, {gan_cfg.steps} steps"
              + (f", resuming at {done_step}" if ckpt else "") + ")", log)
-        train_gan(data, gan_dir, gan_cfg, resume=ckpt is not None or (gan_dir / "config.yaml").is_file(),
-                  precision=cfg.gan.precision, progress=progress)
+        summary = train_gan(data, gan_dir, gan_cfg, resume=ckpt is not None or (gan_dir / "config.yaml").is_file(),
+                            precision=cfg.gan.precision, progress=progress,
+                            stop_after=cfg.gan.max_steps_per_invocation)
+        if not summary["finished"]:
+            _log(f"seed {seed}: GAN paused at step {summary['step']} of {gan_cfg.steps} (max_steps_per_invocation); "
+                 "the arms with synthetic images wait: run the same `melanogan study` command again to go on", log)
+            return False
     else:
         _log(f"seed {seed}: GAN already trained", log)
     manifest = syn_dir / "manifest.parquet"
@@ -288,7 +300,7 @@ def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, pro
         generate(gan_dir, cfg.n_synthetic, "melanoma", syn_dir, seed=seed)
         if cfg.n_synthetic_other:
             generate(gan_dir, cfg.n_synthetic_other, "other", syn_dir, seed=seed)
-    return syn_dir
+    return True
 
 
 def _arm_stage(cfg: StudyConfig, data: Path, run_dir: Path, arm: str, seed: int, syn_dir: Path, log,

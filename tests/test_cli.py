@@ -12,8 +12,8 @@ from melanogan.cli import app
 
 runner = CliRunner()
 COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
-            "study", "predict", "explain", "export", "serve", "bench preprocess", "bench gan", "bench classifier",
-            "bench quality", "bench serve"]
+            "study", "predict", "explain", "export", "serve", "calibrate", "bench preprocess", "bench gan",
+            "bench classifier", "bench quality", "bench serve", "bench calibrate"]
 
 
 def test_root_help_lists_commands():
@@ -75,11 +75,13 @@ def test_serve_refuses_bad_options_before_starting(tmp_path):
 # Every CLI option either feeds a library function/dataclass parameter of the same name (or the one
 # named in RENAMED), whose default must be the CLI's, or is listed in CLI_ONLY with the reason.
 def _targets():
+    from melanogan.bench import calibrate as bench_calibrate
     from melanogan.bench import classifier as bench_classifier
     from melanogan.bench import gan as bench_gan
     from melanogan.bench import preprocess as bench_preprocess
     from melanogan.bench import quality as bench_quality
     from melanogan.bench import serve as bench_serve
+    from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import evaluate_run
     from melanogan.classify.export import export_model
     from melanogan.classify.predict import explain, predict
@@ -100,8 +102,10 @@ def _targets():
         "demo": [], "train-gan": [load_config, train_gan], "generate": [generate], "evaluate-gan": [evaluate_gan],
         "train": [TrainConfig, train_classifier], "evaluate": [evaluate_run], "predict": [predict],
         "explain": [explain], "export": [export_model], "serve": [ServeConfig], "study": [run_study],
+        "calibrate": [calibrate_site],
         "bench preprocess": [bench_preprocess.run], "bench classifier": [bench_classifier.run],
         "bench gan": [bench_gan.run], "bench quality": [bench_quality.run], "bench serve": [bench_serve.run],
+        "bench calibrate": [bench_calibrate.run],
     }
 
 
@@ -110,7 +114,8 @@ RENAMED = {("train-gan", "config"): "config_file", ("train-gan", "max_steps"): "
            ("evaluate", "data"): "data_dir", ("serve", "run"): "run_dir", ("serve", "synthetic"): "synthetic_dir",
            ("serve", "real"): "real_dir", ("serve", "allowed_host"): "allowed_hosts",
            ("bench serve", "run"): "run_dir", ("prepare", "source"): "sources", ("train-gan", "out"): "run_dir",
-           ("train", "out"): "run_dir", ("evaluate-gan", "real"): "real_dir", ("study", "out"): "out"}
+           ("train", "out"): "run_dir", ("evaluate-gan", "real"): "real_dir", ("study", "out"): "out",
+           ("calibrate", "data"): "data_dir", ("calibrate", "site"): "name"}
 CLI_ONLY = {
     ("demo", "out"): "the demo's own folder", ("demo", "n_images"): "the demo's own size",
     ("demo", "seeds"): "the demo's own seeds", ("audit", "json_out"): "an extra output file",
@@ -118,10 +123,11 @@ CLI_ONLY = {
     ("serve", "host"): "fed to uvicorn and to ServeConfig.host (checked separately)",
     ("serve", "port"): "fed to uvicorn",
     **{(f"bench {b}", "json_out"): "an extra output file" for b in ("preprocess", "classifier", "serve", "quality",
-                                                                       "gan")},
+                                                                       "gan", "calibrate")},
 }
 CONVERT = {("prepare", "melanoma_folders"): lambda v: tuple(v.split(",")),
            ("bench quality", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),
+           ("bench calibrate", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),
            ("serve", "allowed_host"): lambda v: tuple(v or ()), ("train", "synthetic"): lambda v: list(v or [])}
 
 

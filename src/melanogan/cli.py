@@ -332,6 +332,9 @@ def predict(
     threshold: Annotated[str, typer.Option(
         help="val-youden, val-sens95 (chosen on the run's validation split) or a number.")] = "val-youden",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    site: Annotated[str | None, typer.Option(
+        help="A site calibrated with `melanogan calibrate`: its temperature and thresholds instead of the "
+             "validation ones.")] = None,
 ) -> None:
     """Melanoma probability and decision for images, with the training preprocessing. Unreadable files
     are listed in the CSV with their error; they never stop the run."""
@@ -340,7 +343,7 @@ def predict(
     with _progress() as progress:
         table = run_predict(run_dir, inputs, out, threshold, batch_size,
                             on_progress=_progress_callback(progress, "predicting"),
-                            log=lambda m: err_console.print(f"note: {m}"))
+                            log=lambda m: err_console.print(f"note: {m}"), site=site)
     bad = table[table["error"] != ""]
     console.print(f"{len(table) - len(bad)} image(s) scored, {int((table['decision'] == 'melanoma').sum())} above the "
                   f"{table['threshold_name'].iat[0]} threshold {table['threshold'].iat[0]:.3f}; {out}")
@@ -353,11 +356,14 @@ def explain(
     run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],
     image: Annotated[Path, typer.Argument(help="One dermoscopic image.")],
     out: Annotated[Path, typer.Option("--out", help="PNG with the Grad-CAM overlay.")] = Path("heatmap.png"),
+    site: Annotated[str | None, typer.Option(
+        help="A site calibrated with `melanogan calibrate`: its temperature and thresholds instead of the "
+             "validation ones.")] = None,
 ) -> None:
     """Grad-CAM heat map of what drives the melanoma score, over the preprocessed image."""
     from melanogan.classify.predict import explain as run_explain
 
-    r = run_explain(run_dir, image, out)
+    r = run_explain(run_dir, image, out, site=site)
     console.print(f"{image}: melanoma probability {r['probability']:.3f}; heat map {out}")
 
 
@@ -366,13 +372,42 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],
     format: Annotated[str, typer.Option("--format", help="onnx (needs melanogan[export]) or torchscript.")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/export/model.onnx|.pt).")] = None,
+    site: Annotated[str | None, typer.Option(
+        help="A site calibrated with `melanogan calibrate`: its temperature and thresholds instead of the "
+             "validation ones.")] = None,
 ) -> None:
     """A deployable model whose outputs are checked against PyTorch (max |difference| <= 1e-4) before the
     file is kept; OUT.json records input shape, preprocessing and the validation thresholds."""
     from melanogan.classify.export import export_model
 
-    meta = export_model(run_dir, format, out)
+    meta = export_model(run_dir, format, out, site=site)
     console.print(f"{meta['file']} ({format}); max |difference| vs PyTorch {meta['max_abs_difference_vs_pytorch']:.2e}")
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],
+    data: Annotated[Path, typer.Option("--data", help="A prepared DATA_DIR with a labelled sample of the new site.")],
+    site: Annotated[str, typer.Option("--site", help="The site's name (stored as RUN_DIR/sites/NAME/).")],
+    split: Annotated[str, typer.Option(help="Which of the site's images: all (default), train, val or test.")] =
+        "all",
+    folds: Annotated[int, typer.Option(help="Folds for the cross-fitted estimate of what the thresholds give.")] = 5,
+) -> None:
+    """An operating point for a new site: temperature and thresholds (Youden, 95% sensitivity) chosen
+    on a labelled sample of its own cases, with the sensitivity/specificity they should give there
+    (cross-fitted, exact 95% CIs as wide as the sample is small). Use them with --site NAME in
+    predict, explain, serve and export."""
+    from melanogan.classify.calibrate import calibrate_site
+
+    r = calibrate_site(run_dir, data, site, split, folds, log=lambda m: console.print(f"note: {m}"))
+    console.print(f"site {site}: {r['n_images']} images ({r['n_melanoma']} melanoma), ROC-AUC {r['roc_auc']:.3f} "
+                  f"[{r['roc_auc_ci95'][0]:.3f}, {r['roc_auc_ci95'][1]:.3f}], temperature {r['temperature']:.2f}")
+    for name, t in r["thresholds"].items():
+        e = r["expected"][name]
+        console.print(f"  {name:11s} t={t:.3f}: expected sensitivity {e['sensitivity']:.3f} "
+                      f"[{e['sensitivity_ci95'][0]:.3f}, {e['sensitivity_ci95'][1]:.3f}], specificity "
+                      f"{e['specificity']:.3f} [{e['specificity_ci95'][0]:.3f}, {e['specificity_ci95'][1]:.3f}]")
+    console.print(f"stored in {run_dir / 'sites' / site}; use --site {site}")
 
 
 @app.command("evaluate-gan")
@@ -529,6 +564,9 @@ def serve(
         help="Real and synthetic images per class in the Turing test (the same ones on every start).")] = 200,
     review_items: Annotated[int, typer.Option(help="Test images offered for prediction review.")] = 200,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    site: Annotated[str | None, typer.Option(
+        help="A site calibrated with `melanogan calibrate`: its temperature and thresholds instead of the "
+             "validation ones.")] = None,
     admin_token: Annotated[str | None, typer.Option(
         help="Organiser token for the results pages and CSVs (default: a new random one each start, printed "
              "below). Reviewers never see it.")] = None,
@@ -555,6 +593,7 @@ def serve(
     application = create_app(ServeConfig(run_dir=run, db=db, synthetic_dir=synthetic, real_dir=real,
                                          threshold=threshold, max_upload_mb=max_upload_mb,
                                          turing_per_class=turing_per_class, review_items=review_items, device=device,
+                                         site=site,
                                          admin_token=admin_token, host=host, allowed_hosts=tuple(allowed_host or ())))
     token = application.state.review.admin_token
     base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
@@ -625,6 +664,27 @@ def bench_serve(
     from melanogan.fileio import write_json
 
     results = run_bench(run, n_images, width, height, requests, concurrency, max_seconds)
+    console.print_json(json.dumps(results, default=str))
+    if json_out:
+        write_json(json_out, results)
+
+
+@bench_app.command("calibrate")
+def bench_calibrate(
+    shared: Annotated[Path, typer.Option(help="The shared folder (data/ham10000_224, data/derm7pt_384).")] =
+        Path("../shared"),
+    minutes: Annotated[float, typer.Option(help="Training budget of the default classifier on HAM10000.")] = 10.0,
+    sizes: Annotated[str, typer.Option(help="Comma-separated site sample sizes.")] = "25,50,100,200,400",
+    repeats: Annotated[int, typer.Option(help="Resamples per size.")] = 200,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """How many labelled local cases a new site needs: the default model trained on HAM10000, scored on
+    Derm7pt (never trained on); what the validation threshold gives there, and the spread of the
+    operating point chosen on site samples of each size (applied to the site's other cases)."""
+    from melanogan.bench.calibrate import run
+    from melanogan.fileio import write_json
+
+    results = run(shared, minutes, tuple(int(s) for s in sizes.split(",")), repeats)
     console.print_json(json.dumps(results, default=str))
     if json_out:
         write_json(json_out, results)

@@ -301,3 +301,19 @@ def test_uploads_stay_in_memory_and_decodes_are_bounded(serve_inputs, tmp_path, 
     for t in threads:
         t.join()
     assert peak[0] == app_mod.DECODE_SLOTS  # decodes overlap, but never more than the slots
+
+
+def test_a_calibrated_site_sets_the_servers_threshold_and_probabilities(serve_inputs, tmp_path, demo_raw):
+    from melanogan.classify import metrics as M
+    from melanogan.classify.calibrate import calibrate_site
+
+    run, real, _ = serve_inputs
+    r = calibrate_site(run, real, "home")  # all of it: only the wiring is tested here
+    client = _client(serve_inputs, tmp_path / "r.sqlite", site="home")
+    health = client.get("/health").json()
+    assert health["threshold"] == pytest.approx(r["thresholds"]["val-youden"])
+    assert health["threshold_name"] == "site:home:youden"
+    path, data = _jpeg(demo_raw)
+    logit = predict(run, [path])["logit"].iloc[0]
+    api = client.post("/api/predict", files={"file": ("a.jpg", data)}).json()
+    assert api["probability"] == pytest.approx(float(M.sigmoid(logit / r["temperature"])), abs=1e-6)

@@ -25,8 +25,9 @@ def _check(reference: np.ndarray, exported: np.ndarray, atol: float) -> float:
     return diff
 
 
-def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float = 1e-4) -> dict:
-    """Export RUN_DIR/best to `fmt`; verify on a random batch of 3; write OUT and OUT.json."""
+def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float = 1e-4, site: str | None = None) -> dict:
+    """Export RUN_DIR/best to `fmt`; verify on a random batch of 3; write OUT and OUT.json (with a
+    calibrated `site`'s temperature and thresholds instead of the validation ones)."""
     if fmt not in FORMATS:
         raise MelanoganError(f"--format {fmt!r}: use onnx or torchscript.")
     run_dir = Path(run_dir)
@@ -57,16 +58,24 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
                 exported = torch.jit.load(str(tmp))(check).detach().numpy()
         max_diff = _check(reference, exported, atol)
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    try:  # the thresholds of this very checkpoint (recomputed if the stored ones are of another)
-        from melanogan.classify.predict import run_thresholds
+    temperature = 1.0
+    if site:
+        from melanogan.classify.calibrate import site_calibration
 
-        thresholds = run_thresholds(run_dir)
-    except MelanoganError:
-        thresholds = None  # training data not here to choose them: the sidecar says so (null)
+        calibration = site_calibration(run_dir, site)  # refused if it belongs to another checkpoint
+        thresholds, temperature = calibration["thresholds"], calibration["temperature"]
+    else:
+        try:  # the thresholds of this very checkpoint (recomputed if the stored ones are of another)
+            from melanogan.classify.predict import run_thresholds
+
+            thresholds = run_thresholds(run_dir)
+        except MelanoganError:
+            thresholds = None  # training data not here to choose them: the sidecar says so (null)
     meta = {"format": fmt, "file": str(out), "input": {"name": "image", "shape": ["batch", 3, cfg.image_size,
                                                                                    cfg.image_size],
                                                        "dtype": "float32", "layout": "NCHW RGB"},
-            "output": {"name": "logit", "meaning": "melanoma logit; probability = sigmoid(logit)"},
+            "output": {"name": "logit", "meaning": f"melanoma logit; probability = sigmoid(logit / {temperature:g})"},
+            "temperature": temperature, "thresholds_chosen_on": f"site {site}" if site else "validation",
             "preprocessing": {"decode": info.get("cache_options"), "resize_to": cfg.image_size,
                               "scale": "x / 255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
             "thresholds": thresholds,

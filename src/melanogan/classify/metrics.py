@@ -105,6 +105,16 @@ def sensitivity_at_specificity(y, s, target: float) -> float:
     return float((s[y == 1] >= t).mean())
 
 
+def clopper_pearson(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial confidence interval for a proportion; (0, 1) when n == 0."""
+    if n == 0:
+        return 0.0, 1.0
+    alpha = 1 - level
+    low = 0.0 if correct == 0 else float(stats.beta.ppf(alpha / 2, correct, n - correct + 1))
+    high = 1.0 if correct == n else float(stats.beta.ppf(1 - alpha / 2, correct + 1, n - correct))
+    return low, high
+
+
 def brier(y, p) -> float:
     y, p = _arrays(y, p)
     return float(np.mean((p - y) ** 2))

@@ -62,8 +62,15 @@ def run_thresholds(run_dir: Path, log=None) -> dict[str, float]:
     return thresholds
 
 
-def resolve_threshold(run_dir: Path, threshold: str, log=None) -> tuple[str, float]:
+def resolve_threshold(run_dir: Path, threshold: str, log=None, site: str | None = None) -> tuple[str, float]:
+    """(name, value) of `threshold`: a named one chosen on validation, or on a calibrated site's
+    sample when `site` is given, or a number."""
     if threshold in THRESHOLD_NAMES:
+        if site:
+            from melanogan.classify.calibrate import site_calibration
+
+            chosen = site_calibration(run_dir, site)["thresholds"][threshold]
+            return f"site:{site}:{threshold.removeprefix('val-')}", float(chosen)
         return threshold, float(run_thresholds(run_dir, log)[threshold])
     try:
         value = float(threshold)
@@ -91,9 +98,15 @@ def list_images(inputs: list[Path]) -> list[Path]:
 class Predictor:
     """A loaded run: preprocessing + model + thresholds, for the CLI and the web app."""
 
-    def __init__(self, run_dir: Path, device: str = "cpu"):
+    def __init__(self, run_dir: Path, device: str = "cpu", site: str | None = None):
         self.run_dir = Path(run_dir)
         self.model, self.cfg, _ = load_model(self.run_dir / "best", device)
+        # A calibrated site's probabilities are sigmoid(logit / T), T fitted on its sample.
+        self.temperature = 1.0
+        if site:
+            from melanogan.classify.calibrate import site_calibration
+
+            self.temperature = float(site_calibration(self.run_dir, site)["temperature"])
         from melanogan.classify.evaluate import run_cache_options
 
         self.options = run_cache_options(self.run_dir)
@@ -108,13 +121,17 @@ class Predictor:
     def logits(self, batch: torch.Tensor) -> np.ndarray:
         return self.model(batch.to(self.device)).float().cpu().numpy()
 
+    def probability(self, logit) -> np.ndarray:
+        return M.sigmoid(np.asarray(logit) / self.temperature)
+
 
 def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshold: str = "val-youden",
-            batch_size: int = 32, on_progress=None, log=None) -> pd.DataFrame:
+            batch_size: int = 32, on_progress=None, log=None, site: str | None = None) -> pd.DataFrame:
     """Probability and decision for every image; unreadable files get an `error` instead of a score.
-    `log` is told when the stored thresholds belonged to another checkpoint and were chosen again."""
-    predictor = Predictor(run_dir)
-    name, t = resolve_threshold(run_dir, threshold, log)
+    `log` is told when the stored thresholds belonged to another checkpoint and were chosen again.
+    `site`: a site calibrated with `melanogan calibrate` (its temperature and thresholds)."""
+    predictor = Predictor(run_dir, site=site)
+    name, t = resolve_threshold(run_dir, threshold, log, site)
     files = list_images(inputs)
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
@@ -124,7 +141,7 @@ def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshol
             return
         logits = predictor.logits(torch.stack([x for _, x in pending]))
         for (i, _), z in zip(pending, logits, strict=True):
-            p = float(M.sigmoid(z))
+            p = float(predictor.probability(z))
             rows[i].update(logit=float(z), probability=p, decision="melanoma" if p >= t else "not melanoma")
         pending.clear()
 
@@ -209,13 +226,13 @@ def overlay(pixels: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndar
     return np.clip((1 - alpha) * pixels + alpha * heat, 0, 255).astype(np.uint8)
 
 
-def explain(run_dir: Path, image: Path, out: Path) -> dict:
+def explain(run_dir: Path, image: Path, out: Path, site: str | None = None) -> dict:
     """Write a Grad-CAM overlay PNG for one image; returns probability and paths."""
     from PIL import Image
 
     from melanogan.fileio import atomic_path
 
-    predictor = Predictor(run_dir)
+    predictor = Predictor(run_dir, site=site)
     try:
         pixels, x = predictor.preprocess_file(image)
     except ImageRejected as exc:
@@ -224,4 +241,4 @@ def explain(run_dir: Path, image: Path, out: Path) -> dict:
     logit = float(predictor.logits(x[None])[0])
     with atomic_path(out, suffix=".png") as tmp:
         Image.fromarray(overlay(pixels, cam)).save(tmp, format="PNG")
-    return {"image": str(image), "heatmap": str(out), "probability": float(M.sigmoid(logit)), "cam": cam}
+    return {"image": str(image), "heatmap": str(out), "probability": float(predictor.probability(logit)), "cam": cam}

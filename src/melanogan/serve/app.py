@@ -31,7 +31,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from melanogan import __version__
-from melanogan.classify import metrics as M
 from melanogan.classify.predict import Predictor, gradcam, overlay, resolve_threshold
 from melanogan.data.images import ImageRejected, decode_image
 from melanogan.errors import MelanoganError
@@ -69,6 +68,7 @@ class ServeConfig:
     synthetic_dir: Path | None = None
     real_dir: Path | None = None
     threshold: str = "val-youden"
+    site: str | None = None  # a site calibrated with `melanogan calibrate`: its temperature and thresholds
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
     max_pixels: int = DEFAULT_MAX_PIXELS
     turing_per_class: int = 200
@@ -194,8 +194,8 @@ class ReviewApp:
         self.cfg = cfg
         self.admin_token = cfg.admin_token or secrets.token_urlsafe(18)
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
-        self.predictor = Predictor(cfg.run_dir, device=cfg.device)
-        self.threshold_name, self.threshold = resolve_threshold(cfg.run_dir, cfg.threshold)
+        self.predictor = Predictor(cfg.run_dir, device=cfg.device, site=cfg.site)
+        self.threshold_name, self.threshold = resolve_threshold(cfg.run_dir, cfg.threshold, site=cfg.site)
         self.model_lock = threading.Lock()  # Grad-CAM hooks the model: one request at a time uses it
         self.store = ReviewStore(cfg.db)
         self.rng = random.SystemRandom()
@@ -241,7 +241,7 @@ class ReviewApp:
         with self.model_lock:
             logit = float(self.predictor.logits(x[None])[0])
             cam = gradcam(self.predictor.model, x) if with_cam else None
-        return float(M.sigmoid(logit)), (png_bytes(overlay(pixels, cam)) if cam is not None else None)
+        return float(self.predictor.probability(logit)), (png_bytes(overlay(pixels, cam)) if cam is not None else None)
 
     def decision(self, probability: float) -> str:
         return "melanoma" if probability >= self.threshold else "not melanoma"

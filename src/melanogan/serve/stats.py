@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from scipy import stats
 
+from melanogan.classify.metrics import clopper_pearson
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -31,16 +33,6 @@ class Accuracy:
         if self.high < 0.5:
             return "worse than chance: systematically fooled"
         return f"not distinguishable from chance (50%) with {self.n} answers"
-
-
-def clopper_pearson(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial confidence interval for a proportion; (0, 1) when n == 0."""
-    if n == 0:
-        return 0.0, 1.0
-    alpha = 1 - level
-    low = 0.0 if correct == 0 else float(stats.beta.ppf(alpha / 2, correct, n - correct + 1))
-    high = 1.0 if correct == n else float(stats.beta.ppf(1 - alpha / 2, correct + 1, n - correct))
-    return low, high
 
 
 def accuracy(correct: int, n: int) -> Accuracy:

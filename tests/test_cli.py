@@ -13,7 +13,7 @@ from melanogan.cli import app
 runner = CliRunner()
 COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
             "study", "predict", "explain", "export", "serve", "calibrate", "bench preprocess", "bench gan",
-            "bench classifier", "bench quality", "bench serve", "bench calibrate"]
+            "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment"]
 
 
 def test_root_help_lists_commands():
@@ -25,9 +25,18 @@ def test_root_help_lists_commands():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_explains_itself(command):
-    result = runner.invoke(app, [*command.split(), "--help"])
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    for part in command.split():
+        cmd = cmd.commands[part]
+    result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "220"})
     assert result.exit_code == 0
-    assert "--" in result.output and len(result.output) > 300
+    assert cmd.help and cmd.help.split(".")[0].split()[0] in result.output  # its docstring is shown
+    for param in cmd.params:  # every option is listed, with a help text of its own
+        if param.param_type_name == "option" and param.name != "help":
+            assert param.opts[0] in result.output, f"{command}: {param.opts[0]} missing from --help"
+            assert param.help and len(param.help) > 3, f"{command}: {param.opts[0]} has no help"
 
 
 def test_demo_data_prepare_audit(tmp_path):
@@ -75,6 +84,7 @@ def test_serve_refuses_bad_options_before_starting(tmp_path):
 # Every CLI option either feeds a library function/dataclass parameter of the same name (or the one
 # named in RENAMED), whose default must be the CLI's, or is listed in CLI_ONLY with the reason.
 def _targets():
+    from melanogan.bench import augment as bench_augment
     from melanogan.bench import calibrate as bench_calibrate
     from melanogan.bench import classifier as bench_classifier
     from melanogan.bench import gan as bench_gan
@@ -105,7 +115,7 @@ def _targets():
         "calibrate": [calibrate_site],
         "bench preprocess": [bench_preprocess.run], "bench classifier": [bench_classifier.run],
         "bench gan": [bench_gan.run], "bench quality": [bench_quality.run], "bench serve": [bench_serve.run],
-        "bench calibrate": [bench_calibrate.run],
+        "bench calibrate": [bench_calibrate.run], "bench augment": [bench_augment.run],
     }
 
 
@@ -123,7 +133,7 @@ CLI_ONLY = {
     ("serve", "host"): "fed to uvicorn and to ServeConfig.host (checked separately)",
     ("serve", "port"): "fed to uvicorn",
     **{(f"bench {b}", "json_out"): "an extra output file" for b in ("preprocess", "classifier", "serve", "quality",
-                                                                       "gan", "calibrate")},
+                                                                       "gan", "calibrate", "augment")},
 }
 CONVERT = {("prepare", "melanoma_folders"): lambda v: tuple(v.split(",")),
            ("bench quality", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),

@@ -464,7 +464,13 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up then cosine).")] = 2e-3,
     patience: Annotated[int, typer.Option(help="Epochs without better validation AUC before stopping.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed (deterministic on CPU).")] = 0,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        help="DataLoader worker processes. Default: 0 with batch augmentation (--augment none/classic), else 1.")] =
+        None,
+    batch_augment: Annotated[bool, typer.Option(
+        "--batch-augment/--per-image-augment",
+        help="Augment whole uint8 batches in the training process (default; none/classic) or each image in "
+             "the DataLoader (the torchvision presets).")] = True,
     precision: Annotated[str, typer.Option(help="bf16-mixed or 32.")] = "bf16-mixed",
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices; more than one trains with DDP.")] = 1,
@@ -482,7 +488,7 @@ def train(
                           batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, augment=augment,
                           diagnosis_weight=diagnosis_weight,
                           synthetic=[str(s) for s in synthetic or []], patience=patience, seed=seed, workers=workers,
-                          precision=precision)
+                          precision=precision, batch_augment=batch_augment)
     except ValueError as exc:
         raise MelanoganError(f"invalid training options: {exc}") from exc
     summary = train_classifier(data_dir, out, cfg, resume=resume, accelerator=accelerator, devices=devices)
@@ -686,6 +692,28 @@ def bench_calibrate(
 
     results = run(shared, minutes, tuple(int(s) for s in sizes.split(",")), repeats)
     console.print_json(json.dumps(results, default=str))
+    if json_out:
+        write_json(json_out, results)
+
+
+@bench_app.command("augment")
+def bench_augment(
+    n_images: Annotated[int, typer.Option(help="Demo phantoms to train on.")] = 1536,
+    image_size: Annotated[int, typer.Option(help="Model input size.")] = 128,
+    cache_size: Annotated[int, typer.Option(help="Cache size the images are augmented from.")] = 256,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    model: Annotated[str, typer.Option(help="Registered classifier.")] = "small-cnn",
+    epochs: Annotated[int, typer.Option(help="Epochs per training run (the best after the first counts).")] = 3,
+    precision: Annotated[str, typer.Option(help="bf16-mixed or 32.")] = "bf16-mixed",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Training img/s of the model alone, of a `train` run with per-image augmentation in a worker, and
+    with batch augmentation in the training process; each as a share of the model-only figure."""
+    from melanogan.bench.augment import run
+    from melanogan.fileio import write_json
+
+    results = run(n_images, image_size, cache_size, batch, model, epochs, precision)
+    console.print_json(json.dumps(results))
     if json_out:
         write_json(json_out, results)
 

@@ -355,13 +355,15 @@ def test_generator_resolution_reaches_real_training_rows_only(demo_prepared):
     from melanogan.classify.train import build_datasets
     from melanogan.data.transforms import GeneratorResolution, eval_preset
 
-    cfg = TrainConfig(**{**TINY, "augment": "none", "generator_resolution": 16, "image_size": 64})
-    train, val, _ = build_datasets(demo_prepared, cfg)
-    real = train.datasets[0].dataset
-    raw = real.raw(0)
-    path = GeneratorResolution(16)(raw)
-    assert not torch.equal(path, raw)  # the path changes a 64 px image
-    assert torch.equal(real[0][0], eval_preset(64)(path))  # training row: through the path
-    assert torch.equal(val[0][0], eval_preset(64)(val.raw(0)))  # validation row: never
-    plain, _, _ = build_datasets(demo_prepared, TrainConfig(**{**TINY, "augment": "none", "image_size": 64}))
-    assert torch.equal(plain.datasets[0].dataset[0][0], eval_preset(64)(raw))
+    for batch_augment in (True, False):  # uint8 to the batch augmentation, or through per-image presets
+        after = (lambda x: x) if batch_augment else eval_preset(64)
+        base = {**TINY, "augment": "none", "image_size": 64, "batch_augment": batch_augment}
+        train, val, _ = build_datasets(demo_prepared, TrainConfig(**base, generator_resolution=16))
+        real = train.datasets[0].dataset
+        raw = real.raw(0)
+        path = GeneratorResolution(16)(raw)
+        assert not torch.equal(path, raw)  # the path changes a 64 px image
+        assert torch.equal(real[0][0], after(path))  # training row: through the path
+        assert torch.equal(val[0][0], eval_preset(64)(val.raw(0)))  # validation row: never
+        plain, _, _ = build_datasets(demo_prepared, TrainConfig(**base))
+        assert torch.equal(plain.datasets[0].dataset[0][0], after(raw))

@@ -86,7 +86,7 @@ def held_out_auc(shared: Path | None, minutes: float, model: str, image_size: in
         prepare([("ham10000", shared / "data" / "ham10000_224")], tmp / "ham", options, seed=0, workers=2)
         prepare([("folder", shared / "data" / "isic9_180")], tmp / "isic9", options, seed=0, workers=2)
         cfg = TrainConfig(model=model, image_size=image_size, epochs=200, max_minutes=minutes, augment="classic",
-                          patience=1000, workers=1, lr=2e-3, batch_size=32, diagnosis_weight=diagnosis_weight)
+                          patience=1000, lr=2e-3, batch_size=32, diagnosis_weight=diagnosis_weight)
         t0 = time.perf_counter()
         summary = train_classifier(tmp / "ham", tmp / "run", cfg, progress=False)
         train_minutes = (time.perf_counter() - t0) / 60

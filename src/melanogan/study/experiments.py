@@ -65,7 +65,7 @@ class ClassifierOptions(BaseModel):
     augment: str = TrainConfig.model_fields["augment"].default
     diagnosis_weight: float | None = TrainConfig.model_fields["diagnosis_weight"].default
     precision: str = TrainConfig.model_fields["precision"].default
-    workers: int = TrainConfig.model_fields["workers"].default
+    workers: int | None = TrainConfig.model_fields["workers"].default
 
 
 class GanOptions(BaseModel):

@@ -1,0 +1,108 @@
+"""Classic augmentation applied to a whole uint8 batch in the training process, as a few tensor
+operations: one affine resampling (crop scale and aspect, flips, rotation, resize to the model's
+input) and one colour transform per image, then normalisation.
+
+Why: per-image torchvision transforms in a DataLoader worker cost 40% of a CPU training budget
+(measured: 316 -> 190 img/s for small-cnn at 128 px on 2 cores), and a fixed budget buys epochs.
+The distribution follows `train_preset(..., "classic")`: crop area 0.6-1 of the image with aspect
+0.85-1.18, horizontal and vertical flips with probability 1/2, a rotation uniform in +-180 degrees
+(black corners), brightness and contrast factors in 0.85-1.15, saturation in 0.9-1.1, hue shifted by
+up to 0.02 of a turn. Differences: one bilinear resampling instead of a resize followed by a
+rotation (slightly sharper), and the crop is placed so that it stays inside the image before the
+rotation, as RandomResizedCrop places it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from melanogan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+# The luminance weights torchvision's rgb_to_grayscale uses (ITU-R 601-2).
+_GREY = (0.2989, 0.587, 0.114)
+
+
+def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) RGB matrices rotating hue by `shift` turns around the grey axis (YIQ rotation)."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    angle = shift * 2 * math.pi
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(len(shift), 3, 3)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    return from_yiq @ rot @ to_yiq
+
+
+class BatchAugment(torch.nn.Module):
+    """uint8 (B, 3, S, S) -> normalised float (B, 3, size, size), augmented when `augment` is
+    `classic` (or resized only, `none`). Draws from `generator` so that runs repeat bitwise on CPU."""
+
+    def __init__(self, size: int, augment: str = "classic", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        if augment not in ("none", "classic"):
+            raise ValueError(f"batch augmentation supports 'none' and 'classic', not {augment!r}")
+        self.size, self.augment = size, augment
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-image parameters, in the units of `train_preset`'s classic transforms."""
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+        area = uniform(0.6, 1.0)
+        log_ratio = uniform(math.log(0.85), math.log(1.18))
+        ratio = torch.exp(log_ratio)
+        # crop side lengths as fractions of the image (clamped to fit, as RandomResizedCrop retries)
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        return {"w": w, "h": h, "cx": uniform(-1, 1) * (1 - w), "cy": uniform(-1, 1) * (1 - h),
+                "flip_x": torch.rand(n, generator=generator) < 0.5, "flip_y": torch.rand(n, generator=generator) < 0.5,
+                "angle": uniform(-math.pi, math.pi), "brightness": uniform(0.85, 1.15),
+                "contrast": uniform(0.85, 1.15), "saturation": uniform(0.9, 1.1), "hue": uniform(-0.02, 0.02)}
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise TypeError(f"expected a uint8 (B, 3, H, W) batch, got {x.dtype} {tuple(x.shape)}")
+        x = x.float().div_(255)
+        if self.augment == "none":
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        else:  # parameters drawn on the CPU (repeatable with a CPU generator), used where the batch is
+            p = {k: v.to(x.device) for k, v in (params or self.sample(len(x), generator)).items()}
+            x = self._geometry(x, p)
+            x = self._colour(x, p)
+        return (x - self.mean) / self.std
+
+    def _geometry(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Output pixel (u, v) in [-1, 1]^2 samples the input at crop centre + R(angle) * diag(sx, sy)
+        * (u, v): scale = crop half-sides, sign = flip; one grid_sample for the whole batch."""
+        n = len(x)
+        sx = p["w"] * torch.where(p["flip_x"], -1.0, 1.0)
+        sy = p["h"] * torch.where(p["flip_y"], -1.0, 1.0)
+        cos, sin = torch.cos(p["angle"]), torch.sin(p["angle"])
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos * sx, -sin * sy, p["cx"]
+        theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin * sx, cos * sy, p["cy"]
+        if x.shape[-1] > 2 * self.size:  # downscale first, or bilinear sampling would alias
+            x = F.interpolate(x, size=(2 * self.size, 2 * self.size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        grid = F.affine_grid(theta.to(x.dtype), [n, 3, self.size, self.size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _colour(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Brightness, contrast, saturation, hue in that order (ColorJitter draws a random order),
+        clamped to [0, 1] after each as torchvision does."""
+        grey_w = torch.tensor(_GREY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        x = (x * p["brightness"].view(-1, 1, 1, 1)).clamp_(0, 1)
+        mean = (x * grey_w).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+        c = p["contrast"].view(-1, 1, 1, 1)
+        x = (c * x + (1 - c) * mean).clamp_(0, 1)
+        s = p["saturation"].view(-1, 1, 1, 1)
+        x = (s * x + (1 - s) * (x * grey_w).sum(1, keepdim=True)).clamp_(0, 1)
+        hue = _hue_matrices(p["hue"].cpu()).to(x.device, x.dtype)
+        return torch.einsum("bij,bjhw->bihw", hue, x).clamp_(0, 1)

@@ -1,0 +1,77 @@
+"""Batch augmentation: exact outputs on constructed images for each operation, and the parameter
+distribution of the classic preset."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from melanogan.data.batch_augment import BatchAugment
+from melanogan.data.transforms import ToNormalizedFloat
+
+MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # no normalisation: outputs are pixels / 255
+
+
+def _image(size: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _params(**changes) -> dict[str, torch.Tensor]:
+    p = {"w": 1.0, "h": 1.0, "cx": 0.0, "cy": 0.0, "flip_x": False, "flip_y": False, "angle": 0.0,
+         "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+    p.update(changes)
+    return {k: torch.tensor([v]) for k, v in p.items()}
+
+
+def test_identity_parameters_leave_the_image_as_it_is():
+    x = _image()
+    out = BatchAugment(8, mean=MEAN, std=STD)(x, params=_params())
+    assert torch.allclose(out, x.float() / 255, atol=1e-5)
+    normalised = BatchAugment(8)(x, params=_params())  # ImageNet normalisation, as the eval preset
+    assert torch.allclose(normalised[0], ToNormalizedFloat((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(x[0]),
+                          atol=1e-4)
+
+
+def test_flips_rotation_and_crop_are_exact_on_pixel_grids():
+    x = _image()
+    aug = BatchAugment(8, mean=MEAN, std=STD)
+    ref = x.float() / 255
+    assert torch.allclose(aug(x, params=_params(flip_x=True)), ref.flip(-1), atol=1e-5)
+    assert torch.allclose(aug(x, params=_params(flip_y=True)), ref.flip(-2), atol=1e-5)
+    assert torch.allclose(aug(x, params=_params(angle=math.pi / 2)), torch.rot90(ref, 1, (-2, -1)), atol=1e-5)
+    crop = BatchAugment(4, mean=MEAN, std=STD)(x, params=_params(w=0.5, h=0.5))  # the central half, at 4 px
+    assert torch.allclose(crop, ref[..., 2:6, 2:6], atol=1e-5)
+    shifted = BatchAugment(4, mean=MEAN, std=STD)(x, params=_params(w=0.5, h=0.5, cx=0.5, cy=-0.5))
+    assert torch.allclose(shifted, ref[..., 0:4, 4:8], atol=1e-5)  # right half, top half
+
+
+def test_colour_operations_are_exact():
+    x = _image()
+    aug = BatchAugment(8, mean=MEAN, std=STD)
+    ref = x.float() / 255
+    assert torch.allclose(aug(x, params=_params(brightness=1.1)), (ref * 1.1).clamp(0, 1), atol=1e-5)
+    grey = aug(x, params=_params(saturation=0.0))
+    expected = (ref * torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert torch.allclose(grey, expected.expand_as(grey), atol=1e-5)
+    flat = aug(x, params=_params(contrast=0.0))  # contrast 0: every pixel the image's mean grey
+    assert torch.allclose(flat, expected.mean().expand_as(flat), atol=1e-5)
+    greyish = torch.full((1, 3, 8, 8), 128, dtype=torch.uint8)
+    assert torch.allclose(aug(greyish, params=_params(hue=0.02)), greyish.float() / 255, atol=1e-5)  # grey has no hue
+
+
+def test_parameters_follow_the_classic_preset():
+    p = BatchAugment(64).sample(20000, torch.Generator().manual_seed(0))
+    area = p["w"] * p["h"]
+    assert float(area.min()) >= 0.6 - 1e-6 and float(area.max()) <= 1.0 + 1e-6
+    assert float((p["cx"].abs() + p["w"]).max()) <= 1.0 + 1e-6  # the crop stays inside the image
+    assert abs(float(p["flip_x"].float().mean()) - 0.5) < 0.02 and abs(float(p["flip_y"].float().mean()) - 0.5) < 0.02
+    assert float(p["angle"].min()) < -3.0 and float(p["angle"].max()) > 3.0
+    for key, (lo, hi) in {"brightness": (0.85, 1.15), "contrast": (0.85, 1.15), "saturation": (0.9, 1.1),
+                          "hue": (-0.02, 0.02)}.items():
+        assert lo <= float(p[key].min()) and float(p[key].max()) <= hi
+    again = BatchAugment(64).sample(20000, torch.Generator().manual_seed(0))
+    assert all(torch.equal(again[k], p[k]) for k in p)  # the generator makes it repeatable
+    with pytest.raises(TypeError, match="uint8"):
+        BatchAugment(8)(torch.zeros(1, 3, 8, 8))

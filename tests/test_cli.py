@@ -13,7 +13,7 @@ from melanogan.cli import app
 runner = CliRunner()
 COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
             "study", "predict", "explain", "export", "serve", "calibrate", "bench preprocess", "bench gan",
-            "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment"]
+            "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment", "bench travel"]
 
 
 def test_root_help_lists_commands():
@@ -91,6 +91,7 @@ def _targets():
     from melanogan.bench import preprocess as bench_preprocess
     from melanogan.bench import quality as bench_quality
     from melanogan.bench import serve as bench_serve
+    from melanogan.bench import travel as bench_travel
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import evaluate_run
     from melanogan.classify.export import export_model
@@ -116,6 +117,7 @@ def _targets():
         "bench preprocess": [bench_preprocess.run], "bench classifier": [bench_classifier.run],
         "bench gan": [bench_gan.run], "bench quality": [bench_quality.run], "bench serve": [bench_serve.run],
         "bench calibrate": [bench_calibrate.run], "bench augment": [bench_augment.run],
+        "bench travel": [bench_travel.run],
     }
 
 
@@ -133,11 +135,12 @@ CLI_ONLY = {
     ("serve", "host"): "fed to uvicorn and to ServeConfig.host (checked separately)",
     ("serve", "port"): "fed to uvicorn",
     **{(f"bench {b}", "json_out"): "an extra output file" for b in ("preprocess", "classifier", "serve", "quality",
-                                                                       "gan", "calibrate", "augment")},
+                                                                       "gan", "calibrate", "augment", "travel")},
 }
 CONVERT = {("prepare", "melanoma_folders"): lambda v: tuple(v.split(",")),
            ("bench quality", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),
            ("bench calibrate", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),
+           ("bench travel", "holdout"): lambda v: tuple(v.split(",")),
            ("serve", "allowed_host"): lambda v: tuple(v or ()), ("train", "synthetic"): lambda v: list(v or [])}
 
 

@@ -718,6 +718,34 @@ def bench_augment(
         write_json(json_out, results)
 
 
+@bench_app.command("travel")
+def bench_travel(
+    shared: Annotated[Path, typer.Option(help="The shared folder (data/ with the three sources).")] =
+        Path("../shared"),
+    minutes: Annotated[float, typer.Option(help="Training budget per held-out source.")] = 8.0,
+    holdout: Annotated[str, typer.Option(help="Comma-separated sources to hold out in turn.")] =
+        "ham10000,isic9,derm7pt",
+    model: Annotated[str, typer.Option(help="Registered classifier.")] = "small-cnn",
+    weights: Annotated[str | None, typer.Option(help="imagenet or a local weights file (pretrained recipe).")] =
+        None,
+    image_size: Annotated[int, typer.Option(help="Model input size.")] = 128,
+    seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
+    accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,
+    report ROC-AUC and the operating points on half of the third (the other half chooses the site
+    threshold). `--model efficientnet_b0 --weights imagenet --image-size 256` runs the pretrained recipe."""
+    from melanogan.bench.travel import run
+    from melanogan.fileio import write_json
+
+    results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
+                  accelerator)
+    console.print_json(json.dumps(results, default=str))
+    if json_out:
+        write_json(json_out, results)
+
+
 @bench_app.command("quality")
 def bench_quality(
     sizes: Annotated[str, typer.Option(help="Comma-separated image counts (real and synthetic each).")] = "1000,5000",

@@ -91,3 +91,15 @@ def test_imagenet_offline_says_what_to_do(monkeypatch):
     with pytest.raises(MelanoganError, match="no published ImageNet weights"):
         create_classifier("small-cnn", 64, weights="imagenet")
     assert models_mod.PRETRAINABLE
+
+
+def test_the_pretrained_recipe_loads_a_local_efficientnet_b0_file(tmp_path):
+    """`--model efficientnet_b0 --weights FILE --image-size 256` without a download: a file with
+    torchvision's ImageNet keys and shapes (random values here) initialises the backbone exactly."""
+    torch.manual_seed(1)
+    reference = torchvision.models.efficientnet_b0(weights=None)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "effnet.safetensors")
+    model = create_classifier("efficientnet_b0", 256, weights=tmp_path / "effnet.safetensors")
+    assert torch.equal(model.backbone.features[0][0].weight, reference.features[0][0].weight)
+    assert torch.equal(model.backbone.features[7][0].block[1][0].weight, reference.features[7][0].block[1][0].weight)
+    assert model(torch.zeros(1, 3, 256, 256)).shape == (1,)

@@ -609,6 +609,15 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
+def _print_bench(results: dict, json_out: Path | None) -> None:
+    """A benchmark's figures as JSON on the console, and in `json_out` when given."""
+    from melanogan.fileio import write_json
+
+    console.print_json(json.dumps(results, default=str))
+    if json_out:
+        write_json(json_out, results)
+
+
 @bench_app.command("preprocess")
 def bench_preprocess(
     n_images: Annotated[int, typer.Option("--n-images", help="Full-size 6000x4000 JPEGs to generate.")] = 64,
@@ -619,12 +628,9 @@ def bench_preprocess(
 ) -> None:
     """Decode speed of our preprocessing vs a naive full decode + resize, and cache read speed."""
     from melanogan.bench.preprocess import run
-    from melanogan.fileio import write_json
 
     results = run(n_images=n_images, size=size, workers=workers, read_size=read_size)
-    console.print_json(json.dumps(results))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 @bench_app.command("classifier")
@@ -644,12 +650,9 @@ def bench_classifier(
     """Training img/s of original-cnn at 224px (batch 32; NCHW fp32, channels_last, + bf16) and of the
     recommended model; optionally the AUC it reaches in a CPU-time budget, internal and external."""
     from melanogan.bench.classifier import run
-    from melanogan.fileio import write_json
 
     results = run(tf_python, shared, auc_minutes, model, image_size, diagnosis_weight)
-    console.print_json(json.dumps(results, default=str))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 @bench_app.command("serve")
@@ -667,12 +670,9 @@ def bench_serve(
     """`predict` throughput on a folder (images/s) and POST /api/predict latency (median, p95) under a
     bounded concurrent load from localhost, without and with Grad-CAM."""
     from melanogan.bench.serve import run as run_bench
-    from melanogan.fileio import write_json
 
     results = run_bench(run, n_images, width, height, requests, concurrency, max_seconds)
-    console.print_json(json.dumps(results, default=str))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 @bench_app.command("calibrate")
@@ -688,12 +688,9 @@ def bench_calibrate(
     Derm7pt (never trained on); what the validation threshold gives there, and the spread of the
     operating point chosen on site samples of each size (applied to the site's other cases)."""
     from melanogan.bench.calibrate import run
-    from melanogan.fileio import write_json
 
     results = run(shared, minutes, tuple(int(s) for s in sizes.split(",")), repeats)
-    console.print_json(json.dumps(results, default=str))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 @bench_app.command("augment")
@@ -710,12 +707,9 @@ def bench_augment(
     """Training img/s of the model alone, of a `train` run with per-image augmentation in a worker, and
     with batch augmentation in the training process; each as a share of the model-only figure."""
     from melanogan.bench.augment import run
-    from melanogan.fileio import write_json
 
     results = run(n_images, image_size, cache_size, batch, model, epochs, precision)
-    console.print_json(json.dumps(results))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 @bench_app.command("travel")
@@ -737,13 +731,10 @@ def bench_travel(
     report ROC-AUC and the operating points on half of the third (the other half chooses the site
     threshold). `--model efficientnet_b0 --weights imagenet --image-size 256` runs the pretrained recipe."""
     from melanogan.bench.travel import run
-    from melanogan.fileio import write_json
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
                   accelerator)
-    console.print_json(json.dumps(results, default=str))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 @bench_app.command("quality")
@@ -754,12 +745,9 @@ def bench_quality(
     """Feature extraction + FID/KID/precision-recall/density-coverage/memorisation at several N: time and
     peak memory per N (each in its own process), and how they grow."""
     from melanogan.bench.quality import run
-    from melanogan.fileio import write_json
 
     results = run(tuple(int(s) for s in sizes.split(",")))
-    console.print_json(json.dumps(results))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 @bench_app.command("gan")
@@ -775,12 +763,9 @@ def bench_gan(
     in NCHW fp32, channels_last fp32 and channels_last + bf16 autocast (penalty always fp32).
     Compare with `python ../shared/bench/seed_tf.py gan 16` run at the same time."""
     from melanogan.bench.gan import run
-    from melanogan.fileio import write_json
 
     results = run(batch=batch, repeats=repeats, tf_python=tf_python, shared=shared)
-    console.print_json(json.dumps(results))
-    if json_out:
-        write_json(json_out, results)
+    _print_bench(results, json_out)
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from melanogan.gan.checkpoint import latest_checkpoint
 from melanogan.gan.config import load_config
 from melanogan.gan.sample import generate
 from melanogan.gan.train import train_gan
+from melanogan.study.layout import ORIGINAL_DIR, arm_dir
+from melanogan.study.report import write_report
 
 # What each arm changes relative to the baseline classifier options.
 ARMS: dict[str, dict] = {
@@ -137,11 +139,6 @@ class StudyConfig(BaseModel):
         return options, synthetic
 
 
-def arm_dir(study_dir: Path, seed: int, arm: str) -> Path:
-    """Classifier runs live apart from the GAN run (an arm may be called "gan")."""
-    return Path(study_dir) / f"seed-{seed}" / "arms" / arm
-
-
 def demo_study_config(data_dir: Path, seeds: list[int]) -> StudyConfig:
     """A study sized for minutes on 2 CPU cores: a 32px GAN, a small CNN at 64px, every default arm."""
     return StudyConfig(
@@ -173,9 +170,6 @@ def load_study_config(path: Path) -> StudyConfig:
 def _log(message: str, log: Callable[[str], None] | None) -> None:
     if log:
         log(message)
-
-
-ORIGINAL_DIR = "original-protocol"
 
 
 def original_protocol_config(cfg: StudyConfig, data_by_image: Path) -> StudyConfig:
@@ -218,8 +212,6 @@ def split_data_by_image(data: Path, out: Path, seed: int) -> Path:
 
 def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = print, progress: bool = True) -> Path:
     """Run (or resume) every stage; returns the path of report.md."""
-    from melanogan.study.report import write_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / "study.yaml"

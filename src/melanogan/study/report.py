@@ -21,7 +21,7 @@ from melanogan.classify.evaluate import eval_dir_name
 from melanogan.data.audit import audit_manifest
 from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.fileio import atomic_path, read_json, save_figure, write_text
-from melanogan.study.experiments import arm_dir
+from melanogan.study.layout import ORIGINAL_DIR, arm_dir
 from melanogan.study.stats import ALPHA, compare_with_baseline
 
 
@@ -88,8 +88,6 @@ def original_comparison(study_dir: Path, cfg) -> list[str]:
     """Markdown lines: the original (leaky) protocol beside this study, arm by arm, at 0.5 and at the
     validation-chosen threshold: a recall jump that comes with a moved threshold is the threshold,
     and an AUC gap between the protocols on the same arm is the leak."""
-    from melanogan.study.experiments import ORIGINAL_DIR
-
     seed = cfg.seeds[0]
     rows = []
     for protocol, root in (("this study", study_dir), ("original (LEAKY)", study_dir / ORIGINAL_DIR)):

@@ -216,9 +216,9 @@ def demo(
 
     1. generate a phantom dataset (OUT/raw, SIIM-ISIC 2020 layout); 2. prepare it (OUT/data);
     3. audit it for leakage; 4. run a small study (OUT/study): a conditional WGAN-GP on the training
-    split, synthetic melanomas, and every arm (baseline, weighted loss, oversampling, classic
-    augmentation, GAN, GAN + augmentation) evaluated on the same test split; 5. print where the
-    report is. Re-running resumes and skips what is done.
+    split, synthetic melanomas, and every default arm (the recommended baseline, weighted loss,
+    oversampling, GAN, the baseline without the resolution control) evaluated on the same test split;
+    5. print where the report is. Re-running resumes and skips what is done.
     """
     from melanogan.data.audit import audit as run_audit
     from melanogan.data.cache import CacheOptions

@@ -6,8 +6,9 @@ writes into its own folder and is skipped when already finished, so an interrupt
 
 STUDY_DIR/
   study.yaml                 the resolved config
-  seed-S/gan/                GAN run;  seed-S/synthetic/  generated melanomas
-  seed-S/arms/ARM/           classifier run with eval-test/ (and eval-external-*/)
+  seed-S/gan/                GAN run;  seed-S/synthetic/  generated images
+  seed-S/arms/ARM/           classifier run with eval-test/ (and eval-external-*/, shortcut_probe.json)
+  original-protocol/         with `protocol: both`: the original (leaky) protocol, its own report
   report.md, report.html, figures/
 """
 

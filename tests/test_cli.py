@@ -12,7 +12,8 @@ from melanogan.cli import app
 
 runner = CliRunner()
 COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
-            "study", "predict", "explain", "export", "serve", "calibrate", "bench preprocess", "bench gan",
+            "study", "predict", "explain", "export", "serve", "calibrate", "import-synthetic", "bench preprocess",
+            "bench gan",
             "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment", "bench travel"]
 
 
@@ -101,6 +102,7 @@ def _targets():
     from melanogan.data.demo import generate_demo_dataset
     from melanogan.data.manifest import prepare
     from melanogan.data.splits import SplitFractions
+    from melanogan.data.synthetic import import_synthetic
     from melanogan.gan.config import load_config
     from melanogan.gan.evaluate import evaluate_gan
     from melanogan.gan.sample import generate
@@ -113,7 +115,7 @@ def _targets():
         "demo": [], "train-gan": [load_config, train_gan], "generate": [generate], "evaluate-gan": [evaluate_gan],
         "train": [TrainConfig, train_classifier], "evaluate": [evaluate_run], "predict": [predict],
         "explain": [explain], "export": [export_model], "serve": [ServeConfig], "study": [run_study],
-        "calibrate": [calibrate_site],
+        "calibrate": [calibrate_site], "import-synthetic": [import_synthetic],
         "bench preprocess": [bench_preprocess.run], "bench classifier": [bench_classifier.run],
         "bench gan": [bench_gan.run], "bench quality": [bench_quality.run], "bench serve": [bench_serve.run],
         "bench calibrate": [bench_calibrate.run], "bench augment": [bench_augment.run],
@@ -127,7 +129,8 @@ RENAMED = {("train-gan", "config"): "config_file", ("train-gan", "max_steps"): "
            ("serve", "real"): "real_dir", ("serve", "allowed_host"): "allowed_hosts",
            ("bench serve", "run"): "run_dir", ("prepare", "source"): "sources", ("train-gan", "out"): "run_dir",
            ("train", "out"): "run_dir", ("evaluate-gan", "real"): "real_dir", ("study", "out"): "out",
-           ("calibrate", "data"): "data_dir", ("calibrate", "site"): "name"}
+           ("calibrate", "data"): "data_dir", ("calibrate", "site"): "name",
+           ("import-synthetic", "real"): "real_dir"}
 CLI_ONLY = {
     ("demo", "out"): "the demo's own folder", ("demo", "n_images"): "the demo's own size",
     ("demo", "seeds"): "the demo's own seeds", ("audit", "json_out"): "an extra output file",

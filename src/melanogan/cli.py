@@ -323,6 +323,27 @@ def generate(
                   f"({int((manifest['label'] == 1).sum())} melanoma, {int((manifest['label'] == 0).sum())} other)")
 
 
+@app.command("import-synthetic")
+def import_synthetic_cmd(
+    folder: Annotated[Path, typer.Argument(help="A folder of generated images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="SYN_DIR to write (or add to).")],
+    real: Annotated[Path, typer.Option("--real", help="The prepared real DATA_DIR: its preprocessing is applied.")],
+    label: Annotated[str, typer.Option(help="Class of the images: melanoma or other.")] = "melanoma",
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: up to 2).")] = 0,
+) -> None:
+    """Turn images from any generator (StyleGAN2-ADA, a diffusion model, ...) into a SYN_DIR that
+    evaluate-gan, train --synthetic and the study accept like `generate`'s output: manifest with
+    provenance, split train, cached with the real data's preprocessing. Files that fail decoding are
+    listed in SYN_DIR/rejected.csv; the rest are imported."""
+    from melanogan.data.synthetic import import_synthetic
+
+    manifest = import_synthetic(folder, label, out, real, workers)
+    rejected = manifest.attrs["rejected"]
+    console.print(f"{out}: {len(manifest)} synthetic images ({int((manifest['label'] == 1).sum())} melanoma, "
+                  f"{int((manifest['label'] == 0).sum())} other); {rejected} file(s) rejected"
+                  + (f" (see {out / 'rejected.csv'})" if rejected else ""))
+
+
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train`.")],

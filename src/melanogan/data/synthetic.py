@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from melanogan.data.cache import CacheOptions
 from melanogan.errors import MelanoganError
 from melanogan.fileio import read_json
@@ -38,3 +41,81 @@ def check_synthetic_space(syn_dir: Path, data_options: CacheOptions) -> None:
                              f"{info.get('real_data_dir')}), but the classifier's data is preprocessed as "
                              f"{data_options.name}. Train the GAN on this DATA_DIR (or prepare the data with the "
                              "same options) and generate again.")
+
+
+def check_same_decoding(out: Path, decode: CacheOptions) -> None:
+    """One SYN_DIR, one way of caching its images: `generate` (nothing applied again) and
+    `import-synthetic` (the real preprocessing) cannot add to each other's folder."""
+    info = Path(out) / "prepare.json"
+    if info.is_file():
+        previous = read_json(info).get("decode_options")
+        if previous is not None and previous != decode.to_dict():
+            raise MelanoganError(f"{out}: holds synthetic images cached another way ({previous}); "
+                                 "use a new --out for these.")
+
+
+SYNTHETIC_SOURCE = "synthetic"
+PROVENANCE_COLUMNS = ["checkpoint_hash", "checkpoint_step", "seed", "noise_index", "generator"]
+
+
+def import_synthetic(folder: Path, label: str, out: Path, real_dir: Path, workers: int = 0) -> pd.DataFrame:
+    """A folder of images from any generator (StyleGAN2-ADA, a diffusion model, ...) as a SYN_DIR that
+    `evaluate-gan`, `train --synthetic` and the study read like `generate`'s output: manifest with
+    provenance (source folder, file), split train, and a cache with the real data's preprocessing
+    (such generators learn raw images, so colour constancy etc. are applied as to real ones). Files
+    that fail decoding are listed in OUT/rejected.csv, as `prepare` does; the rest are imported."""
+    from melanogan.data.cache import build_cache, default_workers
+    from melanogan.data.manifest import MANIFEST, MANIFEST_COLUMNS, default_cache, load_manifest
+    from melanogan.data.sources import IMAGE_EXTENSIONS
+    from melanogan.fileio import write_csv, write_json, write_parquet
+
+    labels = {"melanoma": 1, "mel": 1, "1": 1, "other": 0, "benign": 0, "0": 0}
+    y = labels.get(str(label).strip().lower())
+    if y is None:
+        raise MelanoganError(f"--label {label!r} is unknown; use melanoma or other.")
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise MelanoganError(f"{folder}: not a folder of images.")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise MelanoganError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found.")
+    load_manifest(real_dir)  # a clear error if REAL is not a prepared DATA_DIR
+    options = default_cache(real_dir).options
+    check_same_decoding(out, options)
+    tag = folder.resolve().name
+    rows = pd.DataFrame({"image_id": [f"imported-{tag}-{p.relative_to(folder).with_suffix('').as_posix()}"
+                                      for p in files], "path": [str(p.resolve()) for p in files]})
+    rows["uid"] = SYNTHETIC_SOURCE + ":" + rows["image_id"]
+    cache_root = out / "cache" / options.name
+    existing = load_manifest(out) if (out / MANIFEST).is_file() else None
+    candidates = rows if existing is None else pd.concat(
+        [existing[~existing["uid"].isin(rows["uid"])][["uid", "path"]], rows[["uid", "path"]]], ignore_index=True)
+    cache = build_cache(cache_root, candidates[["uid", "path"]], options, workers=workers or default_workers())
+    facts = cache.index.set_index("uid")
+    rows = rows.join(facts[["status", "detail", "width", "height", "content_hash", "phash"]], on="uid")
+    bad = rows[rows["status"] != "ok"]
+    ok = rows[rows["status"] == "ok"].copy()
+    if ok.empty:
+        raise MelanoganError(f"{folder}: none of the {len(rows)} image(s) could be decoded (e.g. {bad['path'].iat[0]}: "
+                             f"{bad['status'].iat[0]} {bad['detail'].iat[0]}).")
+    ok = ok.assign(label=np.int8(y), diagnosis="synthetic-melanoma" if y else "synthetic-other",
+                   group_id=ok["image_id"], cluster_id=ok["image_id"], source=SYNTHETIC_SOURCE, split="train",
+                   patient_id=pd.NA, lesion_id=pd.NA, sex=pd.NA, age=np.nan, anatom_site=pd.NA,
+                   origin=str(folder.resolve()), checkpoint_hash="", checkpoint_step=-1, seed=-1,
+                   noise_index=-1, generator=f"imported:{tag}")
+    for col in ("patient_id", "lesion_id", "sex", "anatom_site", "origin"):
+        ok[col] = ok[col].astype("string")
+    manifest = ok[[*MANIFEST_COLUMNS, *PROVENANCE_COLUMNS]]
+    if existing is not None:  # several imports (e.g. per class) accumulate in one SYN_DIR
+        manifest = pd.concat([existing[~existing["uid"].isin(manifest["uid"])], manifest], ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "rejected.csv", bad.rename(columns={"status": "reason"})[["uid", "path", "reason", "detail"]])
+    write_parquet(out / MANIFEST, manifest)
+    write_json(out / "prepare.json", {
+        "kind": "synthetic", "synthetic_format": SYNTHETIC_FORMAT, "cache": str(cache_root.relative_to(out)),
+        "cache_options": options.to_dict(), "decode_options": options.to_dict(),
+        "imported_from": str(folder.resolve()), "real_data_dir": str(Path(real_dir).resolve()),
+        "trained_on_split": "unknown (imported)", "rejected": len(bad),
+        "counts": {int(k): int(v) for k, v in manifest["label"].value_counts().items()}})
+    manifest.attrs["rejected"] = len(bad)  # files of this call that failed decoding (rejected.csv)
+    return manifest

@@ -20,7 +20,7 @@ import torch
 from melanogan import __version__
 from melanogan.data.cache import CacheOptions, build_cache
 from melanogan.data.manifest import MANIFEST, MANIFEST_COLUMNS
-from melanogan.data.synthetic import SYNTHETIC_FORMAT, synthetic_decode_options
+from melanogan.data.synthetic import SYNTHETIC_FORMAT, check_same_decoding, synthetic_decode_options
 from melanogan.data.transforms import bicubic_upsample
 from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
@@ -68,6 +68,7 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
     options = CacheOptions(**read_json(prepare_info)["cache_options"]) if prepare_info.is_file() \
         else CacheOptions(size=cfg.resolution)
     size = options.size
+    check_same_decoding(out, synthetic_decode_options(options))  # before any image is written
     ck_hash = checkpoint_hash(ckpt)
     tag = f"{ck_hash[:8]}-s{seed}-{'mel' if y else 'oth'}"
     image_dir = out / "images"

@@ -554,6 +554,9 @@ def evaluate(
         auc = f"ROC-AUC {m['roc_auc']:.3f} [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" \
             if not math.isnan(m["roc_auc"]) else "one class only"
         console.print(f"  source {source}: {m['n_images']} images, {m['n_melanoma']} melanoma, {auc}")
+    small = [g for g in r["by_subgroup"] if g["note"]]
+    console.print(f"  subgroups ({', '.join(sorted({g['variable'] for g in r['by_subgroup']}))}): "
+                  f"{len(r['by_subgroup'])}, {len(small)} too small for an AUC; {Path(r['out']) / 'subgroups.csv'}")
     console.print(f"written to {r['out']}")
 
 

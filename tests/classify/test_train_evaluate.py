@@ -101,6 +101,11 @@ def test_evaluation_uses_validation_thresholds_and_writes_everything(demo_prepar
     assert "oracle" in oracle["note"]
     assert oracle["specificity_at_sensitivity_95"] == pytest.approx(M.specificity_at_sensitivity(y, p, 0.95))
     assert not any("oracle" in k or "_at_" in k for k in saved["thresholds"])
+    # subgroups: every image in exactly one value of each variable, at the validation threshold
+    groups = pd.read_csv(out / "subgroups.csv")
+    for variable, part in groups.groupby("variable"):
+        assert part["n_images"].sum() == r["n_images"], variable
+    assert {"source", "sex", "age_band"} <= set(groups["variable"])
 
 
 def test_stored_thresholds_follow_the_checkpoint(demo_prepared, tmp_path):
@@ -367,3 +372,27 @@ def test_generator_resolution_reaches_real_training_rows_only(demo_prepared):
         assert torch.equal(val[0][0], eval_preset(64)(val.raw(0)))  # validation row: never
         plain, _, _ = build_datasets(demo_prepared, TrainConfig(**base))
         assert torch.equal(plain.datasets[0].dataset[0][0], after(raw))
+
+
+def test_subgroup_table_exact_and_small_subgroups_listed_not_dropped():
+    from melanogan.classify.evaluate import age_band, subgroup_table
+
+    assert [age_band(a) for a in (None, float("nan"), 12, 30, 59.5, 74, 75, 90)] == \
+        ["unknown", "unknown", "<30", "30-44", "45-59", "60-74", ">=75", ">=75"]
+    # men: 5 melanomas all above 5 others (AUC 1); women: 2 melanomas; unknown sex: melanomas only
+    logits = [2.0, 3.0, 4.0, 5.0, 6.0, -2.0, -3.0, -4.0, -5.0, 0.5] + [1.0, -1.0] + [-1.0] * 6 + [3.0, 3.0]
+    labels = [1] * 5 + [0] * 5 + [1, 1] + [0] * 6 + [1, 1]
+    sex = ["male"] * 10 + ["female"] * 8 + [None] * 2
+    test = pd.DataFrame({"label": labels, "logit": logits, "group": [str(i) for i in range(20)], "sex": sex,
+                         "source": "ham10000"})
+    rows = {(r["variable"], r["value"]): r for r in subgroup_table(test, threshold=0.5, bootstrap=50)}
+    assert set(rows) == {("source", "ham10000"), ("sex", "male"), ("sex", "female"), ("sex", "unknown")}
+    men = rows[("sex", "male")]
+    assert (men["n_images"], men["n_melanoma"], men["roc_auc"], men["note"]) == (10, 5, 1.0, "")
+    assert men["sensitivity"] == 1.0 and men["specificity"] == 0.8  # logit 0.5 -> p 0.62 >= 0.5: one FP
+    women = rows[("sex", "female")]
+    assert np.isnan(women["roc_auc"]) and "too few for an AUC (2 melanoma, 6 other" in women["note"]
+    assert women["sensitivity"] == 0.5 and women["specificity"] == 1.0
+    unknown = rows[("sex", "unknown")]
+    assert unknown["n_melanoma"] == 2 and "0 other" in unknown["note"] and np.isnan(unknown["specificity"])
+    assert rows[("source", "ham10000")]["n_images"] == 20 and rows[("source", "ham10000")]["roc_auc"] > 0.8

@@ -112,6 +112,50 @@ def auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: in
     return {"n_images": len(y), "n_melanoma": int(y.sum()), "roc_auc": M.roc_auc(y, p), "roc_auc_ci95": ci}
 
 
+# A subgroup needs this many melanomas (and other images) for its ROC-AUC to be reported; smaller
+# ones are listed with their counts and why, never dropped.
+MIN_PER_CLASS_FOR_AUC = 5
+SUBGROUP_VARIABLES = ("source", "sex", "age_band", "anatom_site")
+
+
+def age_band(age) -> str:
+    """Age in the bands dermatology reports use; `unknown` when missing."""
+    if age is None or pd.isna(age):
+        return "unknown"
+    for upper, name in ((30, "<30"), (45, "30-44"), (60, "45-59"), (75, "60-74")):
+        if age < upper:
+            return name
+    return ">=75"
+
+
+def subgroup_table(test: pd.DataFrame, threshold: float, temperature: float = 1.0, bootstrap: int = 1000,
+                   seed: int = 0, variables=SUBGROUP_VARIABLES) -> list[dict]:
+    """Per value of every subgroup variable present in `test` (columns label, logit, group and the
+    variables): images, melanomas, ROC-AUC with its grouped-bootstrap CI, and sensitivity and
+    specificity at `threshold` (the validation-chosen one). A subgroup with fewer than
+    MIN_PER_CLASS_FOR_AUC of either class gets its counts and a reason instead of an AUC."""
+    rows = []
+    for variable in variables:
+        if variable not in test.columns or test[variable].isna().all():
+            continue
+        values = test[variable].astype("string").fillna("unknown")
+        for value, part in test.groupby(values.to_numpy(), sort=True):
+            y = part["label"].to_numpy()
+            p = M.sigmoid(part["logit"].to_numpy() / temperature)
+            n_mel, n_other = int(y.sum()), int(len(y) - y.sum())
+            c = M.confusion_at(y, p, threshold)
+            row = {"variable": variable, "value": str(value), "n_images": len(y), "n_melanoma": n_mel,
+                   "sensitivity": c["sensitivity"], "specificity": c["specificity"]}
+            if min(n_mel, n_other) >= MIN_PER_CLASS_FOR_AUC:
+                row.update(auc_summary(part, temperature, bootstrap, seed), note="")
+            else:
+                row.update(roc_auc=float("nan"), roc_auc_ci95=[float("nan"), float("nan")],
+                           note=f"too few for an AUC ({n_mel} melanoma, {n_other} other; needs "
+                                f"{MIN_PER_CLASS_FOR_AUC} of each)")
+            rows.append(row)
+    return rows
+
+
 def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float = 1.0, bootstrap: int = 1000,
                      seed: int = 0) -> dict:
     """All metrics of the evaluation on `test`, thresholds chosen on `val` (probabilities)."""
@@ -168,6 +212,10 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
         result["by_source"] = {str(src): auc_summary(part, temperature, bootstrap, cfg.seed)
                                for src, part in test.groupby("source")}
+    meta = load_manifest(data_dir).set_index("uid")[["sex", "age", "anatom_site"]]
+    with_meta = test.join(meta, on="uid").assign(age_band=lambda d: d["age"].map(age_band))
+    result["by_subgroup"] = subgroup_table(with_meta, result["thresholds"]["val_youden"]["threshold"], temperature,
+                                           bootstrap, cfg.seed)
     result.update({"run_dir": str(run_dir), "data_dir": str(data_dir), "split": split, "external": external,
                    "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),
                    "val_auc_at_best": best_state.get("val_auc"),
@@ -178,6 +226,9 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", test.assign(probability=M.sigmoid(test["logit"] / temperature)))
     write_json(out / "metrics.json", _clean(result))
+    write_csv(out / "subgroups.csv", pd.DataFrame(result["by_subgroup"]).drop(columns="roc_auc_ci95").assign(
+        auc_ci_low=[r["roc_auc_ci95"][0] for r in result["by_subgroup"]],
+        auc_ci_high=[r["roc_auc_ci95"][1] for r in result["by_subgroup"]]))
     plot_evaluation(test, result, out, temperature)
     return result
 

@@ -56,6 +56,29 @@ def check_same_decoding(out: Path, decode: CacheOptions) -> None:
 
 SYNTHETIC_SOURCE = "synthetic"
 PROVENANCE_COLUMNS = ["checkpoint_hash", "checkpoint_step", "seed", "noise_index", "generator"]
+LABELS = {"melanoma": 1, "mel": 1, "1": 1, "other": 0, "benign": 0, "0": 0}
+
+
+def parse_label(label: str) -> int:
+    key = str(label).strip().lower()
+    if key not in LABELS:
+        raise MelanoganError(f"--label {label!r} is unknown; use melanoma or other.")
+    return LABELS[key]
+
+
+def synthetic_rows(table: pd.DataFrame, label: int, origin: str, **provenance) -> pd.DataFrame:
+    """Manifest rows in the real schema for cached synthetic images (`table`: image_id, uid, path and
+    the cache's width, height, content_hash, phash): split train, one group per image, no patient
+    metadata, and the provenance columns."""
+    from melanogan.data.manifest import MANIFEST_COLUMNS
+
+    rows = table.assign(label=np.int8(label), diagnosis="synthetic-melanoma" if label else "synthetic-other",
+                        group_id=table["image_id"], cluster_id=table["image_id"], source=SYNTHETIC_SOURCE,
+                        split="train", patient_id=pd.NA, lesion_id=pd.NA, sex=pd.NA, age=np.nan, anatom_site=pd.NA,
+                        origin=origin, **provenance)
+    for col in ("patient_id", "lesion_id", "sex", "anatom_site", "origin"):
+        rows[col] = rows[col].astype("string")
+    return rows[[*MANIFEST_COLUMNS, *PROVENANCE_COLUMNS]]
 
 
 def import_synthetic(folder: Path, label: str, out: Path, real_dir: Path, workers: int = 0) -> pd.DataFrame:
@@ -65,14 +88,11 @@ def import_synthetic(folder: Path, label: str, out: Path, real_dir: Path, worker
     (such generators learn raw images, so colour constancy etc. are applied as to real ones). Files
     that fail decoding are listed in OUT/rejected.csv, as `prepare` does; the rest are imported."""
     from melanogan.data.cache import build_cache, default_workers
-    from melanogan.data.manifest import MANIFEST, MANIFEST_COLUMNS, default_cache, load_manifest
+    from melanogan.data.manifest import MANIFEST, default_cache, load_manifest
     from melanogan.data.sources import IMAGE_EXTENSIONS
     from melanogan.fileio import write_csv, write_json, write_parquet
 
-    labels = {"melanoma": 1, "mel": 1, "1": 1, "other": 0, "benign": 0, "0": 0}
-    y = labels.get(str(label).strip().lower())
-    if y is None:
-        raise MelanoganError(f"--label {label!r} is unknown; use melanoma or other.")
+    y = parse_label(label)
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise MelanoganError(f"{folder}: not a folder of images.")
@@ -98,14 +118,8 @@ def import_synthetic(folder: Path, label: str, out: Path, real_dir: Path, worker
     if ok.empty:
         raise MelanoganError(f"{folder}: none of the {len(rows)} image(s) could be decoded (e.g. {bad['path'].iat[0]}: "
                              f"{bad['status'].iat[0]} {bad['detail'].iat[0]}).")
-    ok = ok.assign(label=np.int8(y), diagnosis="synthetic-melanoma" if y else "synthetic-other",
-                   group_id=ok["image_id"], cluster_id=ok["image_id"], source=SYNTHETIC_SOURCE, split="train",
-                   patient_id=pd.NA, lesion_id=pd.NA, sex=pd.NA, age=np.nan, anatom_site=pd.NA,
-                   origin=str(folder.resolve()), checkpoint_hash="", checkpoint_step=-1, seed=-1,
-                   noise_index=-1, generator=f"imported:{tag}")
-    for col in ("patient_id", "lesion_id", "sex", "anatom_site", "origin"):
-        ok[col] = ok[col].astype("string")
-    manifest = ok[[*MANIFEST_COLUMNS, *PROVENANCE_COLUMNS]]
+    manifest = synthetic_rows(ok, y, str(folder.resolve()), checkpoint_hash="", checkpoint_step=-1, seed=-1,
+                              noise_index=-1, generator=f"imported:{tag}")
     if existing is not None:  # several imports (e.g. per class) accumulate in one SYN_DIR
         manifest = pd.concat([existing[~existing["uid"].isin(manifest["uid"])], manifest], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)

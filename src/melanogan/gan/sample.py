@@ -13,29 +13,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from melanogan import __version__
 from melanogan.data.cache import CacheOptions, build_cache
-from melanogan.data.manifest import MANIFEST, MANIFEST_COLUMNS
-from melanogan.data.synthetic import SYNTHETIC_FORMAT, check_same_decoding, synthetic_decode_options
+from melanogan.data.manifest import MANIFEST
+from melanogan.data.synthetic import (
+    SYNTHETIC_FORMAT,
+    SYNTHETIC_SOURCE,
+    check_same_decoding,
+    parse_label,
+    synthetic_decode_options,
+    synthetic_rows,
+)
 from melanogan.data.transforms import bicubic_upsample
 from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
 from melanogan.gan.checkpoint import checkpoint_hash, latest_checkpoint, load_checkpoint
 from melanogan.gan.train import step_seed
-
-LABELS = {"melanoma": 1, "mel": 1, "1": 1, "other": 0, "benign": 0, "0": 0}
-SYNTHETIC_SOURCE = "synthetic"
-
-
-def parse_label(label: str) -> int:
-    key = str(label).strip().lower()
-    if key not in LABELS:
-        raise MelanoganError(f"--label {label!r} is unknown; use melanoma or other.")
-    return LABELS[key]
 
 
 def noise_for(index: int, seed: int, noise_dim: int) -> torch.Tensor:
@@ -99,14 +95,8 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
     if len(bad):
         raise MelanoganError(f"{len(bad)} generated image(s) could not be cached: {bad['detail'].iloc[0]}")
     table = table.join(facts[["width", "height", "content_hash", "phash"]], on="uid")
-    table = table.assign(label=np.int8(y), diagnosis="synthetic-melanoma" if y else "synthetic-other",
-                         group_id=table["image_id"], cluster_id=table["image_id"], source=SYNTHETIC_SOURCE,
-                         split="train", patient_id=pd.NA, lesion_id=pd.NA, sex=pd.NA, age=np.nan, anatom_site=pd.NA,
-                         origin=str(ckpt), checkpoint_hash=ck_hash, checkpoint_step=loaded["step"], seed=seed,
-                         generator=which)
-    for col in ("patient_id", "lesion_id", "sex", "anatom_site", "origin"):
-        table[col] = table[col].astype("string")
-    manifest = table[[*MANIFEST_COLUMNS, "checkpoint_hash", "checkpoint_step", "seed", "noise_index", "generator"]]
+    manifest = synthetic_rows(table, y, str(ckpt), checkpoint_hash=ck_hash, checkpoint_step=loaded["step"], seed=seed,
+                              generator=which)
     existing = out / MANIFEST
     if existing.is_file():  # several `generate` calls (e.g. per class) accumulate in one SYN_DIR
         old = pd.read_parquet(existing)

@@ -201,10 +201,11 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     if split not in ("test", "val", "all"):
         raise MelanoganError(f"--split {split!r}: use test, val or all.")
     options = run_cache_options(run_dir)
+    data_manifest = load_manifest(data_dir)  # read once: overlap, subgroup metadata, hash
     val = predict_split(model, cfg, own_data, ["val"], cache=cache_for(own_data, options, log))
     overlap: set = set()
     if external:
-        overlap = overlapping_uids(load_manifest(data_dir), load_manifest(own_data))
+        overlap = overlapping_uids(data_manifest, load_manifest(own_data))
     test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split], exclude=overlap,
                          cache=cache_for(data_dir, options, log))
     temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0
@@ -212,14 +213,14 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
         result["by_source"] = {str(src): auc_summary(part, temperature, bootstrap, cfg.seed)
                                for src, part in test.groupby("source")}
-    meta = load_manifest(data_dir).set_index("uid")[["sex", "age", "anatom_site"]]
+    meta = data_manifest.set_index("uid")[["sex", "age", "anatom_site"]]
     with_meta = test.join(meta, on="uid").assign(age_band=lambda d: d["age"].map(age_band))
     result["by_subgroup"] = subgroup_table(with_meta, result["thresholds"]["val_youden"]["threshold"], temperature,
                                            bootstrap, cfg.seed)
     result.update({"run_dir": str(run_dir), "data_dir": str(data_dir), "split": split, "external": external,
                    "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),
                    "val_auc_at_best": best_state.get("val_auc"),
-                   "manifest_hash": manifest_hash(load_manifest(data_dir)), "model": cfg.model,
+                   "manifest_hash": manifest_hash(data_manifest), "model": cfg.model,
                    "image_size": cfg.image_size, "preprocessing": options.to_dict()})
     out = Path(out) if out else run_dir / eval_dir_name(data_dir, split, external)
     result["out"] = str(out)

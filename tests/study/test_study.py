@@ -144,10 +144,26 @@ def test_a_time_boxed_gan_pauses_the_gan_arms_and_resumes(demo_prepared, tmp_pat
     assert any("resuming at 1" in m for m in logs) and (arms / "gan" / "eval-test" / "metrics.json").is_file()
 
 
-def test_the_shipped_shared_data_study_config_is_valid():
+def test_one_gan_shared_across_seeds_feeds_every_seed(demo_prepared, tmp_path):
+    cfg = _toy(demo_prepared)
+    cfg = cfg.model_copy(update={"arms": ["baseline", "gan"], "seeds": [3, 4], "n_synthetic_other": 0,
+                                 "gan": cfg.gan.model_copy(update={"shared_across_seeds": True})})
+    report = run_study(cfg, tmp_path / "study", log=None, progress=False)
+    study = tmp_path / "study"
+    assert (study / "seed-3" / "gan").is_dir() and not (study / "seed-4" / "gan").exists()
+    assert not (study / "seed-4" / "synthetic").exists()
+    import yaml
+
+    used = yaml.safe_load((study / "seed-4" / "arms" / "gan" / "config.yaml").read_text())["synthetic"]
+    assert used == [str(study / "seed-3" / "synthetic")]
+    assert "from one GAN (seed 3) shared by every seed" in report.read_text()
+
+
+@pytest.mark.parametrize("name", ["shared-data.yaml", "shared-data-cpu.yaml"])
+def test_the_shipped_shared_data_study_configs_are_valid(name):
     from pathlib import Path
 
-    cfg = load_study_config(Path(__file__).parents[2] / "studies" / "shared-data.yaml")
+    cfg = load_study_config(Path(__file__).parents[2] / "studies" / name)
     assert cfg.protocol == "both" and cfg.resolution == "matched" and len(cfg.seeds) >= 3
     assert {"baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"} <= set(cfg.arms)
-    assert cfg.n_synthetic >= 1000 and cfg.external and cfg.gan.max_steps_per_invocation
+    assert cfg.n_synthetic >= 1000 and cfg.external

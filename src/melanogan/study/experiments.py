@@ -79,6 +79,10 @@ class GanOptions(BaseModel):
     # Time-box a long GAN on a CPU: at most this many steps per `melanogan study` invocation; the arms
     # that need synthetic images wait (the others run) and the next invocation resumes the GAN.
     max_steps_per_invocation: int | None = Field(None, ge=1)
+    # One GAN (the first seed's) whose synthetic set every classifier seed uses: for CPU budgets where
+    # a GAN per seed is unaffordable. The seeds' spread then leaves out the GAN's own variance, and
+    # the report says so.
+    shared_across_seeds: bool = False
 
 
 class StudyConfig(BaseModel):
@@ -244,21 +248,22 @@ def _run_arms(cfg: StudyConfig, out: Path, log, progress: bool) -> None:
     """Every seed's GAN, synthetic images, arms and synthetic-image quality, each skipped when done."""
     data = Path(cfg.data)
     for seed in cfg.seeds:
-        seed_dir = out / f"seed-{seed}"
+        gan_seed = cfg.seeds[0] if cfg.gan.shared_across_seeds else seed
+        seed_dir = out / f"seed-{gan_seed}"
         syn_dir = seed_dir / "synthetic"
         gan_ready = True
         if cfg.uses_gan:
-            gan_ready = _gan_stage(cfg, data, seed_dir, seed, log, progress)
+            gan_ready = _gan_stage(cfg, data, seed_dir, gan_seed, log, progress)
         for arm in cfg.arms:
             if gan_ready or not ARMS[arm].get("synthetic"):
                 _arm_stage(cfg, data, arm_dir(out, seed, arm), arm, seed, syn_dir, log, progress)
         if cfg.uses_gan and gan_ready and not (syn_dir / "quality" / "quality.json").is_file():
             from melanogan.gan.evaluate import evaluate_gan
 
-            _log(f"seed {seed}: scoring the synthetic images against real validation images the GAN never saw "
+            _log(f"seed {gan_seed}: scoring the synthetic images against real validation images the GAN never saw "
                  "(pixels and baseline-classifier features; memorisation against the training split)", log)
             evaluate_gan(syn_dir, data, syn_dir / "quality", split="val",
-                         features=["pixels", f"classifier:{arm_dir(out, seed, 'baseline')}"])
+                         features=["pixels", f"classifier:{arm_dir(out, gan_seed, 'baseline')}"])
 
 
 def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, progress: bool) -> bool:

@@ -269,9 +269,11 @@ def write_report(study_dir: Path, cfg) -> Path:
     n_done = len(metrics)
     lines += [f"Data: `{cfg.data}`. Arms: {', '.join(cfg.arms)}. Seeds: {', '.join(map(str, cfg.seeds))} "
               f"({n_done} of {len(cfg.arms) * len(cfg.seeds)} runs finished). Classifier: {cfg.classifier.model} at "
-              f"{cfg.classifier.image_size}px. GAN: preset {cfg.gan.preset}, {cfg.n_synthetic} synthetic melanomas per "
-              + ("seed, trained on every melanoma of every split (LEAKY)." if cfg.protocol == "original"
-                 else "seed, trained on that seed's training split only."), ""]
+              f"{cfg.classifier.image_size}px. GAN: preset {cfg.gan.preset}, {cfg.n_synthetic} synthetic melanomas "
+              + (f"from one GAN (seed {cfg.seeds[0]}) shared by every seed, so the spread over seeds leaves out the "
+                 "GAN's own variance; it was " if cfg.gan.shared_across_seeds else "per seed, ")
+              + ("trained on every melanoma of every split (LEAKY)." if cfg.protocol == "original"
+                 else "trained on the training split only."), ""]
     any_m = next(iter(metrics.values()), None)
     if any_m:
         lines += [f"Test split: {any_m['n_images']} real images, {any_m['n_melanoma']} melanoma "

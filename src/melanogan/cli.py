@@ -161,6 +161,11 @@ def _print_prepare_summary(result, seconds: float) -> None:
     splits = m[m["label"] >= 0].groupby("split")["label"].agg(["size", "sum"])
     console.print("splits: " + ", ".join(f"{s} {int(r['size'])} ({int(r['sum'])} melanoma, "
                                           f"{r['sum'] / max(r['size'], 1):.1%})" for s, r in splits.iterrows()))
+    from melanogan.data.skin import category_counts
+
+    tones = category_counts(m["ita_category"])
+    console.print("skin tone (ITA of the skin around the lesion): "
+                  + ", ".join(f"{name} {n}" for name, n in tones.items()))
     nd = result.near_duplicates
     console.print(f"near-duplicate pairs: {len(nd)} (kept in one split; {result.data_dir / 'near_duplicates.csv'})")
     for note in result.notes:

@@ -105,7 +105,8 @@ def test_evaluation_uses_validation_thresholds_and_writes_everything(demo_prepar
     groups = pd.read_csv(out / "subgroups.csv")
     for variable, part in groups.groupby("variable"):
         assert part["n_images"].sum() == r["n_images"], variable
-    assert {"source", "sex", "age_band"} <= set(groups["variable"])
+    assert {"source", "sex", "age_band", "ita_category"} <= set(groups["variable"])
+    assert (out / "subgroups.png").is_file()
 
 
 def test_stored_thresholds_follow_the_checkpoint(demo_prepared, tmp_path):

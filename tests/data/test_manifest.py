@@ -99,3 +99,43 @@ def test_no_source_and_missing_manifest(tmp_path):
         prepare([], tmp_path)
     with pytest.raises(DataError, match="melanogan prepare"):
         load_manifest(tmp_path)
+
+
+def test_prepare_estimates_skin_tone_from_the_image_as_captured(tmp_path):
+    """ITA in the manifest is the raw skin's, though the cache is colour-corrected (which greys skin);
+    a lesion that fills the frame gets NaN with its reason; prepare.json counts the bands."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from melanogan.data.manifest import MANIFEST
+    from melanogan.fileio import read_json
+    from tests.data.test_skin import _skin_with_lesion, _srgb_to_lab
+
+    skins = {"light": (233, 196, 170), "brown": (120, 80, 58)}
+    for name, rgb in skins.items():
+        (tmp_path / "src" / "nevus").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_skin_with_lesion(rgb, size=128, radius=24)).save(tmp_path / "src" / "nevus" / f"{name}.png")
+    (tmp_path / "src" / "melanoma").mkdir()
+    Image.fromarray(_skin_with_lesion((220, 180, 150), size=128, radius=84)).save(
+        tmp_path / "src" / "melanoma" / "filled.png")
+    prepare([("folder", tmp_path / "src")], tmp_path / "out", CacheOptions(size=64, color_constancy=True))
+    m = load_manifest(tmp_path / "out").set_index("image_id")
+    for name, rgb in skins.items():
+        lab = _srgb_to_lab(rgb)
+        assert m.at[f"nevus/{name}", "ita"] == pytest.approx(math.degrees(math.atan((lab[0] - 50) / lab[2])), abs=0.05)
+    assert m.at["nevus/light", "ita_category"] == "very light" and m.at["nevus/brown", "ita_category"] == "dark"
+    assert math.isnan(m.at["melanoma/filled", "ita"]) and m.at["melanoma/filled", "ita_category"] == "unknown"
+    assert "too little skin" in m.at["melanoma/filled", "ita_reason"]
+    tones = read_json(tmp_path / "out" / "prepare.json")["skin_tone"]["folder"]
+    assert (tones["very light"], tones["dark"], tones["unknown"], tones["light"]) == (1, 1, 1, 0)
+    # a cache built before skin-tone estimation (no ita column) is decoded again, once, by prepare
+    cache_dir = next((tmp_path / "out" / "cache").iterdir())
+    index = pd.read_parquet(cache_dir / "index.parquet")
+    index.drop(columns=["ita", "ita_reason"]).to_parquet(cache_dir / "index.parquet")
+    (tmp_path / "out" / MANIFEST).unlink()
+    prepare([("folder", tmp_path / "src")], tmp_path / "out", CacheOptions(size=64, color_constancy=True))
+    again = load_manifest(tmp_path / "out").set_index("image_id")
+    assert again.at["nevus/light", "ita"] == pytest.approx(m.at["nevus/light", "ita"])
+    assert np.isfinite(again.at["nevus/brown", "ita"])

@@ -69,6 +69,9 @@ def test_a_synthetic_set_identical_to_the_reference_scores_as_identical(demo_pre
     scores = result["classes"]["melanoma"]["by_extractor"]["pixels"]
     assert scores["n_real"] == scores["n_synthetic"] == len(val_mel)
     assert scores["fid"] == pytest.approx(0.0, abs=1e-6)
+    tone = result["classes"]["melanoma"]["skin_tone"]  # the same images: the same skin tones
+    assert tone["n_real"] + tone["n_real_unknown"] == len(val_mel) and tone["n_real"] > 0
+    assert tone["ks_statistic"] == 0.0 and tone["median_real"] == tone["median_synthetic"]
 
 
 def test_memorised_copies_are_flagged(demo_prepared, tmp_path):

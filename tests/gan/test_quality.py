@@ -122,3 +122,16 @@ def test_fid_of_identical_sets_is_zero_and_ms_ssim_matches_pytorch_msssim():
     ours = Q.ms_ssim(x, y)
     reference = ms_ssim(x, y, data_range=1.0, size_average=False)
     assert torch.allclose(ours.float(), reference.float(), atol=1e-4), (ours, reference)
+
+
+def test_skin_tone_shift_exact_on_constructed_angles():
+    real = [60.0, 45.0, 30.0, 20.0, 0.0, -40.0, float("nan")]
+    same = Q.skin_tone_shift(real, real)
+    assert same["ks_statistic"] == 0.0 and same["p_value"] == 1.0 and same["n_real_unknown"] == 1
+    assert same["median_real"] == same["median_synthetic"] == 25.0
+    # a generator that dropped the darker half: only the light angles
+    dropped = Q.skin_tone_shift(real, [60.0, 58.0, 45.0, 44.0, 50.0, 47.0])
+    assert dropped["ks_statistic"] == pytest.approx(4 / 6)  # the ECDFs differ most just above 30
+    assert dropped["bands"]["dark"] == {"real": pytest.approx(1 / 6), "synthetic": 0.0}
+    assert dropped["bands"]["very light"] == {"real": pytest.approx(1 / 6), "synthetic": pytest.approx(2 / 6)}
+    assert dropped["n_synthetic_unknown"] == 0

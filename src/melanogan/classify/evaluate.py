@@ -115,7 +115,7 @@ def auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: in
 # A subgroup needs this many melanomas (and other images) for its ROC-AUC to be reported; smaller
 # ones are listed with their counts and why, never dropped.
 MIN_PER_CLASS_FOR_AUC = 5
-SUBGROUP_VARIABLES = ("source", "sex", "age_band", "anatom_site")
+SUBGROUP_VARIABLES = ("source", "sex", "age_band", "anatom_site", "ita_category")
 
 
 def age_band(age) -> str:
@@ -213,7 +213,8 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
         result["by_source"] = {str(src): auc_summary(part, temperature, bootstrap, cfg.seed)
                                for src, part in test.groupby("source")}
-    meta = data_manifest.set_index("uid")[["sex", "age", "anatom_site"]]
+    meta = data_manifest.set_index("uid")[[c for c in ("sex", "age", "anatom_site", "ita_category")
+                                           if c in data_manifest.columns]]
     with_meta = test.join(meta, on="uid").assign(age_band=lambda d: d["age"].map(age_band))
     result["by_subgroup"] = subgroup_table(with_meta, result["thresholds"]["val_youden"]["threshold"], temperature,
                                            bootstrap, cfg.seed)
@@ -231,7 +232,35 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
         auc_ci_low=[r["roc_auc_ci95"][0] for r in result["by_subgroup"]],
         auc_ci_high=[r["roc_auc_ci95"][1] for r in result["by_subgroup"]]))
     plot_evaluation(test, result, out, temperature)
+    plot_subgroups(result["by_subgroup"], out / "subgroups.png")
     return result
+
+
+def plot_subgroups(rows: list[dict], path: Path, title: str = "ROC-AUC by subgroup (95% CI)") -> None:
+    """One line per subgroup: its AUC with the grouped-bootstrap CI, or the reason it has none, so
+    that small subgroups are visible rather than missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(rows) + 1.2))
+    labels = []
+    for i, r in enumerate(rows):
+        y = len(rows) - 1 - i
+        labels.append(f"{r['variable']}: {r['value']} (n={r['n_images']}, mel={r['n_melanoma']})")
+        auc = r.get("roc_auc")
+        if auc is not None and np.isfinite(auc):
+            lo, hi = r["roc_auc_ci95"]
+            ax.errorbar(auc, y, xerr=[[auc - lo], [hi - auc]], fmt="o", color="C0", capsize=2, ms=4)
+        else:
+            ax.text(0.52, y, "too few for an AUC", va="center", fontsize=7, color="0.4")
+    ax.axvline(0.5, color="k", ls="--", lw=0.8)
+    ax.set_yticks(range(len(rows)), labels[::-1], fontsize=7)
+    ax.set(xlim=(0.3, 1.0), xlabel="ROC-AUC", title=title)
+    save_figure(fig, path)
 
 
 def plot_evaluation(test: pd.DataFrame, result: dict, out: Path, temperature: float = 1.0) -> None:

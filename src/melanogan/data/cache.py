@@ -33,7 +33,8 @@ from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
 
 CACHE_FORMAT = 1  # bump when the decoding code changes what pixels it produces
 CHUNK_SIZE = 32  # at most; smaller when needed to give every worker several chunks
-INDEX_COLUMNS = ["uid", "path", "signature", "status", "detail", "slot", "width", "height", "content_hash", "phash"]
+INDEX_COLUMNS = ["uid", "path", "signature", "status", "detail", "slot", "width", "height", "content_hash", "phash",
+                 "ita", "ita_reason"]
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,12 @@ def _process_chunk(job: tuple[str, list[tuple[str, str, str]], dict]) -> str:
     info = []
     for i, (uid, path, signature) in enumerate(rows):
         entry = {"uid": uid, "path": path, "signature": signature, "status": "ok", "detail": "",
-                 "width": -1, "height": -1, "content_hash": "", "phash": ""}
+                 "width": -1, "height": -1, "content_hash": "", "phash": "", "ita": float("nan"), "ita_reason": ""}
         try:
-            decoded = decode_file(path, size, **options.decode_kwargs())
+            decoded = decode_file(path, size, **options.decode_kwargs(), skin_tone=True)
             pixels[i] = decoded.pixels
             entry.update(width=decoded.width, height=decoded.height, content_hash=decoded.content_hash,
-                         phash=decoded.phash)
+                         phash=decoded.phash, ita=decoded.ita, ita_reason=decoded.ita_reason)
         except ImageRejected as exc:
             entry.update(status=exc.reason, detail=exc.detail)
         except Exception as exc:  # one bad image never kills a long run
@@ -141,7 +142,10 @@ class Cache:
             raise DataError(f"{root}: not a complete melanogan cache (meta.json or pixels.npy missing). "
                             "Run `melanogan prepare` again to build it.")
         meta = read_json(root / "meta.json")
-        return cls(root=root, options=CacheOptions(**meta["options"]), index=pd.read_parquet(root / "index.parquet"))
+        index = pd.read_parquet(root / "index.parquet")
+        if "ita" not in index.columns:  # a cache from before skin-tone estimation; `prepare` again adds it
+            index = index.assign(ita=np.nan, ita_reason="cache built before skin-tone estimation: run prepare again")
+        return cls(root=root, options=CacheOptions(**meta["options"]), index=index)
 
     @property
     def pixels(self) -> np.ndarray:
@@ -180,6 +184,8 @@ def build_cache(
     old_index = pd.DataFrame(columns=INDEX_COLUMNS)
     if (cache_root / "index.parquet").is_file():
         old_index = pd.read_parquet(cache_root / "index.parquet")
+        if "ita" not in old_index.columns:  # built before skin tone was estimated: decode again, once
+            old_index = pd.DataFrame(columns=INDEX_COLUMNS)
     old_by_key = {(u, p, s): i for i, (u, p, s) in
                   enumerate(zip(old_index["uid"], old_index["path"], old_index["signature"], strict=True))}
     todo = [r for r in rows if r not in old_by_key]

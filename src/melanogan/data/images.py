@@ -43,6 +43,8 @@ class DecodedImage:
     height: int
     content_hash: str  # sha256 of the file bytes
     phash: str  # perceptual hashes of 3 views, hex (see perceptual_hash)
+    ita: float = float("nan")  # skin tone (data/skin.py), when asked for; NaN with ita_reason otherwise
+    ita_reason: str = ""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -147,8 +149,11 @@ def decode_image(
     hair_removal: bool = False,
     color_constancy: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    skin_tone: bool = False,
 ) -> DecodedImage:
     """Decode file bytes into a `size`x`size` RGB uint8 array plus the facts the manifest needs.
+    `skin_tone`: also estimate the ITA of the skin around the lesion (on the pixels as captured,
+    before hair removal and colour constancy, which would neutralise the skin's colour).
 
     Raises ImageRejected with a reason code: `empty-file`, `not-an-image`, `decompression-bomb`,
     `truncated-or-corrupt`, `too-small`.
@@ -189,12 +194,17 @@ def decode_image(
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageRejected("truncated-or-corrupt", f"{type(exc).__name__}: {exc}") from exc
     pixels = np.ascontiguousarray(fitted, dtype=np.uint8)
+    ita, ita_reason = (float("nan"), "not estimated")
+    if skin_tone:
+        from melanogan.data.skin import estimate_ita
+
+        ita, ita_reason = estimate_ita(pixels)
     if hair_removal:
         pixels = remove_hair(pixels)
     if color_constancy:
         pixels = shades_of_gray(pixels)
     return DecodedImage(pixels=pixels, width=int(w), height=int(h), content_hash=content_hash,
-                        phash=perceptual_hash(rgb_full))
+                        phash=perceptual_hash(rgb_full), ita=ita, ita_reason=ita_reason)
 
 
 _TRANSPOSE = {

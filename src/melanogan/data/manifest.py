@@ -23,6 +23,7 @@ from melanogan import __version__
 from melanogan.data.cache import Cache, CacheOptions, build_cache, default_workers
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, UnionFind, near_duplicate_pairs
 from melanogan.data.sources import DEFAULT_MELANOMA_FOLDERS, global_isic_id, read_source
+from melanogan.data.skin import category_counts, ita_category
 from melanogan.data.splits import SplitFractions, assign_splits
 from melanogan.errors import DataError
 from melanogan.fileio import read_json, write_csv, write_json, write_parquet
@@ -30,7 +31,7 @@ from melanogan.fileio import read_json, write_csv, write_json, write_parquet
 MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ["uid", "image_id", "path", "label", "diagnosis", "group_id", "cluster_id", "source",
                     "split", "width", "height", "content_hash", "phash", "patient_id", "lesion_id", "sex",
-                    "age", "anatom_site", "origin"]
+                    "age", "anatom_site", "origin", "ita", "ita_category", "ita_reason"]
 
 
 @dataclass
@@ -175,6 +176,7 @@ def prepare(
                         on_progress=on_progress)
     facts = cache.index.drop(columns=["path", "slot", "signature"]).drop_duplicates("uid").set_index("uid")
     merged = candidates.join(facts, on="uid")
+    merged["ita_category"] = merged["ita"].map(ita_category)
     bad = merged["status"] != "ok"
     rejected.append(merged.loc[bad, ["uid", "status", "detail"]].rename(columns={"status": "reason"}))
     ok, rej_dup = _resolve_exact_duplicates(merged.loc[~bad].copy())
@@ -223,6 +225,8 @@ def prepare(
         "phash_distance": phash_distance,
         "manifest_hash": manifest_hash(manifest),
         "counts": {"kept": len(manifest), "rejected": len(rejected_df)},
+        # skin tone of the skin around each lesion (data/skin.py): images per ITA band, per source
+        "skin_tone": {src: category_counts(g["ita_category"]) for src, g in manifest.groupby("source")},
         "notes": notes,
     })
     return PrepareResult(out, manifest, rejected_df, pairs, cache, notes)

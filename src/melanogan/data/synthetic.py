@@ -75,7 +75,9 @@ def synthetic_rows(table: pd.DataFrame, label: int, origin: str, **provenance) -
     rows = table.assign(label=np.int8(label), diagnosis="synthetic-melanoma" if label else "synthetic-other",
                         group_id=table["image_id"], cluster_id=table["image_id"], source=SYNTHETIC_SOURCE,
                         split="train", patient_id=pd.NA, lesion_id=pd.NA, sex=pd.NA, age=np.nan, anatom_site=pd.NA,
-                        origin=origin, **provenance)
+                        origin=origin, ita=np.nan, ita_category="unknown",
+                        ita_reason="synthetic: `evaluate-gan` compares its skin tone with the real images'",
+                        **provenance)
     for col in ("patient_id", "lesion_id", "sex", "anatom_site", "origin"):
         rows[col] = rows[col].astype("string")
     return rows[[*MANIFEST_COLUMNS, *PROVENANCE_COLUMNS]]

@@ -44,6 +44,13 @@ def _resized(ds: CachedImageDataset, indices, size: int, block: int = 64) -> tor
     return torch.cat(parts)
 
 
+def _itas(ds: CachedImageDataset, limit: int = 2000) -> np.ndarray:
+    """ITA of up to `limit` images of `ds`, from its cached pixels."""
+    from melanogan.data.skin import estimate_ita
+
+    return np.array([estimate_ita(ds.raw(i).permute(1, 2, 0).numpy())[0] for i in range(min(limit, len(ds)))])
+
+
 def _png_data_uri(arr: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -135,6 +142,12 @@ def evaluate_gan(syn_dir: Path, real_dir: Path, out: Path, split: str = "val", f
                                  "median_nn_distance": float(np.median(mem["distance"])),
                                  "mean_nn_ssim": float(pair_ssim.mean())}
         result["summary"][f"{name} memorised copies"] = f"{len(flagged)} of {len(fake_ds)}"
+        tone = Q.skin_tone_shift(_itas(real_ds), _itas(fake_ds))
+        entry["skin_tone"] = {**tone, "note": "ITA of the skin around the lesion, real and synthetic both measured on "
+                                              "the cached pixels (the same colour space; with colour constancy not "
+                                              "the skin's raw ITA); Kolmogorov-Smirnov two-sample test"}
+        result["summary"][f"{name} skin tone (median ITA) synthetic vs real"] = (
+            f"{tone['median_synthetic']:.1f} vs {tone['median_real']:.1f} (KS p={tone['p_value']:.3g})")
         result["classes"][name] = entry
 
         order = np.argsort(mem["distance"])[:12]
@@ -159,7 +172,7 @@ def _class_html(name: str, entry: dict, samples_uri: str, gallery_uri: str) -> s
                 value = f"{s[metric]:.4f}" + (f" ± {s['kid_std']:.4f}" if metric == "kid_mean" else "")
                 rows.append(f"<tr><td>{html.escape(ex_name)}</td><td>{metric}</td><td>{value}</td>"
                             f"<td>{html.escape(EXPLANATIONS[metric])}</td></tr>")
-    d, m = entry["diversity"], entry["memorisation"]
+    d, m, t = entry["diversity"], entry["memorisation"], entry["skin_tone"]
     return (f"<h2>{html.escape(name)}: {entry['n_synthetic']} synthetic vs {entry['n_real']} real</h2>"
             "<table><tr><th>features</th><th>metric</th><th>value</th><th>what it means</th></tr>"
             + "".join(rows) + "</table>"
@@ -170,6 +183,10 @@ def _class_html(name: str, entry: dict, samples_uri: str, gallery_uri: str) -> s
             f"<p>Memorisation ({html.escape(m['extractor'])} features): {m['n_flagged']} synthetic image(s) "
             f"({m['share_flagged']:.1%}) are closer to a training image than {m['threshold_rule']} "
             f"({m['threshold_distance']:.4g}); every one is listed in quality.json.</p>"
+            f"<p>Skin tone (ITA of the skin around the lesion; higher = lighter): median {t['median_synthetic']:.1f} "
+            f"synthetic vs {t['median_real']:.1f} real; Kolmogorov-Smirnov D = {t['ks_statistic']:.3f}, "
+            f"p = {t['p_value']:.3g}. Band shares synthetic / real: "
+            + ", ".join(f"{b} {v['synthetic']:.0%} / {v['real']:.0%}" for b, v in t["bands"].items()) + ".</p>"
             f"<h3>Samples</h3><img src='{samples_uri}'>"
             "<h3>Closest pairs (synthetic, then its nearest training image)</h3>"
             f"<img src='{gallery_uri}'>")

@@ -203,3 +203,32 @@ def pairwise_ms_ssim(images, n_pairs: int = 200, seed: int = 0) -> np.ndarray:
     i = rng.integers(0, n, n_pairs)
     j = (i + rng.integers(1, n, n_pairs)) % n
     return ms_ssim(images[i].float(), images[j].float()).numpy()
+
+
+# --------------------------------------------------------------------------- skin tone
+
+
+def skin_tone_shift(real_ita, synthetic_ita) -> dict:
+    """Does the generator reproduce the real skin-tone distribution? Two samples of ITA angles
+    (NaN = not estimable, counted apart): medians, the two-sample Kolmogorov-Smirnov test, and the
+    share of each ITA band in both sets. A GAN trained on few darker-skin images can drop them
+    (mode dropping on a minority), which FID over all images would hardly show."""
+    from scipy.stats import ks_2samp
+
+    from melanogan.data.skin import ITA_CATEGORIES, ita_category
+
+    real, syn = np.asarray(real_ita, dtype=np.float64), np.asarray(synthetic_ita, dtype=np.float64)
+    r, s = real[np.isfinite(real)], syn[np.isfinite(syn)]
+    out = {"n_real": int(len(r)), "n_synthetic": int(len(s)), "n_real_unknown": int(len(real) - len(r)),
+           "n_synthetic_unknown": int(len(syn) - len(s)),
+           "median_real": float(np.median(r)) if len(r) else float("nan"),
+           "median_synthetic": float(np.median(s)) if len(s) else float("nan"),
+           "ks_statistic": float("nan"), "p_value": float("nan"), "bands": {}}
+    if len(r) and len(s):
+        test = ks_2samp(r, s)
+        out.update(ks_statistic=float(test.statistic), p_value=float(test.pvalue))
+    for name, _ in ITA_CATEGORIES:
+        out["bands"][name] = {"real": float(np.mean([ita_category(x) == name for x in r])) if len(r) else float("nan"),
+                              "synthetic": float(np.mean([ita_category(x) == name for x in s])) if len(s)
+                              else float("nan")}
+    return out

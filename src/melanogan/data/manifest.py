@@ -22,8 +22,8 @@ import pandas as pd
 from melanogan import __version__
 from melanogan.data.cache import Cache, CacheOptions, build_cache, default_workers
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, UnionFind, near_duplicate_pairs
-from melanogan.data.sources import DEFAULT_MELANOMA_FOLDERS, global_isic_id, read_source
 from melanogan.data.skin import category_counts, ita_category
+from melanogan.data.sources import DEFAULT_MELANOMA_FOLDERS, global_isic_id, read_source
 from melanogan.data.splits import SplitFractions, assign_splits
 from melanogan.errors import DataError
 from melanogan.fileio import read_json, write_csv, write_json, write_parquet

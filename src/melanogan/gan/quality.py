@@ -219,7 +219,7 @@ def skin_tone_shift(real_ita, synthetic_ita) -> dict:
 
     real, syn = np.asarray(real_ita, dtype=np.float64), np.asarray(synthetic_ita, dtype=np.float64)
     r, s = real[np.isfinite(real)], syn[np.isfinite(syn)]
-    out = {"n_real": int(len(r)), "n_synthetic": int(len(s)), "n_real_unknown": int(len(real) - len(r)),
+    out = {"n_real": len(r), "n_synthetic": len(s), "n_real_unknown": int(len(real) - len(r)),
            "n_synthetic_unknown": int(len(syn) - len(s)),
            "median_real": float(np.median(r)) if len(r) else float("nan"),
            "median_synthetic": float(np.median(s)) if len(s) else float("nan"),

@@ -361,6 +361,9 @@ def predict(
     site: Annotated[str | None, typer.Option(
         help="A site calibrated with `melanogan calibrate`: its temperature and thresholds instead of the "
              "validation ones.")] = None,
+    tta: Annotated[int, typer.Option(
+        help="Test-time augmentation: logits averaged over 1 (off), 2, 4 or 8 flips/90-degree rotations; the "
+             "validation thresholds are chosen on scores made the same way.")] = 1,
 ) -> None:
     """Melanoma probability and decision for images, with the training preprocessing. Unreadable files
     are listed in the CSV with their error; they never stop the run."""
@@ -369,7 +372,7 @@ def predict(
     with _progress() as progress:
         table = run_predict(run_dir, inputs, out, threshold, batch_size,
                             on_progress=_progress_callback(progress, "predicting"),
-                            log=lambda m: err_console.print(f"note: {m}"), site=site)
+                            log=lambda m: err_console.print(f"note: {m}"), site=site, tta=tta)
     bad = table[table["error"] != ""]
     console.print(f"{len(table) - len(bad)} image(s) scored, {int((table['decision'] == 'melanoma').sum())} above the "
                   f"{table['threshold_name'].iat[0]} threshold {table['threshold'].iat[0]:.3f}; {out}")
@@ -538,7 +541,10 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (by patient/lesion group) for CIs.")] = 1000,
     out: Annotated[Path | None, typer.Option(
         help="Output folder (default RUN_DIR/eval-SPLIT, or RUN_DIR/eval-external-NAME-HASH-SPLIT for another "
-             "DATA_DIR).")] = None,
+             "DATA_DIR; -ttaN appended with --tta).")] = None,
+    tta: Annotated[int, typer.Option(
+        help="Test-time augmentation: logits averaged over 1 (off), 2, 4 or 8 flips/90-degree rotations, for the "
+             "validation scores that choose the thresholds too.")] = 1,
 ) -> None:
     """Evaluate on real images: ROC/PR-AUC with grouped-bootstrap CIs; accuracy, precision, sensitivity,
     specificity, F1, balanced accuracy at 0.5 and at thresholds chosen on validation (Youden, 95%
@@ -548,7 +554,7 @@ def evaluate(
     from melanogan.classify.evaluate import evaluate_run
 
     r = evaluate_run(run_dir, data, split, temperature_scaling, bootstrap, out,
-                     log=lambda m: console.print(f"note: {m}"))
+                     log=lambda m: console.print(f"note: {m}"), tta=tta)
     lo, hi = r["roc_auc_ci95"]
     console.print(f"{r['split']} ({r['n_images']} images, {r['n_melanoma']} melanoma): ROC-AUC {r['roc_auc']:.3f} "
                   f"[{lo:.3f}, {hi:.3f}], PR-AUC {r['pr_auc']:.3f}")

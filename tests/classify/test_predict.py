@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from melanogan.classify.predict import explain, gradcam, predict
@@ -145,3 +146,43 @@ def test_export_errors(trained, tmp_path):
 
     with pytest.raises(MelanoganError, match="--format 'tflite'"):
         export_model(trained, "tflite")
+
+
+def test_evaluate_and_predict_with_tta_average_flipped_logits_and_choose_thresholds_the_same_way(trained, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from melanogan.classify import metrics as M
+    from melanogan.classify.evaluate import evaluate_run
+    from melanogan.classify.predict import run_thresholds
+    from melanogan.data.dataset import CachedImageDataset
+    from melanogan.data.transforms import eval_preset
+    from melanogan.fileio import read_json
+
+    model, cfg, _ = load_model(trained / "best")
+    data_dir = read_json(trained / "run.json")["data_dir"]
+
+    def by_hand(split):
+        ds = CachedImageDataset(data_dir, split, transform=eval_preset(cfg.image_size))
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            return ds.rows["uid"].tolist(), ((model(x) + model(x.flip(-1))) / 2).numpy(), ds.rows["label"].to_numpy()
+
+    result = evaluate_run(trained, tta=2, bootstrap=20)
+    assert result["out"].endswith("eval-test-tta2") and result["tta"] == 2
+    written = pd.read_csv(f"{result['out']}/predictions.csv").set_index("uid")["logit"]
+    uids, logits, _ = by_hand("test")
+    assert written.loc[uids].to_numpy() == pytest.approx(logits, abs=1e-4)
+    _, val_logits, val_labels = by_hand("val")
+    youden = M.threshold_youden(val_labels, M.sigmoid(val_logits))
+    assert result["thresholds"]["val_youden"]["threshold"] == pytest.approx(youden, abs=1e-4)
+    assert run_thresholds(trained, tta=2)["val-youden"] == pytest.approx(youden, abs=1e-4)
+    stored = json.loads((trained / "best" / "thresholds-tta2.json").read_text())
+    assert stored["tta"] == 2 and (trained / "best" / "thresholds.json").is_file()  # the plain ones stay
+    image = next(p for p in (trained.parent / "raw" / "jpeg" / "train").glob("*.jpg"))
+    plain, flipped = predict(trained, [image], None), predict(trained, [image], None, tta=2)
+    assert flipped["threshold"].iat[0] == pytest.approx(youden, abs=1e-4)
+    assert flipped["logit"].iat[0] != plain["logit"].iat[0]
+    with pytest.raises(MelanoganError, match="--site .* --tta 2"):
+        predict(trained, [image], None, site="anywhere", tta=2)

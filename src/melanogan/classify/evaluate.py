@@ -72,20 +72,23 @@ def run_cache_options(run_dir: Path) -> CacheOptions:
     return CacheOptions(**info["cache_options"])
 
 
-def eval_dir_name(data_dir: Path, split: str, external: bool) -> str:
+def eval_dir_name(data_dir: Path, split: str, external: bool, tta: int = 1) -> str:
     """`eval-SPLIT`, or for another DATA_DIR `eval-external-NAME-HASH-SPLIT` (HASH of its resolved path:
-    two external sets in folders of the same name never overwrite each other)."""
+    two external sets in folders of the same name never overwrite each other); `-ttaN` with TTA, so
+    that a TTA evaluation sits beside the plain one instead of replacing it."""
+    suffix = f"-tta{tta}" if tta > 1 else ""
     if not external:
-        return f"eval-{split}"
+        return f"eval-{split}{suffix}"
     digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
-    return f"eval-external-{Path(data_dir).resolve().name}-{digest}-{split}"
+    return f"eval-external-{Path(data_dir).resolve().name}-{digest}-{split}{suffix}"
 
 
 def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int = 64,
-                  exclude: set | None = None, cache: Cache | None = None) -> pd.DataFrame:
+                  exclude: set | None = None, cache: Cache | None = None, tta: int = 1) -> pd.DataFrame:
     """Logits for the real, labeled rows of `splits` ('all' = every labeled real row), minus `exclude`.
     `cache`: the pixels to read (the run's preprocessing; default DATA_DIR's own cache). Scored in
-    fp32, as `predict`, `serve` and exports score: thresholds chosen here hold there."""
+    fp32, as `predict`, `serve` and exports score: thresholds chosen here hold there. `tta`: views
+    averaged (classify/tta.py)."""
     manifest = load_manifest(data_dir)
     manifest = manifest[(manifest["label"].isin([0, 1])) & (manifest["source"] != "synthetic")]
     if exclude:
@@ -95,7 +98,7 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
     if manifest.empty:
         raise MelanoganError(f"{data_dir}: no labeled real images in split {'/'.join(splits)}.")
     ds = CachedImageDataset(data_dir, "all", transform=eval_preset(cfg.image_size), manifest=manifest, cache=cache)
-    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False)
+    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False, tta=tta)
     rows = ds.rows
     return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "source": rows["source"].astype(str),
                          "label": rows["label"].astype(int),
@@ -187,10 +190,14 @@ def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float =
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None = None,
                  temperature_scaling: bool = False, bootstrap: int = 1000, out: Path | None = None,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, tta: int = 1) -> dict:
     """Evaluate RUN_DIR's best checkpoint on pixels preprocessed as in its training; writes
     metrics.json, predictions.csv and plots. `split` None: `test` of the run's own data, `all` of
-    another DATA_DIR (an external test set is all of it)."""
+    another DATA_DIR (an external test set is all of it). `tta`: logits averaged over that many
+    flips/rotations, for the validation predictions that choose the thresholds too."""
+    from melanogan.classify.tta import check_tta
+
+    check_tta(tta)
     run_dir = Path(run_dir)
     model, cfg, best_state = load_model(run_dir / "best")
     run_info = read_json(run_dir / "run.json")
@@ -202,12 +209,12 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
         raise MelanoganError(f"--split {split!r}: use test, val or all.")
     options = run_cache_options(run_dir)
     data_manifest = load_manifest(data_dir)  # read once: overlap, subgroup metadata, hash
-    val = predict_split(model, cfg, own_data, ["val"], cache=cache_for(own_data, options, log))
+    val = predict_split(model, cfg, own_data, ["val"], cache=cache_for(own_data, options, log), tta=tta)
     overlap: set = set()
     if external:
         overlap = overlapping_uids(data_manifest, load_manifest(own_data))
     test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split], exclude=overlap,
-                         cache=cache_for(data_dir, options, log))
+                         cache=cache_for(data_dir, options, log), tta=tta)
     temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0
     result = clinical_metrics(val, test, temperature, bootstrap=bootstrap, seed=cfg.seed)
     if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
@@ -222,8 +229,8 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
                    "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),
                    "val_auc_at_best": best_state.get("val_auc"),
                    "manifest_hash": manifest_hash(data_manifest), "model": cfg.model,
-                   "image_size": cfg.image_size, "preprocessing": options.to_dict()})
-    out = Path(out) if out else run_dir / eval_dir_name(data_dir, split, external)
+                   "image_size": cfg.image_size, "preprocessing": options.to_dict(), "tta": tta})
+    out = Path(out) if out else run_dir / eval_dir_name(data_dir, split, external, tta)
     result["out"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", test.assign(probability=M.sigmoid(test["logit"] / temperature)))

@@ -36,12 +36,13 @@ def checkpoint_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def run_thresholds(run_dir: Path, log=None) -> dict[str, float]:
+def run_thresholds(run_dir: Path, log=None, tta: int = 1) -> dict[str, float]:
     """Validation-chosen thresholds of a run's best checkpoint, stored in best/thresholds.json with
     the checkpoint's hash. A stored file of another checkpoint (e.g. `best/` improved by --resume) is
-    recomputed, never used: its thresholds belong to another model. Scores are fp32, as `predict`'s."""
+    recomputed, never used: its thresholds belong to another model. Scores are fp32, as `predict`'s.
+    With `tta` > 1 the scores are TTA-averaged, so are the thresholds (best/thresholds-ttaN.json)."""
     run_dir = Path(run_dir)
-    path = run_dir / "best" / "thresholds.json"
+    path = run_dir / "best" / ("thresholds.json" if tta == 1 else f"thresholds-tta{tta}.json")
     current = checkpoint_sha256(run_dir / "best")
     if path.is_file():
         stored = read_json(path)
@@ -56,22 +57,25 @@ def run_thresholds(run_dir: Path, log=None) -> dict[str, float]:
     if not (data_dir / "manifest.parquet").is_file():
         raise MelanoganError(f"{run_dir}: thresholds for this checkpoint were never stored and the training data "
                              f"({data_dir}) is not here to choose them; pass --threshold with a number (e.g. 0.5).")
-    val = predict_split(model, cfg, data_dir, ["val"], cache=cache_for(data_dir, run_cache_options(run_dir), log))
+    val = predict_split(model, cfg, data_dir, ["val"], cache=cache_for(data_dir, run_cache_options(run_dir), log),
+                        tta=tta)
     thresholds = M.validation_thresholds(val["label"].to_numpy(), M.sigmoid(val["logit"].to_numpy()))
-    write_json(path, {**thresholds, "checkpoint_sha256": current, "chosen_on": "validation", "precision": "32"})
+    write_json(path, {**thresholds, "checkpoint_sha256": current, "chosen_on": "validation", "precision": "32",
+                      "tta": tta})
     return thresholds
 
 
-def resolve_threshold(run_dir: Path, threshold: str, log=None, site: str | None = None) -> tuple[str, float]:
-    """(name, value) of `threshold`: a named one chosen on validation, or on a calibrated site's
-    sample when `site` is given, or a number."""
+def resolve_threshold(run_dir: Path, threshold: str, log=None, site: str | None = None,
+                      tta: int = 1) -> tuple[str, float]:
+    """(name, value) of `threshold`: a named one chosen on validation (with the same TTA as the
+    scores), or on a calibrated site's sample when `site` is given, or a number."""
     if threshold in THRESHOLD_NAMES:
         if site:
             from melanogan.classify.calibrate import site_calibration
 
             chosen = site_calibration(run_dir, site)["thresholds"][threshold]
             return f"site:{site}:{threshold.removeprefix('val-')}", float(chosen)
-        return threshold, float(run_thresholds(run_dir, log)[threshold])
+        return threshold, float(run_thresholds(run_dir, log, tta)[threshold])
     try:
         value = float(threshold)
     except ValueError:
@@ -98,7 +102,13 @@ def list_images(inputs: list[Path]) -> list[Path]:
 class Predictor:
     """A loaded run: preprocessing + model + thresholds, for the CLI and the web app."""
 
-    def __init__(self, run_dir: Path, device: str = "cpu", site: str | None = None):
+    def __init__(self, run_dir: Path, device: str = "cpu", site: str | None = None, tta: int = 1):
+        from melanogan.classify.tta import check_tta
+
+        self.tta = check_tta(tta)
+        if site and tta > 1:
+            raise MelanoganError(f"--site {site} with --tta {tta}: the site's temperature and thresholds were chosen "
+                                 "on scores without TTA; use --tta 1 with --site.")
         self.run_dir = Path(run_dir)
         self.model, self.cfg, _ = load_model(self.run_dir / "best", device)
         # A calibrated site's probabilities are sigmoid(logit / T), T fitted on its sample.
@@ -119,19 +129,23 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor) -> np.ndarray:
-        return self.model(batch.to(self.device)).float().cpu().numpy()
+        from melanogan.classify.tta import tta_logits
+
+        self.model.eval()
+        return tta_logits(self.model, batch.to(self.device), self.tta).float().cpu().numpy()
 
     def probability(self, logit) -> np.ndarray:
         return M.sigmoid(np.asarray(logit) / self.temperature)
 
 
 def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshold: str = "val-youden",
-            batch_size: int = 32, on_progress=None, log=None, site: str | None = None) -> pd.DataFrame:
+            batch_size: int = 32, on_progress=None, log=None, site: str | None = None, tta: int = 1) -> pd.DataFrame:
     """Probability and decision for every image; unreadable files get an `error` instead of a score.
     `log` is told when the stored thresholds belonged to another checkpoint and were chosen again.
-    `site`: a site calibrated with `melanogan calibrate` (its temperature and thresholds)."""
-    predictor = Predictor(run_dir, site=site)
-    name, t = resolve_threshold(run_dir, threshold, log, site)
+    `site`: a site calibrated with `melanogan calibrate` (its temperature and thresholds). `tta`:
+    logits averaged over flips/rotations, thresholds chosen on validation scored the same way."""
+    predictor = Predictor(run_dir, site=site, tta=tta)
+    name, t = resolve_threshold(run_dir, threshold, log, site, tta)
     files = list_images(inputs)
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []

@@ -190,8 +190,10 @@ def loss_fn(cfg: TrainConfig, labels: np.ndarray):
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset, batch_size: int = 64, device: torch.device | None = None,
-                   autocast: bool = False, workers: int = 0) -> np.ndarray:
-    """Logits for every item of `dataset`, in order."""
+                   autocast: bool = False, workers: int = 0, tta: int = 1) -> np.ndarray:
+    """Logits for every item of `dataset`, in order; `tta` > 1 averages them over flips/rotations."""
+    from melanogan.classify.tta import tta_logits
+
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -202,7 +204,7 @@ def predict_logits(model: nn.Module, dataset, batch_size: int = 64, device: torc
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out.append(model(x).float().cpu())
+            out.append(tta_logits(model, x, tta).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 

@@ -184,5 +184,5 @@ def test_evaluate_and_predict_with_tta_average_flipped_logits_and_choose_thresho
     plain, flipped = predict(trained, [image], None), predict(trained, [image], None, tta=2)
     assert flipped["threshold"].iat[0] == pytest.approx(youden, abs=1e-4)
     assert flipped["logit"].iat[0] != plain["logit"].iat[0]
-    with pytest.raises(MelanoganError, match="--site .* --tta 2"):
+    with pytest.raises(MelanoganError, match=r"--site .* --tta 2"):
         predict(trained, [image], None, site="anywhere", tta=2)

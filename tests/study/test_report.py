@@ -34,3 +34,24 @@ def test_source_table_lists_every_arm_per_source_and_is_empty_for_one_source():
     assert "| baseline | 0.600 [0.500, 0.700] | 0.900 [0.850, 0.950] |" in lines
     assert "| gan | n/a | 0.900 [0.850, 0.950] |" in lines
     assert source_table(cfg, {(0, "baseline"): _run(0.8, [0.7, 0.9])}) == []
+
+
+def test_subgroup_section_per_arm_with_differences_and_small_groups_listed():
+    from melanogan.study.report import subgroup_section
+
+    cfg = SimpleNamespace(arms=["baseline", "gan"], seeds=[0, 1])
+
+    def g(value, auc, n=40, mel=8):
+        return {"variable": "ita_category", "value": value, "n_images": n, "n_melanoma": mel, "roc_auc": auc}
+
+    metrics = {(0, "baseline"): {"by_subgroup": [g("light", 0.80), g("brown", 0.70), g("dark", None, 3, 1)]},
+               (1, "baseline"): {"by_subgroup": [g("light", 0.82), g("brown", 0.72), g("dark", None, 3, 1)]},
+               (0, "gan"): {"by_subgroup": [g("light", 0.86), g("brown", 0.64), g("dark", None, 3, 1)]},
+               (1, "gan"): {"by_subgroup": [g("light", 0.86), g("brown", 0.66), g("dark", None, 3, 1)]}}
+    lines = subgroup_section(cfg, metrics)
+    assert "| subgroup | images | melanoma | baseline | gan |" in lines
+    assert "| ita_category: light | 40 | 8 | 0.810 | 0.860 (+0.050) |" in lines
+    assert "| ita_category: brown | 40 | 8 | 0.710 | 0.650 (-0.060) |" in lines
+    assert "| ita_category: dark | 3 | 1 | too few | too few |" in lines
+    assert any("in another of the same variable: gan (ita_category)." in line for line in lines)
+    assert subgroup_section(cfg, {(0, "baseline"): {}}) == []

@@ -78,6 +78,52 @@ def source_table(cfg, metrics: dict) -> list[str]:
         _table(["arm"] + [sizes[src] for src in sources], rows) + [""]
 
 
+def subgroup_section(cfg, metrics: dict) -> list[str]:
+    """Markdown lines: every arm's test ROC-AUC (mean over seeds) in each subgroup that `evaluate`
+    reports (source, sex, age band, site, skin-tone band), its difference from the baseline, and the
+    subgroups too small for an AUC listed as such. Descriptive: no test per subgroup (dozens of
+    comparisons on small groups would mostly find noise), which the text says."""
+    keys: dict[tuple[str, str], dict] = {}
+    for m in metrics.values():
+        for g in m.get("by_subgroup", []):
+            keys.setdefault((g["variable"], g["value"]), g)
+    if not keys:
+        return []
+    arms = [arm for arm, _ in _by_arm(cfg, metrics)]
+
+    def auc(arm: str, key) -> float:
+        values = [_nan(g["roc_auc"]) for s in cfg.seeds if (s, arm) in metrics
+                  for g in metrics[(s, arm)].get("by_subgroup", []) if (g["variable"], g["value"]) == key]
+        return _nanmean(values)
+
+    rows, mixed = [], {}
+    for key, g in sorted(keys.items()):
+        base = auc("baseline", key)
+        cells = []
+        for arm in arms:
+            value = auc(arm, key)
+            if math.isnan(value):
+                cells.append("too few")
+                continue
+            delta = value - base
+            cells.append(_fmt(value) + ("" if arm == "baseline" or math.isnan(base) else f" ({delta:+.3f})"))
+            if arm != "baseline" and not math.isnan(base) and abs(delta) >= 0.02:
+                mixed.setdefault((arm, key[0]), set()).add(delta > 0)
+        rows.append([f"{key[0]}: {key[1]}", str(g["n_images"]), str(g["n_melanoma"])] + cells)
+    lines = ["## Who does each arm fail? (subgroups of the test split)", "",
+             "ROC-AUC per subgroup, mean over seeds, difference from the baseline in brackets; subgroups with too "
+             "few melanomas or benign images for an AUC are listed, not dropped. Descriptive only: subgroups are "
+             "small and many, so differences here are not tested and most are within noise (see each run's "
+             "subgroups.csv for the bootstrap CIs). Skin tone is the ITA band of the skin around the lesion.", ""]
+    lines += _table(["subgroup", "images", "melanoma"] + arms, rows) + [""]
+    both = sorted(f"{arm} ({variable})" for (arm, variable), signs in mixed.items() if signs == {True, False})
+    lines += [("Arms that gain at least 0.02 AUC in one subgroup and lose at least 0.02 in another of the same "
+               "variable: " + ", ".join(both) + ".") if both else
+              "No arm gains at least 0.02 AUC in one subgroup while losing at least 0.02 in another of the same "
+              "variable.", ""]
+    return lines
+
+
 LEAKY_BANNER = ("**Leaky by design**: images split without regard to patient or lesion (the audit below fails), the "
                 "GAN trained on every melanoma including validation and test ones, the original CNN at 224 px, "
                 "decisions at a fixed 0.5, one seed. These numbers do not estimate performance on new patients; "
@@ -172,7 +218,7 @@ def leakage_audit(study_dir: Path, cfg) -> list[tuple[str, bool, str]]:
             m = load_manifest(syn)
             checks.append((f"seed {seed}: synthetic rows only in train", bool((m["split"] == "train").all()),
                            f"{len(m)} rows, splits {sorted(m['split'].unique())}"))
-            combined = pd.concat([real, m[real.columns]], ignore_index=True)
+            combined = pd.concat([real, m.reindex(columns=real.columns)], ignore_index=True)
             failed = [n for n, ok, _ in audit_manifest(combined).checks if not ok]
             checks.append((f"seed {seed}: real + synthetic manifest passes the audit", not failed,
                            "; ".join(failed) or "all checks pass"))
@@ -304,6 +350,7 @@ def write_report(study_dir: Path, cfg) -> Path:
     lines += _table(["arm", "ROC-AUC", "PR-AUC", "sensitivity (val threshold)", "specificity (val threshold)"],
                     rows) + [""]
     lines += source_table(cfg, metrics)
+    lines += subgroup_section(cfg, metrics)
 
     comps = compare_with_baseline(cfg.arms, cfg.seeds, preds, n_bootstrap=cfg.bootstrap)
     lines += ["## Versus baseline", "",

@@ -364,6 +364,9 @@ def predict(
     tta: Annotated[int, typer.Option(
         help="Test-time augmentation: logits averaged over 1 (off), 2, 4 or 8 flips/90-degree rotations; the "
              "validation thresholds are chosen on scores made the same way.")] = 1,
+    metadata_csv: Annotated[Path | None, typer.Option(
+        help="For a run trained with --metadata: CSV with an `image` column (file name) and age, sex, site; images "
+             "not listed are scored with metadata 'missing'.")] = None,
 ) -> None:
     """Melanoma probability and decision for images, with the training preprocessing. Unreadable files
     are listed in the CSV with their error; they never stop the run."""
@@ -372,7 +375,8 @@ def predict(
     with _progress() as progress:
         table = run_predict(run_dir, inputs, out, threshold, batch_size,
                             on_progress=_progress_callback(progress, "predicting"),
-                            log=lambda m: err_console.print(f"note: {m}"), site=site, tta=tta)
+                            log=lambda m: err_console.print(f"note: {m}"), site=site, tta=tta,
+                            metadata_csv=metadata_csv)
     bad = table[table["error"] != ""]
     console.print(f"{len(table) - len(bad)} image(s) scored, {int((table['decision'] == 'melanoma').sum())} above the "
                   f"{table['threshold_name'].iat[0]} threshold {table['threshold'].iat[0]:.3f}; {out}")
@@ -501,6 +505,9 @@ def train(
         help="Augment whole uint8 batches in the training process (default; none/classic) or each image in "
              "the DataLoader (the torchvision presets).")] = True,
     precision: Annotated[str, typer.Option(help="bf16-mixed or 32.")] = "bf16-mixed",
+    metadata: Annotated[str, typer.Option(
+        help="Patient metadata joined to the image features: any of age,sex,site (from the manifest; missing "
+             "values get their own code). Off by default; predict/serve then take it or use 'missing'.")] = "",
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices; more than one trains with DDP.")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN_DIR/last.")] = False,
@@ -517,7 +524,7 @@ def train(
                           batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, augment=augment,
                           diagnosis_weight=diagnosis_weight,
                           synthetic=[str(s) for s in synthetic or []], patience=patience, seed=seed, workers=workers,
-                          precision=precision, batch_augment=batch_augment)
+                          precision=precision, batch_augment=batch_augment, metadata=metadata)
     except ValueError as exc:
         raise MelanoganError(f"invalid training options: {exc}") from exc
     summary = train_classifier(data_dir, out, cfg, resume=resume, accelerator=accelerator, devices=devices)

@@ -24,6 +24,7 @@ from melanogan.data.cache import Cache, CacheOptions
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, hamming_pairs
 from melanogan.data.manifest import cache_for, load_manifest, manifest_hash
+from melanogan.data.metadata import encode_metadata
 from melanogan.data.sources import global_isic_id
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
@@ -98,7 +99,9 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
     if manifest.empty:
         raise MelanoganError(f"{data_dir}: no labeled real images in split {'/'.join(splits)}.")
     ds = CachedImageDataset(data_dir, "all", transform=eval_preset(cfg.image_size), manifest=manifest, cache=cache)
-    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False, tta=tta)
+    metadata = encode_metadata(ds.rows, cfg.metadata) if cfg.metadata else None
+    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False, tta=tta,
+                            metadata=metadata)
     rows = ds.rows
     return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "source": rows["source"].astype(str),
                          "label": rows["label"].astype(int),
@@ -339,7 +342,7 @@ def probe_summary(before_logits, after_logits, alpha: float = 0.05) -> dict:
 
 
 def shortcut_probe(model, image_size: int, data_dir: Path, resolution: int, cache: Cache | None = None,
-                   split: str = "val") -> dict:
+                   split: str = "val", metadata_fields: list[str] | tuple = ()) -> dict:
     """`probe_summary` of `model` on the real non-melanomas of `split`, as they are and after the
     generator's resolution path (`GeneratorResolution`): does resampling alone make them melanomas?"""
     from torchvision.transforms import v2
@@ -350,6 +353,7 @@ def shortcut_probe(model, image_size: int, data_dir: Path, resolution: int, cach
     resampled = CachedImageDataset(data_dir, split, labels=[0], cache=cache,
                                    transform=v2.Compose([GeneratorResolution(resolution), eval_preset(image_size)]))
     device = torch.device("cpu")
-    return {**probe_summary(predict_logits(model, plain, device=device), predict_logits(model, resampled,
-                                                                                        device=device)),
+    metadata = encode_metadata(plain.rows, list(metadata_fields)) if metadata_fields else None
+    return {**probe_summary(predict_logits(model, plain, device=device, metadata=metadata),
+                            predict_logits(model, resampled, device=device, metadata=metadata)),
             "resolution": resolution, "split": split}

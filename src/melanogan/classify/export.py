@@ -25,6 +25,17 @@ def _check(reference: np.ndarray, exported: np.ndarray, atol: float) -> float:
     return diff
 
 
+class _WithMetadata(torch.nn.Module):
+    """The classifier with metadata as a positional input (exporters trace positional inputs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return self.model(x, metadata)
+
+
 def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float = 1e-4, site: str | None = None) -> dict:
     """Export RUN_DIR/best to `fmt`; verify on a random batch of 3; write OUT and OUT.json (with a
     calibrated `site`'s temperature and thresholds instead of the validation ones)."""
@@ -37,8 +48,17 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     check = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    inputs, check_inputs, names = (example,), (check,), ["image"]
+    if cfg.metadata:  # a second input: the encoded metadata (layout and the "missing" code in the sidecar)
+        from melanogan.data.metadata import metadata_dim
+
+        model = _WithMetadata(model)
+        dim = metadata_dim(cfg.metadata)
+        inputs = (example, torch.rand(2, dim))
+        check_inputs = (check, torch.rand(3, dim, generator=torch.Generator().manual_seed(1)))
+        names = ["image", "metadata"]
     with torch.no_grad():
-        reference = model(check).numpy()
+        reference = model(*check_inputs).numpy()
     with atomic_path(out, suffix=FORMATS[fmt]) as tmp:
         if fmt == "onnx":
             try:
@@ -46,16 +66,18 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
             except ImportError as exc:
                 raise MelanoganError("ONNX export needs the optional packages: pip install 'melanogan[export]' "
                                      "(onnx, onnxscript, onnxruntime).") from exc
-            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logit"],
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False)
+            batch = torch.export.Dim("batch")
+            shapes = {"x": {0: batch}} if not cfg.metadata else {"x": {0: batch}, "metadata": {0: batch}}
+            torch.onnx.export(model, inputs, str(tmp), input_names=names, output_names=["logit"],
+                              dynamic_shapes=shapes, dynamo=True, verbose=False)
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            exported = session.run(None, {"image": check.numpy()})[0]
+            exported = session.run(None, {n: t.numpy() for n, t in zip(names, check_inputs, strict=True)})[0]
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated but still the portable format
-                traced = torch.jit.trace(model, example)
+                traced = torch.jit.trace(model, inputs)
                 traced.save(str(tmp))
-                exported = torch.jit.load(str(tmp))(check).detach().numpy()
+                exported = torch.jit.load(str(tmp))(*check_inputs).detach().numpy()
         max_diff = _check(reference, exported, atol)
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     temperature = 1.0
@@ -80,5 +102,12 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
                               "scale": "x / 255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
             "thresholds": thresholds,
             "model": cfg.model, "best_epoch": state.get("epoch"), "max_abs_difference_vs_pytorch": max_diff}
+    if cfg.metadata:
+        from melanogan.data.metadata import METADATA_LAYOUT, metadata_dim, missing_vector
+
+        meta["metadata_input"] = {"name": "metadata", "shape": ["batch", metadata_dim(cfg.metadata)],
+                                  "dtype": "float32", "fields": cfg.metadata,
+                                  "layout": {f: METADATA_LAYOUT[f] for f in cfg.metadata},
+                                  "all_missing": missing_vector(cfg.metadata).tolist()}
     write_json(out.with_suffix(out.suffix + ".json"), meta)
     return meta

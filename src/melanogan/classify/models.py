@@ -24,26 +24,45 @@ from melanogan.errors import MelanoganError
 class Classifier(nn.Module):
     """backbone (image -> features) + dropout + linear head (features -> one melanoma logit), and
     optionally a diagnosis head (features -> one logit per diagnosis): an auxiliary training target
-    that inference never uses."""
+    that inference never uses; and optionally patient metadata (data/metadata.py), embedded and
+    joined to the image features before the melanoma head."""
+
+    METADATA_EMBEDDING = 16
 
     def __init__(self, backbone: nn.Module, feature_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.dropout = dropout
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, 1))
         self.diagnosis_head: nn.Linear | None = None
+        self.metadata_net: nn.Sequential | None = None
 
     def add_diagnosis_head(self, n_classes: int) -> None:
         self.diagnosis_head = nn.Linear(self.feature_dim, n_classes)
 
+    def add_metadata(self, missing: torch.Tensor) -> None:
+        """Take a metadata vector of len(missing) beside the image; `missing` is the all-missing code,
+        used when a call gives no metadata (a buffer, rebuilt from the run's fields, not stored)."""
+        width = self.METADATA_EMBEDDING
+        self.metadata_net = nn.Sequential(nn.Linear(len(missing), width), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.feature_dim + width, 1))
+        self.register_buffer("missing_metadata", missing.float().clone(), persistent=False)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor, with_diagnosis: bool = False):
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None, with_diagnosis: bool = False):
         """Melanoma logits (N,); with `with_diagnosis`, also the diagnosis logits (N, K). A keyword
-        of forward (not another method) so that DDP's wrapper sees the call and syncs gradients."""
+        of forward (not another method) so that DDP's wrapper sees the call and syncs gradients.
+        `metadata` (N, D) for a model trained with it; None means "missing" for every image."""
         features = self.backbone(x)
-        logits = self.head(features).squeeze(1)
+        joined = features
+        if self.metadata_net is not None:
+            if metadata is None or metadata.shape[-1] == 0:
+                metadata = self.missing_metadata.expand(len(x), -1)
+            joined = torch.cat([features, self.metadata_net(metadata.to(features.dtype))], dim=1)
+        logits = self.head(joined).squeeze(1)
         if not with_diagnosis:
             return logits
         if self.diagnosis_head is None:
@@ -209,9 +228,10 @@ def list_classifiers() -> list[str]:
 
 
 def create_classifier(name: str, image_size: int = 128, weights: str | Path | None = None,
-                      diagnosis_classes: int = 0) -> Classifier:
+                      diagnosis_classes: int = 0, metadata: list[str] | tuple = ()) -> Classifier:
     """Build a registered classifier; `weights` None, 'imagenet', or a local file path;
-    `diagnosis_classes` > 0 adds an auxiliary diagnosis head (freshly initialised)."""
+    `diagnosis_classes` > 0 adds an auxiliary diagnosis head (freshly initialised); `metadata`
+    fields (age, sex, site) add the metadata input."""
     if name not in _BUILDERS:
         raise MelanoganError(f"unknown model {name!r}; registered: {', '.join(_BUILDERS)}.")
     model = _BUILDERS[name](image_size)
@@ -219,6 +239,10 @@ def create_classifier(name: str, image_size: int = 128, weights: str | Path | No
         _load_weights(model, name, weights)
     if diagnosis_classes:
         model.add_diagnosis_head(diagnosis_classes)
+    if metadata:
+        from melanogan.data.metadata import missing_vector
+
+        model.add_metadata(torch.from_numpy(missing_vector(list(metadata))))
     return model
 
 

@@ -19,6 +19,7 @@ from melanogan.classify import metrics as M
 from melanogan.classify.train import load_model
 from melanogan.data.images import ImageRejected, decode_file
 from melanogan.data.manifest import cache_for
+from melanogan.data.metadata import encode_metadata, read_metadata_csv
 from melanogan.data.sources import IMAGE_EXTENSIONS
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
@@ -128,23 +129,36 @@ class Predictor:
         return pixels, self.transform(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
 
     @torch.no_grad()
-    def logits(self, batch: torch.Tensor) -> np.ndarray:
+    def logits(self, batch: torch.Tensor, metadata: pd.DataFrame | None = None) -> np.ndarray:
+        """Melanoma logits of preprocessed images; `metadata` (rows aligned with `batch`, columns age,
+        sex, anatom_site, any missing) for a model trained with metadata, else every field "missing"."""
         from melanogan.classify.tta import tta_logits
 
         self.model.eval()
-        return tta_logits(self.model, batch.to(self.device), self.tta).float().cpu().numpy()
+        meta = None
+        if self.cfg.metadata and metadata is not None:
+            meta = torch.from_numpy(encode_metadata(metadata, self.cfg.metadata)).to(self.device)
+        scorer = self.model if meta is None else (lambda v: self.model(v, meta))
+        return tta_logits(scorer, batch.to(self.device), self.tta).float().cpu().numpy()
 
     def probability(self, logit) -> np.ndarray:
         return M.sigmoid(np.asarray(logit) / self.temperature)
 
 
 def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshold: str = "val-youden",
-            batch_size: int = 32, on_progress=None, log=None, site: str | None = None, tta: int = 1) -> pd.DataFrame:
+            batch_size: int = 32, on_progress=None, log=None, site: str | None = None, tta: int = 1,
+            metadata_csv: Path | None = None) -> pd.DataFrame:
     """Probability and decision for every image; unreadable files get an `error` instead of a score.
     `log` is told when the stored thresholds belonged to another checkpoint and were chosen again.
     `site`: a site calibrated with `melanogan calibrate` (its temperature and thresholds). `tta`:
-    logits averaged over flips/rotations, thresholds chosen on validation scored the same way."""
+    logits averaged over flips/rotations, thresholds chosen on validation scored the same way.
+    `metadata_csv`: age/sex/site per image for a run trained with --metadata (data/metadata.py);
+    images it does not list, or no CSV, are scored with metadata "missing" (column `metadata`)."""
     predictor = Predictor(run_dir, site=site, tta=tta)
+    uses_metadata = bool(predictor.cfg.metadata)
+    table_meta = read_metadata_csv(metadata_csv) if metadata_csv is not None else None
+    if table_meta is not None and not uses_metadata:
+        raise MelanoganError(f"{run_dir} was trained without metadata; drop --metadata-csv (or train with --metadata).")
     name, t = resolve_threshold(run_dir, threshold, log, site, tta)
     files = list_images(inputs)
     rows: list[dict] = []
@@ -153,7 +167,14 @@ def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshol
     def flush() -> None:
         if not pending:
             return
-        logits = predictor.logits(torch.stack([x for _, x in pending]))
+        meta = None
+        if uses_metadata:
+            names = [Path(rows[i]["path"]).name for i, _ in pending]
+            known = table_meta.reindex(names) if table_meta is not None else pd.DataFrame(index=names)
+            meta = known.reindex(columns=["age", "sex", "anatom_site"])
+            for (i, _), (_, r) in zip(pending, meta.iterrows(), strict=True):
+                rows[i]["metadata"] = "given" if r.notna().any() else "missing"
+        logits = predictor.logits(torch.stack([x for _, x in pending]), meta)
         for (i, _), z in zip(pending, logits, strict=True):
             p = float(predictor.probability(z))
             rows[i].update(logit=float(z), probability=p, decision="melanoma" if p >= t else "not melanoma")
@@ -161,7 +182,7 @@ def predict(run_dir: Path, inputs: list[Path], out: Path | None = None, threshol
 
     for k, path in enumerate(files):
         rows.append({"path": str(path), "probability": np.nan, "logit": np.nan, "decision": "", "threshold": t,
-                     "threshold_name": name, "error": ""})
+                     "threshold_name": name, "error": "", **({"metadata": ""} if uses_metadata else {})})
         try:
             _, x = predictor.preprocess_file(path)
             pending.append((k, x))

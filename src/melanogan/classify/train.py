@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
@@ -33,6 +33,7 @@ from melanogan.classify.models import Classifier, create_classifier
 from melanogan.data.batch_augment import BatchAugment
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.manifest import default_cache, load_manifest, manifest_hash
+from melanogan.data.metadata import encode_metadata, missingness_warning
 from melanogan.data.synthetic import check_synthetic_space
 from melanogan.data.transforms import GeneratorResolution, eval_preset, train_preset
 from melanogan.errors import MelanoganError
@@ -82,6 +83,19 @@ class TrainConfig(BaseModel):
     # model-only throughput on 2 cores), 1 with per-image transforms.
     workers: int | None = Field(None, ge=0)
     precision: str = "bf16-mixed"
+    # Patient metadata joined to the image features (data/metadata.py): any of age, sex, site.
+    # Off by default: measured on ../shared/data in the README before anyone relies on it.
+    metadata: list[str] = Field(default_factory=list)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, v):
+        from melanogan.data.metadata import parse_fields
+
+        try:
+            return parse_fields(v)
+        except MelanoganError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def check_synthetic_manifest(syn_dir: Path) -> pd.DataFrame:
@@ -115,19 +129,21 @@ def diagnosis_classes(train_rows: pd.DataFrame) -> list[str]:
 
 
 class WithDiagnosis(Dataset):
-    """(image, melanoma label, diagnosis index or IGNORE) over a cached dataset."""
+    """(image, melanoma label, diagnosis index or IGNORE, metadata vector) over a cached dataset; the
+    metadata vector is empty for a run without metadata."""
 
-    def __init__(self, dataset: CachedImageDataset, classes: list[str]) -> None:
+    def __init__(self, dataset: CachedImageDataset, classes: list[str], metadata: list[str] | None = None) -> None:
         index = {c: i for i, c in enumerate(classes)}
         self.dataset = dataset
         self.codes = _diagnosis_keys(dataset.rows).map(index).fillna(IGNORE).to_numpy(np.int64)
+        self.metadata = torch.from_numpy(encode_metadata(dataset.rows, metadata or []))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         x, y = self.dataset[i]
-        return x, y, int(self.codes[i])
+        return x, y, int(self.codes[i]), self.metadata[i]
 
 
 def diagnosis_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -158,7 +174,7 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     if val.labels.sum() == 0 or val.labels.sum() == len(val.labels):
         raise MelanoganError(f"{data_dir}: the validation split needs both classes to choose the best epoch "
                              "and thresholds; re-run `melanogan prepare` with a larger --val fraction.")
-    return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes) for p in parts]), val, labels
+    return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata) for p in parts]), val, labels
 
 
 def uses_batch_augment(cfg: TrainConfig) -> bool:
@@ -190,8 +206,10 @@ def loss_fn(cfg: TrainConfig, labels: np.ndarray):
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset, batch_size: int = 64, device: torch.device | None = None,
-                   autocast: bool = False, workers: int = 0, tta: int = 1) -> np.ndarray:
-    """Logits for every item of `dataset`, in order; `tta` > 1 averages them over flips/rotations."""
+                   autocast: bool = False, workers: int = 0, tta: int = 1,
+                   metadata: np.ndarray | None = None) -> np.ndarray:
+    """Logits for every item of `dataset`, in order; `tta` > 1 averages them over flips/rotations.
+    `metadata`: (N, D) rows aligned with `dataset`, for a model trained with metadata."""
     from melanogan.classify.tta import tta_logits
 
     device = device or next(model.parameters()).device
@@ -199,12 +217,16 @@ def predict_logits(model: nn.Module, dataset, batch_size: int = 64, device: torc
     model.eval()
     out = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    start = 0
     for x, _ in loader:
         x = x.to(device)
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
+        meta = None if metadata is None else torch.as_tensor(metadata[start:start + len(x)]).to(device)
+        start += len(x)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out.append(tta_logits(model, x, tta).float().cpu())
+            scorer = model if meta is None else (lambda v, m=meta: model(v, m))
+            out.append(tta_logits(scorer, x, tta).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
@@ -226,7 +248,8 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Classifi
                              "Train one with `melanogan train`.")
     state = read_json(path / "state.json")
     cfg = TrainConfig(**state["config"])
-    model = create_classifier(cfg.model, cfg.image_size, diagnosis_classes=len(cfg.diagnosis_classes))
+    model = create_classifier(cfg.model, cfg.image_size, diagnosis_classes=len(cfg.diagnosis_classes),
+                              metadata=cfg.metadata)
     try:
         weights = load_file(path / "model.safetensors")
     except Exception as exc:
@@ -302,6 +325,12 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
     train_set, _, _ = build_datasets(data_dir, cfg)  # fail early with a clear message
     cfg, notes = resolve_diagnosis_head(cfg, train_set.datasets[0].dataset.rows, data_dir)  # real training rows
+    if cfg.metadata:
+        rows = pd.concat([p.dataset.rows for p in train_set.datasets], ignore_index=True)
+        warning = missingness_warning(rows, np.concatenate([p.dataset.labels for p in train_set.datasets]),
+                                      cfg.metadata)
+        if warning:
+            notes.append(warning)
     fabric = Fabric(accelerator=accelerator, devices=devices, precision=fabric_prec, strategy=ddp_strategy(devices))
     summary = fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
     return {**summary, "notes": notes}
@@ -334,7 +363,9 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     rank = fabric.global_rank
     torch.manual_seed(cfg.seed)
     train_set, val_set, labels = build_datasets(data_dir, cfg)
-    model = create_classifier(cfg.model, cfg.image_size, cfg.weights, diagnosis_classes=len(cfg.diagnosis_classes))
+    model = create_classifier(cfg.model, cfg.image_size, cfg.weights, diagnosis_classes=len(cfg.diagnosis_classes),
+                              metadata=cfg.metadata)
+    val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
     device = fabric.device
     channels_last = device.type == "cpu"
     if channels_last:
@@ -393,7 +424,8 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
             aug_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + rank + 1)
             model.train()
             losses, seen, t0 = [], 0, time.perf_counter()
-            for x, y, diagnosis in loader:
+            for x, y, diagnosis, meta in loader:
+                meta = meta if cfg.metadata else None
                 if batch_aug is not None:
                     x = batch_aug(x, aug_gen)
                 if channels_last:
@@ -402,11 +434,11 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
                     group["lr"] = _lr_at(_progress(state["step"], total_steps,
                                                               time.perf_counter() - t_start, budget), cfg)
                 if cfg.diagnosis_weight:
-                    logits, diagnosis_logits = model(x, with_diagnosis=True)
+                    logits, diagnosis_logits = model(x, meta, with_diagnosis=True)
                     loss = compute_loss(logits, y) + cfg.diagnosis_weight * diagnosis_loss(diagnosis_logits,
                                                                                            diagnosis)
                 else:
-                    loss = compute_loss(model(x), y)
+                    loss = compute_loss(model(x, meta), y)
                 if not torch.isfinite(loss):
                     raise MelanoganError(f"classifier loss became {float(loss)} at epoch {epoch + 1}; the best "
                                          f"checkpoint in {run_dir / 'best'} is kept. Lower --lr or use --precision 32.")
@@ -423,7 +455,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
                     stopped_by = "time budget"
                     break
             train_seconds = time.perf_counter() - t0
-            val_logits = predict_logits(raw, val_set, device=device, autocast=bf16)
+            val_logits = predict_logits(raw, val_set, device=device, autocast=bf16, metadata=val_metadata)
             val_y = val_set.labels
             val_loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(val_logits),
                                                                 torch.as_tensor(val_y, dtype=torch.float32)))

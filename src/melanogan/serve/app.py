@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
+import pandas as pd
 import torch
 from fastapi import FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -33,6 +34,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from melanogan import __version__
 from melanogan.classify.predict import Predictor, gradcam, overlay, resolve_threshold
 from melanogan.data.images import ImageRejected, decode_image
+from melanogan.data.metadata import SITE_GROUPS
 from melanogan.errors import MelanoganError
 from melanogan.fileio import read_json
 from melanogan.serve.pools import ImagePool, LruCache, png_bytes
@@ -190,6 +192,8 @@ def clean_reviewer(name: str | None) -> str:
 class ReviewApp:
     """State shared by the routes: the model, the image pools and the database."""
 
+    site_groups = SITE_GROUPS  # the predict form's choices for a model trained with metadata
+
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.admin_token = cfg.admin_token or secrets.token_urlsafe(18)
@@ -236,17 +240,20 @@ class ReviewApp:
         self._review_scores: LruCache[tuple[float, bytes]] = LruCache(256)
 
     # model -----------------------------------------------------------------------------------
-    def score(self, pixels, x: torch.Tensor, with_cam: bool = True) -> tuple[float, bytes | None]:
-        """Melanoma probability of one preprocessed image, and its Grad-CAM overlay as PNG."""
+    def score(self, pixels, x: torch.Tensor, with_cam: bool = True,
+              metadata: dict | None = None) -> tuple[float, bytes | None]:
+        """Melanoma probability of one preprocessed image, and its Grad-CAM overlay as PNG. `metadata`
+        (age, sex, anatom_site; any missing) for a model trained with it."""
+        meta = pd.DataFrame([metadata]) if metadata else None
         with self.model_lock:
-            logit = float(self.predictor.logits(x[None])[0])
+            logit = float(self.predictor.logits(x[None], meta)[0])
             cam = gradcam(self.predictor.model, x) if with_cam else None
         return float(self.predictor.probability(logit)), (png_bytes(overlay(pixels, cam)) if cam is not None else None)
 
     def decision(self, probability: float) -> str:
         return "melanoma" if probability >= self.threshold else "not melanoma"
 
-    def predict_upload(self, data: bytes, with_cam: bool = True) -> dict:
+    def predict_upload(self, data: bytes, with_cam: bool = True, metadata: dict | None = None) -> dict:
         if not data:
             raise UserError(400, "The upload is empty: choose a dermoscopic image file.")
         opts = self.predictor.options
@@ -259,8 +266,10 @@ class ReviewApp:
                                     "Upload a JPEG or PNG dermoscopic image.") from exc
         pixels = decoded.pixels
         x = self.predictor.transform(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
-        probability, cam_png = self.score(pixels, x, with_cam)
-        return {"probability": probability, "decision": self.decision(probability), "threshold": self.threshold,
+        metadata = clean_metadata(metadata) if self.predictor.cfg.metadata else {}
+        probability, cam_png = self.score(pixels, x, with_cam, metadata)
+        return {"metadata": metadata or "missing" if self.predictor.cfg.metadata else "not used",
+                "probability": probability, "decision": self.decision(probability), "threshold": self.threshold,
                 "threshold_name": self.threshold_name, "width": decoded.width, "height": decoded.height,
                 "pixels": pixels, "gradcam_png": cam_png}
 
@@ -391,9 +400,32 @@ def _data_uri(png: bytes | None) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode() if png else ""
 
 
-async def read_upload(request: Request, max_bytes: int) -> bytes:
+def clean_metadata(fields: dict | None) -> dict:
+    """Optional age/sex/site form fields as the manifest's columns; blank ones are left out (missing),
+    an unreadable age is refused with a message rather than silently taken as missing."""
+    out: dict = {}
+    for key, column in (("age", "age"), ("sex", "sex"), ("site", "anatom_site")):
+        value = str((fields or {}).get(key, "") or "").strip()
+        if not value:
+            continue
+        if key == "age":
+            try:
+                age = float(value)
+            except ValueError:
+                raise UserError(422, f"Age {value[:20]!r} is not a number of years; leave it empty if "
+                                     "unknown.") from None
+            if not 0 <= age <= 120:
+                raise UserError(422, f"Age {age:g} is outside 0-120; leave it empty if unknown.")
+            out[column] = age
+        else:
+            out[column] = value[:40]
+    return out
+
+
+async def read_upload(request: Request, max_bytes: int, fields: dict | None = None) -> bytes:
     """The `file` part of a multipart upload, held in memory: Starlette's parser would spool parts over
-    1 MB to a temporary file on disk; BodyLimit has already capped the whole body at `max_bytes`."""
+    1 MB to a temporary file on disk; BodyLimit has already capped the whole body at `max_bytes`.
+    `fields`: filled with the form's text fields (e.g. the optional age, sex, site)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UserError(415, "Send the image as multipart/form-data with a field named `file`.")
     parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=16)
@@ -403,6 +435,8 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     except MultiPartException as exc:
         raise UserError(400, f"Not a valid upload ({exc}).") from exc
     try:
+        if fields is not None:
+            fields.update({k: v for k, v in form.items() if isinstance(v, str)})
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise UserError(422, "No image in the upload: send it in a form field named `file`.")
@@ -413,7 +447,10 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
 
 _UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary", "description": "a dermoscopic image"}}}}}}}
+    "properties": {"file": {"type": "string", "format": "binary", "description": "a dermoscopic image"},
+                   "age": {"type": "number", "description": "optional, for a model trained with --metadata"},
+                   "sex": {"type": "string", "description": "optional: male or female"},
+                   "site": {"type": "string", "description": "optional anatomical site, e.g. back, face"}}}}}}}
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
@@ -453,7 +490,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.post("/predict", response_class=HTMLResponse, openapi_extra=_UPLOAD_SCHEMA)
     async def predict_page(request: Request):
-        result = await run_in_threadpool(state.predict_upload, await read_upload(request, max_bytes))
+        fields: dict = {}
+        data = await read_upload(request, max_bytes, fields)
+        result = await run_in_threadpool(state.predict_upload, data, True, fields)
         return page(request, "predict.html", max_mb=cfg.max_upload_mb,
                     result={**result, "image": _data_uri(png_bytes(result["pixels"])),
                             "gradcam": _data_uri(result["gradcam_png"])})
@@ -461,8 +500,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.post("/api/predict", openapi_extra=_UPLOAD_SCHEMA)
     async def predict_api(request: Request, gradcam: bool = Query(False)):
         """Probability, decision and threshold as JSON (`gradcam=true` adds the overlay as base64 PNG)."""
-        result = await run_in_threadpool(state.predict_upload, await read_upload(request, max_bytes), gradcam)
-        body = {k: result[k] for k in ("probability", "decision", "threshold", "threshold_name", "width", "height")}
+        fields: dict = {}
+        data = await read_upload(request, max_bytes, fields)
+        result = await run_in_threadpool(state.predict_upload, data, gradcam, fields)
+        body = {k: result[k] for k in ("probability", "decision", "threshold", "threshold_name", "width", "height",
+                                       "metadata")}
         if gradcam:
             body["gradcam_png_base64"] = base64.b64encode(result["gradcam_png"]).decode()
         return body

@@ -323,7 +323,7 @@ def _arm_stage(cfg: StudyConfig, data: Path, run_dir: Path, arm: str, seed: int,
     if uses_synthetic:  # does resampling alone make the model call benign validation images melanoma?
         model, model_cfg, _ = load_model(run_dir / "best")
         probe = shortcut_probe(model, model_cfg.image_size, data, cfg.gan_resolution,
-                               cache=cache_for(data, run_cache_options(run_dir)))
+                               cache=cache_for(data, run_cache_options(run_dir)), metadata_fields=model_cfg.metadata)
         write_json(run_dir / "shortcut_probe.json", probe)
         if probe["warning"]:
             _log(f"seed {seed}: WARNING {arm} scores benign validation images higher after the generator's "

@@ -94,6 +94,7 @@ def _targets():
     from melanogan.bench import serve as bench_serve
     from melanogan.bench import travel as bench_travel
     from melanogan.classify.calibrate import calibrate_site
+    from melanogan.classify.card import write_card
     from melanogan.classify.evaluate import evaluate_run
     from melanogan.classify.export import export_model
     from melanogan.classify.predict import explain, predict
@@ -115,7 +116,7 @@ def _targets():
         "demo": [], "train-gan": [load_config, train_gan], "generate": [generate], "evaluate-gan": [evaluate_gan],
         "train": [TrainConfig, train_classifier], "evaluate": [evaluate_run], "predict": [predict],
         "explain": [explain], "export": [export_model], "serve": [ServeConfig], "study": [run_study],
-        "calibrate": [calibrate_site], "import-synthetic": [import_synthetic],
+        "calibrate": [calibrate_site], "import-synthetic": [import_synthetic], "card": [write_card],
         "bench preprocess": [bench_preprocess.run], "bench classifier": [bench_classifier.run],
         "bench gan": [bench_gan.run], "bench quality": [bench_quality.run], "bench serve": [bench_serve.run],
         "bench calibrate": [bench_calibrate.run], "bench augment": [bench_augment.run],

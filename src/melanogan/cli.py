@@ -579,6 +579,21 @@ def evaluate(
 
 
 @app.command()
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="A RUN_DIR written by `melanogan train` (evaluate it first).")],
+    out: Annotated[Path | None, typer.Option(help="Output path without suffix (default RUN_DIR/model_card).")] = None,
+) -> None:
+    """Write a model card (markdown + html) from what the run and its evaluations measured: intended use,
+    training data make-up, preprocessing, metrics with CIs (internal and external), subgroups, calibration,
+    failure modes found, synthetic data and its quality, and the reporting items (Model Cards, TRIPOD+AI,
+    CLAIM) it covers."""
+    from melanogan.classify.card import write_card
+
+    md, html = write_card(run_dir, out)
+    console.print(f"model card: {md} and {html}")
+
+
+@app.command()
 def study(
     config: Annotated[Path, typer.Argument(help="Study YAML: data, arms, seeds, classifier, gan, n_synthetic.")],
     out: Annotated[Path, typer.Option("--out", help="STUDY_DIR for every run and report.md/report.html.")],

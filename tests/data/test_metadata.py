@@ -6,8 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from melanogan.data.metadata import (SITE_GROUPS, encode_metadata, metadata_dim, missing_vector, missingness_warning,
-                                     parse_fields, read_metadata_csv, site_group)
+from melanogan.data.metadata import (
+    SITE_GROUPS,
+    encode_metadata,
+    metadata_dim,
+    missing_vector,
+    missingness_warning,
+    parse_fields,
+    read_metadata_csv,
+    site_group,
+)
 from melanogan.errors import MelanoganError
 
 

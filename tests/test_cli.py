@@ -12,7 +12,7 @@ from melanogan.cli import app
 
 runner = CliRunner()
 COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
-            "study", "predict", "explain", "export", "serve", "calibrate", "import-synthetic", "bench preprocess",
+            "study", "predict", "explain", "export", "serve", "calibrate", "import-synthetic", "card", "bench preprocess",
             "bench gan",
             "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment", "bench travel"]
 
@@ -246,3 +246,39 @@ def test_declared_lower_bounds_support_what_the_code_uses():
               "opencv-python-headless": (4, 10), "scikit-learn": (1, 4, 2), "matplotlib": (3, 8, 4)}
     for name, minimum in needed.items():
         assert lower.get(name, ()) >= minimum, f"{name} needs >= {'.'.join(map(str, minimum))}"
+
+
+API_TWINS = {"prepare": "prepare", "audit": "audit", "train-gan": "train_gan", "generate": "generate",
+             "import-synthetic": "import_synthetic", "evaluate-gan": "evaluate_gan", "train": "train",
+             "evaluate": "evaluate", "study": "study", "predict": "predict", "explain": "explain", "export": "export"}
+
+
+def test_every_api_function_takes_its_cli_twins_options_with_the_same_defaults():
+    """The Python API and the CLI are one interface: same parameter names, same defaults (and through
+    the test above, the library's)."""
+    import inspect
+
+    import typer.main
+
+    from melanogan import api
+
+    root = typer.main.get_command(app)
+    mismatches = []
+    for command, function in API_TWINS.items():
+        signature = inspect.signature(getattr(api, function)).parameters
+        for param in root.commands[command].params:
+            if param.name == "help" or ((command, param.name) in CLI_ONLY and param.name != "out"):
+                continue
+            assert param.name in signature, f"melanogan.{function} lacks the CLI's --{param.name}"
+            api_default = signature[param.name].default
+            if param.param_type_name == "argument" or (command, param.name) in CLI_ONLY:
+                continue
+            if api_default is inspect.Parameter.empty:
+                assert param.required, f"melanogan.{function}({param.name}) is required but the CLI has a default"
+                continue
+            if _plain(param.default) != _plain(api_default):
+                mismatches.append(f"{function}({param.name}): CLI {param.default!r} vs API {api_default!r}")
+    assert not mismatches, "\n".join(mismatches)
+    import melanogan
+
+    assert set(API_TWINS.values()) <= set(dir(melanogan)) and melanogan.train is api.train

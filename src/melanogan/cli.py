@@ -11,14 +11,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from melanogan import __version__
@@ -42,27 +34,6 @@ bench_app = typer.Typer(help="Benchmarks: measured performance figures (never pa
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=err_console, transient=False)
-
-
-def _progress_callback(progress: Progress, description: str):
-    state: dict = {}
-
-    def update(done: int, total: int) -> None:
-        if "task" not in state:
-            state["task"] = progress.add_task(description, total=max(total, 1), rate="")
-            state["start"] = (time.perf_counter(), done)
-        t0, d0 = state["start"]
-        elapsed = time.perf_counter() - t0
-        rate = f"{(done - d0) / elapsed:.1f} img/s" if elapsed > 0 and done > d0 else ""
-        progress.update(state["task"], completed=done, total=max(total, 1), rate=rate)
-
-    return update
 
 
 @app.callback(invoke_without_command=True)
@@ -130,17 +101,12 @@ def prepare(
     resized, or the same ISIC id in two sources) and patient/lesion groups are kept in one split.
     Re-running keeps existing split assignments and resumes an interrupted run.
     """
-    from melanogan.data.manifest import prepare as run_prepare
-    from melanogan.data.sources import parse_source
+    from melanogan import api
 
-    sources = [parse_source(s) for s in source]
-    options = CacheOptions(size=size, resize_mode=resize_mode, hair_removal=hair_removal,
-                           color_constancy=color_constancy)
     t0 = time.perf_counter()
-    with _progress() as progress:
-        result = run_prepare(sources, out, options, SplitFractions(train, val, test), seed,
-                             workers, tuple(m for m in melanoma_folders.split(",") if m),
-                             phash_distance, on_progress=_progress_callback(progress, "decoding"))
+    result = api.prepare(source, out, size=size, resize_mode=resize_mode, hair_removal=hair_removal,
+                         color_constancy=color_constancy, train=train, val=val, test=test, seed=seed, workers=workers,
+                         melanoma_folders=melanoma_folders, phash_distance=phash_distance)
     _print_prepare_summary(result, time.perf_counter() - t0)
 
 
@@ -170,8 +136,8 @@ def _print_prepare_summary(result, seconds: float) -> None:
     console.print(f"near-duplicate pairs: {len(nd)} (kept in one split; {result.data_dir / 'near_duplicates.csv'})")
     for note in result.notes:
         console.print(f"note: {note}")
-    console.print(f"cache: {result.cache.root} ({result.cache.options.size}px uint8, "
-                  f"{(result.cache.root / 'pixels.npy').stat().st_size / 1e6:.1f} MB)")
+    console.print(f"cache: {result.cache_dir} ({result.cache_size}px uint8, "
+                  f"{(result.cache_dir / 'pixels.npy').stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command()
@@ -184,28 +150,28 @@ def audit(
     Fails (exit 1) if any patient/lesion group, near-duplicate cluster or identical file is in two
     splits, or if synthetic images are outside train.
     """
-    from melanogan.data.audit import audit as run_audit
+    from melanogan import api
     from melanogan.fileio import write_json
 
-    report = run_audit(data_dir)
+    report = api.audit(data_dir)
     table = Table(title=f"audit of {data_dir}")
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail")
-    for name, ok, detail in report.checks:
-        table.add_row(name, "[green]pass[/green]" if ok else "[red]FAIL[/red]", detail)
+    for row in report.checks.itertuples():
+        table.add_row(row.check, "[green]pass[/green]" if row.passed else "[red]FAIL[/red]", row.detail)
     console.print(table)
     splits = Table(title="per split")
     for col in ("split", "images", "melanoma", "rate", "groups"):
         splits.add_column(col, justify="right")
-    for split, row in report.per_split.iterrows():
-        splits.add_row(split, str(int(row["images"])), str(int(row["melanoma"])), f"{row['melanoma_rate']:.2%}",
-                       str(int(row["groups"])))
+    for row in report.per_split.itertuples():
+        splits.add_row(str(row.split), str(int(row.images)), str(int(row.melanoma)), f"{row.melanoma_rate:.2%}",
+                       str(int(row.groups)))
     console.print(splits)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     if json_out:
-        write_json(json_out, report.to_dict())
+        write_json(json_out, report.as_dict)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -225,10 +191,8 @@ def demo(
     oversampling, GAN, the baseline without the resolution control) evaluated on the same test split;
     5. print where the report is. Re-running resumes and skips what is done.
     """
-    from melanogan.data.audit import audit as run_audit
-    from melanogan.data.cache import CacheOptions
+    from melanogan import api
     from melanogan.data.demo import generate_demo_dataset
-    from melanogan.data.manifest import prepare as run_prepare
     from melanogan.study.experiments import demo_study_config, run_study
 
     t0 = time.perf_counter()
@@ -239,14 +203,12 @@ def demo(
     else:
         console.print(f"[bold]1/4[/bold] demo images already in {raw}")
     console.print(f"[bold]2/4[/bold] preparing {out / 'data'}")
-    with _progress() as progress:
-        result = run_prepare([("siim-isic-2020", raw)], out / "data", CacheOptions(size=128), seed=0,
-                             on_progress=_progress_callback(progress, "decoding"))
+    result = api.prepare([("siim-isic-2020", raw)], out / "data", size=128, seed=0)
     _print_prepare_summary(result, time.perf_counter() - t0)
     console.print(f"[bold]3/4[/bold] auditing {out / 'data'}")
-    report = run_audit(out / "data")
-    for name, ok, detail in report.checks:
-        console.print(f"  {'pass' if ok else 'FAIL'}  {name}: {detail}")
+    report = api.audit(out / "data")
+    for row in report.checks.itertuples():
+        console.print(f"  {'pass' if row.passed else 'FAIL'}  {row.check}: {row.detail}")
     if not report.passed:
         raise MelanoganError("the demo dataset failed its leakage audit; this is a bug, please report it.")
     console.print(f"[bold]4/4[/bold] running the study in {out / 'study'}")
@@ -292,16 +254,15 @@ def train_gan_cmd(
     continues bitwise-identically on CPU. NaN/inf losses or an exploding Wasserstein estimate stop
     the run with a message and keep the last good checkpoint.
     """
-    from melanogan.gan.config import load_config
-    from melanogan.gan.train import train_gan
+    from melanogan import api
 
-    cfg = load_config(preset, config, resolution=resolution, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
-                      kid_every=kid_every, kid_features=kid_features)
-    summary = train_gan(data_dir, out, cfg, resume=resume, accelerator=accelerator, devices=devices,
-                        num_nodes=num_nodes, precision=precision, stop_after=max_steps, resume_steps=steps)
-    state = "finished" if summary["finished"] else "paused (resume with --resume)"
-    console.print(f"GAN {state} at step {summary['step']}; trained on {summary['training_images']}. Run: {out}")
+    r = api.train_gan(data_dir, out, preset=preset, config=config, resolution=resolution, steps=steps,
+                      batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                      sample_every=sample_every, log_every=log_every, kid_every=kid_every, kid_features=kid_features,
+                      resume=resume, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                      precision=precision, max_steps=max_steps)
+    state = "finished" if r.finished else "paused (resume with --resume)"
+    console.print(f"GAN {state} at step {r.step}; trained on {r.training_images}. Run: {out}")
 
 
 @app.command()
@@ -321,9 +282,10 @@ def generate(
     `melanogan train --synthetic SYN_DIR` reads them like real ones; provenance (checkpoint hash,
     step, seed, noise index) is in every row. Calls with different --label add to the same SYN_DIR.
     """
-    from melanogan.gan.sample import generate as run_generate
+    from melanogan import api
 
-    manifest = run_generate(run_dir, n, label, out, seed=seed, use_ema=ema, checkpoint=checkpoint, device=device)
+    manifest = api.generate(run_dir, out, n=n, label=label, seed=seed, ema=ema, checkpoint=checkpoint,
+                            device=device).manifest
     console.print(f"{out}: {len(manifest)} synthetic images "
                   f"({int((manifest['label'] == 1).sum())} melanoma, {int((manifest['label'] == 0).sum())} other)")
 
@@ -340,10 +302,10 @@ def import_synthetic_cmd(
     evaluate-gan, train --synthetic and the study accept like `generate`'s output: manifest with
     provenance, split train, cached with the real data's preprocessing. Files that fail decoding are
     listed in SYN_DIR/rejected.csv; the rest are imported."""
-    from melanogan.data.synthetic import import_synthetic
+    from melanogan import api
 
-    manifest = import_synthetic(folder, label, out, real, workers)
-    rejected = manifest.attrs["rejected"]
+    result = api.import_synthetic(folder, out, real, label, workers)
+    manifest, rejected = result.manifest, result.rejected
     console.print(f"{out}: {len(manifest)} synthetic images ({int((manifest['label'] == 1).sum())} melanoma, "
                   f"{int((manifest['label'] == 0).sum())} other); {rejected} file(s) rejected"
                   + (f" (see {out / 'rejected.csv'})" if rejected else ""))
@@ -370,13 +332,10 @@ def predict(
 ) -> None:
     """Melanoma probability and decision for images, with the training preprocessing. Unreadable files
     are listed in the CSV with their error; they never stop the run."""
-    from melanogan.classify.predict import predict as run_predict
+    from melanogan import api
 
-    with _progress() as progress:
-        table = run_predict(run_dir, inputs, out, threshold, batch_size,
-                            on_progress=_progress_callback(progress, "predicting"),
-                            log=lambda m: err_console.print(f"note: {m}"), site=site, tta=tta,
-                            metadata_csv=metadata_csv)
+    table = api.predict(run_dir, inputs, out, threshold=threshold, batch_size=batch_size, site=site, tta=tta,
+                        metadata_csv=metadata_csv, log=lambda m: err_console.print(f"note: {m}")).table
     bad = table[table["error"] != ""]
     console.print(f"{len(table) - len(bad)} image(s) scored, {int((table['decision'] == 'melanoma').sum())} above the "
                   f"{table['threshold_name'].iat[0]} threshold {table['threshold'].iat[0]:.3f}; {out}")
@@ -394,10 +353,10 @@ def explain(
              "validation ones.")] = None,
 ) -> None:
     """Grad-CAM heat map of what drives the melanoma score, over the preprocessed image."""
-    from melanogan.classify.predict import explain as run_explain
+    from melanogan import api
 
-    r = run_explain(run_dir, image, out, site=site)
-    console.print(f"{image}: melanoma probability {r['probability']:.3f}; heat map {out}")
+    r = api.explain(run_dir, image, out, site)
+    console.print(f"{image}: melanoma probability {r.probability:.3f}; heat map {out}")
 
 
 @app.command()
@@ -411,9 +370,9 @@ def export(
 ) -> None:
     """A deployable model whose outputs are checked against PyTorch (max |difference| <= 1e-4) before the
     file is kept; OUT.json records input shape, preprocessing and the validation thresholds."""
-    from melanogan.classify.export import export_model
+    from melanogan import api
 
-    meta = export_model(run_dir, format, out, site=site)
+    meta = api.export(run_dir, format, out, site).sidecar
     console.print(f"{meta['file']} ({format}); max |difference| vs PyTorch {meta['max_abs_difference_vs_pytorch']:.2e}")
 
 
@@ -461,9 +420,10 @@ def evaluate_gan_cmd(
     """Are the synthetic images any good? FID, KID, precision/recall, density/coverage per class and
     extractor; diversity (MS-SSIM within synthetic vs within real); memorisation (every synthetic image
     closer to a training image than training images are to each other is listed)."""
-    from melanogan.gan.evaluate import evaluate_gan
+    from melanogan import api
 
-    result = evaluate_gan(syn_dir, real, out, split, features, inception_weights, pairs)
+    result = api.evaluate_gan(syn_dir, real, out, split=split, features=features,
+                              inception_weights=inception_weights, pairs=pairs).result
     for k, v in result["summary"].items():
         console.print(f"  {k}: {v}")
     console.print(f"report: {out / 'quality.html'}")
@@ -517,17 +477,13 @@ def train(
     Imbalance strategies combine: --loss weighted/focal, --sampler balanced, --augment classic and
     --synthetic SYN_DIR (a synthetic set that claims any split but train is refused).
     """
-    from melanogan.classify.train import TrainConfig, train_classifier
+    from melanogan import api
 
-    try:
-        cfg = TrainConfig(model=model, weights=weights, image_size=image_size, epochs=epochs, max_minutes=max_minutes,
-                          batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, augment=augment,
-                          diagnosis_weight=diagnosis_weight,
-                          synthetic=[str(s) for s in synthetic or []], patience=patience, seed=seed, workers=workers,
-                          precision=precision, batch_augment=batch_augment, metadata=metadata)
-    except ValueError as exc:
-        raise MelanoganError(f"invalid training options: {exc}") from exc
-    summary = train_classifier(data_dir, out, cfg, resume=resume, accelerator=accelerator, devices=devices)
+    summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
+                        loss=loss, sampler=sampler, augment=augment, diagnosis_weight=diagnosis_weight, epochs=epochs,
+                        max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                        workers=workers, batch_augment=batch_augment, precision=precision, metadata=metadata,
+                        accelerator=accelerator, devices=devices, resume=resume).summary
     for note in summary.get("notes", []):
         console.print(f"note: {note}")
     console.print(f"trained {summary['epochs']} epoch(s) ({summary['stopped_by']}), best validation AUC "
@@ -558,19 +514,22 @@ def evaluate(
     sensitivity); calibration (Brier, ECE, reliability diagram).
     Writes metrics.json (oracle operating points read off the test ROC kept apart and named so),
     predictions.csv, roc.png, pr.png, scores.png, reliability.png."""
-    from melanogan.classify.evaluate import evaluate_run
+    from melanogan import api
 
-    r = evaluate_run(run_dir, data, split, temperature_scaling, bootstrap, out,
-                     log=lambda m: console.print(f"note: {m}"), tta=tta)
+    r = api.evaluate(run_dir, data=data, split=split, temperature_scaling=temperature_scaling, bootstrap=bootstrap,
+                     out=out, tta=tta, log=lambda m: console.print(f"note: {m}")).metrics
+    def f(x) -> str:  # metrics.json writes undefined values (one class, no positives) as null
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
     lo, hi = r["roc_auc_ci95"]
-    console.print(f"{r['split']} ({r['n_images']} images, {r['n_melanoma']} melanoma): ROC-AUC {r['roc_auc']:.3f} "
-                  f"[{lo:.3f}, {hi:.3f}], PR-AUC {r['pr_auc']:.3f}")
+    console.print(f"{r['split']} ({r['n_images']} images, {r['n_melanoma']} melanoma): ROC-AUC {f(r['roc_auc'])} "
+                  f"[{f(lo)}, {f(hi)}], PR-AUC {f(r['pr_auc'])}")
     for name, m in r["thresholds"].items():
-        console.print(f"  {name:11s} t={m['threshold']:.3f}: sensitivity {m['sensitivity']:.3f}, specificity "
-                      f"{m['specificity']:.3f}, precision {m['precision']:.3f}")
+        console.print(f"  {name:11s} t={f(m['threshold'])}: sensitivity {f(m['sensitivity'])}, specificity "
+                      f"{f(m['specificity'])}, precision {f(m['precision'])}")
     for source, m in r.get("by_source", {}).items():
-        auc = f"ROC-AUC {m['roc_auc']:.3f} [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" \
-            if not math.isnan(m["roc_auc"]) else "one class only"
+        auc = f"ROC-AUC {f(m['roc_auc'])} [{f(m['roc_auc_ci95'][0])}, {f(m['roc_auc_ci95'][1])}]" \
+            if m["roc_auc"] is not None and not math.isnan(m["roc_auc"]) else "one class only"
         console.print(f"  source {source}: {m['n_images']} images, {m['n_melanoma']} melanoma, {auc}")
     small = [g for g in r["by_subgroup"] if g["note"]]
     console.print(f"  subgroups ({', '.join(sorted({g['variable'] for g in r['by_subgroup']}))}): "
@@ -602,9 +561,9 @@ def study(
     only) and every arm (baseline, weighted-loss, oversample, classic-aug, gan, gan+classic-aug, ...),
     all evaluated on the same real test split; report with paired tests and verdicts.
     Interrupted studies resume, skipping finished runs."""
-    from melanogan.study.experiments import load_study_config, run_study
+    from melanogan import api
 
-    run_study(load_study_config(config), out, log=lambda m: console.print(f"[bold]study[/bold] {m}"))
+    api.study(config, out, log=lambda m: console.print(f"[bold]study[/bold] {m}"))
 
 
 @app.command()

@@ -33,6 +33,10 @@ def test_toy_study_report_and_resume(demo_prepared, tmp_path):
 
     cfg = _toy(demo_prepared)
     rows = compare_with_baseline(cfg.arms, cfg.seeds, collect(tmp_path / "study", cfg)[1], n_bootstrap=cfg.bootstrap)
+    from melanogan.results import StudyResult
+
+    table = StudyResult(tmp_path / "study", report).table  # what melanogan.study() returns, as data
+    assert list(table["arm"]) == [r["arm"] for r in rows] and list(table["verdict"]) == [r["verdict"] for r in rows]
     assert [r["arm"] for r in rows] == ["weighted-loss", "gan"]
     for r in rows:
         assert r["verdict"] in text and f"| {r['arm']} | {r['difference']:+.3f} |" in text

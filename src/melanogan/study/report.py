@@ -20,7 +20,7 @@ from melanogan.classify import metrics as M
 from melanogan.classify.evaluate import eval_dir_name
 from melanogan.data.audit import audit_manifest
 from melanogan.data.manifest import load_manifest, manifest_hash
-from melanogan.fileio import atomic_path, read_json, save_figure, write_text
+from melanogan.fileio import atomic_path, read_json, save_figure, write_csv, write_text
 from melanogan.study.layout import ORIGINAL_DIR, arm_dir
 from melanogan.study.stats import ALPHA, compare_with_baseline
 
@@ -353,6 +353,10 @@ def write_report(study_dir: Path, cfg) -> Path:
     lines += subgroup_section(cfg, metrics)
 
     comps = compare_with_baseline(cfg.arms, cfg.seeds, preds, n_bootstrap=cfg.bootstrap)
+    if comps:  # the table as data, for notebooks (melanogan.study(...).table) and spreadsheets
+        write_csv(study_dir / "versus_baseline.csv", pd.DataFrame([
+            {k: (", ".join(f"{p:.4g}" for p in v) if isinstance(v, list) else v) for k, v in c.items()}
+            for c in comps]))
     lines += ["## Versus baseline", "",
               "Primary test: a paired bootstrap of the ROC-AUC difference on the same test images, resampling "
               "patient/lesion clusters, pooled over seeds; p-values Holm-adjusted over the arms compared with the "

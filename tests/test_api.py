@@ -82,7 +82,7 @@ def test_gan_generate_and_quality_through_the_api(demo_prepared, tmp_path):
 
 
 def test_errors_are_raised_not_printed(tmp_path):
-    with pytest.raises(MelanoganError, match="manifest.parquet: not found"):
+    with pytest.raises(MelanoganError, match=r"manifest\.parquet: not found"):
         mg.audit(tmp_path / "nothing")
     with pytest.raises(MelanoganError, match="invalid training options"):
         mg.train(tmp_path, tmp_path / "run", loss="nope", progress=False)

@@ -12,7 +12,8 @@ from melanogan.cli import app
 
 runner = CliRunner()
 COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "evaluate-gan", "train", "evaluate",
-            "study", "predict", "explain", "export", "serve", "calibrate", "import-synthetic", "card", "bench preprocess",
+            "study", "predict", "explain", "export", "serve", "calibrate", "import-synthetic", "card",
+            "bench preprocess",
             "bench gan",
             "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment", "bench travel"]
 

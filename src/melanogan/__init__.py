@@ -10,7 +10,6 @@ __version__ = "0.1.0"
 
 _API = ("prepare", "audit", "train_gan", "generate", "import_synthetic", "evaluate_gan", "train", "evaluate", "study",
         "predict", "explain", "export")
-__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):
@@ -22,4 +21,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted(["__version__", *_API])

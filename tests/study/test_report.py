@@ -55,3 +55,21 @@ def test_subgroup_section_per_arm_with_differences_and_small_groups_listed():
     assert "| ita_category: dark | 3 | 1 | too few | too few |" in lines
     assert any("in another of the same variable: gan (ita_category)." in line for line in lines)
     assert subgroup_section(cfg, {(0, "baseline"): {}}) == []
+
+
+def test_report_html_is_self_contained_and_escapes_text_from_data(tmp_path):
+    import base64
+
+    from PIL import Image
+
+    from melanogan.render import markdown_to_html
+
+    Image.new("RGB", (2, 2), (255, 0, 0)).save(tmp_path / "fig.png")
+    text = ("# Title\n\n| arm | verdict |\n|---|---|\n| gan | **better** |\n\n- a `code` item\n\n"
+            "![a figure](fig.png)\n\nA diagnosis named <script>alert(1)</script>\n")
+    page = markdown_to_html(text, tmp_path, "study & report")
+    assert "<title>study &amp; report</title>" in page and "<h1>Title</h1>" in page
+    assert "<th>arm</th>" in page and "<td><strong>better</strong></td>" in page and "<code>code</code>" in page
+    data = base64.b64encode((tmp_path / "fig.png").read_bytes()).decode()
+    assert f'src="data:image/png;base64,{data}"' in page and 'alt="a figure"' in page
+    assert "<script>" not in page and "&lt;script&gt;" in page

@@ -224,16 +224,11 @@ def _synthetic(run: dict) -> list[str]:
 
 def write_card(run_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
     """RUN_DIR/model_card.md and .html (or OUT.md/.html)."""
-    from markdown_it import MarkdownIt
+    from melanogan.render import markdown_to_html
 
     text = model_card(run_dir)
     md = Path(out).with_suffix(".md") if out else Path(run_dir) / "model_card.md"
     write_text(md, text)
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
-    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px}")
     html = md.with_suffix(".html")
-    write_text(html, f"<!doctype html><html><head><meta charset='utf-8'><title>Model card</title><style>{style}</style>"
-                     f"</head><body>{body}</body></html>\n")
+    write_text(html, markdown_to_html(text, md.parent, f"Model card: {Path(run_dir).name}"))
     return md, html
-

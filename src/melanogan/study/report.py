@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import importlib.metadata
 import json
 import math
@@ -21,6 +19,7 @@ from melanogan.classify.evaluate import eval_dir_name
 from melanogan.data.audit import audit_manifest
 from melanogan.data.manifest import load_manifest, manifest_hash
 from melanogan.fileio import atomic_path, read_json, save_figure, write_csv, write_text
+from melanogan.render import markdown_to_html
 from melanogan.study.layout import ORIGINAL_DIR, arm_dir
 from melanogan.study.stats import ALPHA, compare_with_baseline
 
@@ -434,68 +433,7 @@ def write_report(study_dir: Path, cfg) -> Path:
               yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", ""]
     text = "\n".join(lines)
     write_text(study_dir / "report.md", text)
-    write_text(study_dir / "report.html", markdown_to_html(text, study_dir))
+    write_text(study_dir / "report.html", markdown_to_html(text, study_dir, "melanogan study"))
     write_text(study_dir / "results.json", json.dumps({"comparisons": comps, "provenance": prov}, indent=2,
                                                       default=str))
     return study_dir / "report.md"
-
-
-def markdown_to_html(text: str, base: Path) -> str:
-    """Render the report's markdown subset (headings, tables, lists, code, images) to one HTML
-    file with images embedded as data URIs."""
-    out, in_table, in_code, in_list = [], False, False, False
-    for line in text.splitlines():
-        if line.startswith("```"):
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if in_list and not line.startswith("- "):
-            out.append("</ul>")
-            in_list = False
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= {"-"} for c in cells):
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-            out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            data = base64.b64encode((base / src.rstrip(")")).read_bytes()).decode()
-            out.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
-        elif line.startswith("- "):
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append(f"<li>{_inline(line[2:])}</li>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    if in_list:
-        out.append("</ul>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}"
-             "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>melanogan study</title><style>{style}</style>"
-            f"</head><body>{''.join(out)}</body></html>\n")
-
-
-def _inline(text: str) -> str:
-    import re
-
-    t = html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)

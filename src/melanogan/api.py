@@ -113,7 +113,7 @@ def train_gan(data_dir: str | Path, out: str | Path, preset: str = "default", co
               sample_every: int | None = None, log_every: int | None = None, kid_every: int | None = None,
               kid_features: str | None = None, resume: bool = False, accelerator: str = "auto", devices: int = 1,
               num_nodes: int = 1, precision: str = "bf16-mixed", max_steps: int | None = None,
-              progress: bool = True) -> GanRun:
+              logger: str | None = None, progress: bool = True) -> GanRun:
     """Train the conditional WGAN-GP on the training split of DATA_DIR (None = the preset's value)."""
     from melanogan.gan.config import load_config
     from melanogan.gan.train import train_gan as run_train_gan
@@ -123,7 +123,7 @@ def train_gan(data_dir: str | Path, out: str | Path, preset: str = "default", co
                       sample_every=sample_every, log_every=log_every, kid_every=kid_every, kid_features=kid_features)
     s = run_train_gan(Path(data_dir), Path(out), cfg, resume=resume, accelerator=accelerator, devices=devices,
                       num_nodes=num_nodes, precision=precision, stop_after=max_steps, resume_steps=steps,
-                      progress=progress)
+                      progress=progress, logger=logger)
     return GanRun(Path(out), s["step"], s["finished"], s["training_images"])
 
 
@@ -162,7 +162,7 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
           max_minutes: float | None = None, batch_size: int = 32, lr: float = 2e-3, patience: int = 8,
           seed: int = 0, workers: int | None = None, batch_augment: bool = True, precision: str = "bf16-mixed",
           metadata: str = "", accelerator: str = "auto", devices: int = 1, resume: bool = False,
-          progress: bool = True) -> TrainRun:
+          logger: str | None = None, progress: bool = True) -> TrainRun:
     """Train a melanoma classifier on DATA_DIR's training split (plus synthetic sets); the best epoch by
     validation ROC-AUC is kept in OUT/best."""
     from melanogan.classify.train import TrainConfig, train_classifier
@@ -176,7 +176,7 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
     except ValueError as exc:
         raise MelanoganError(f"invalid training options: {exc}") from exc
     summary = train_classifier(Path(data_dir), Path(out), cfg, resume=resume, accelerator=accelerator,
-                               devices=devices, progress=progress)
+                               devices=devices, progress=progress, logger=logger)
     return TrainRun(Path(out), summary)
 
 

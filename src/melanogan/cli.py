@@ -247,6 +247,9 @@ def train_gan_cmd(
              "without bf16.")] = "bf16-mixed",
     max_steps: Annotated[int | None, typer.Option(
         help="Stop this invocation after N steps (resumable), e.g. to time-box CPU sessions.")] = None,
+    logger: Annotated[str | None, typer.Option(
+        help="Also log to csv (RUN_DIR/csv/) or tensorboard (RUN_DIR/tensorboard/; pip install "
+             "'melanogan[tensorboard]'); stats.jsonl is always written.")] = None,
 ) -> None:
     """Train the conditional WGAN-GP on the training split of DATA_DIR.
 
@@ -260,7 +263,7 @@ def train_gan_cmd(
                       batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
                       sample_every=sample_every, log_every=log_every, kid_every=kid_every, kid_features=kid_features,
                       resume=resume, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                      precision=precision, max_steps=max_steps)
+                      precision=precision, max_steps=max_steps, logger=logger)
     state = "finished" if r.finished else "paused (resume with --resume)"
     console.print(f"GAN {state} at step {r.step}; trained on {r.training_images}. Run: {out}")
 
@@ -471,6 +474,9 @@ def train(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices; more than one trains with DDP.")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN_DIR/last.")] = False,
+    logger: Annotated[str | None, typer.Option(
+        help="Also log to csv (RUN_DIR/csv/) or tensorboard (RUN_DIR/tensorboard/; pip install "
+             "'melanogan[tensorboard]'); stats.jsonl is always written.")] = None,
 ) -> None:
     """Train a melanoma classifier; the best epoch by validation ROC-AUC is kept in RUN_DIR/best.
 
@@ -483,7 +489,7 @@ def train(
                         loss=loss, sampler=sampler, augment=augment, diagnosis_weight=diagnosis_weight, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
                         workers=workers, batch_augment=batch_augment, precision=precision, metadata=metadata,
-                        accelerator=accelerator, devices=devices, resume=resume).summary
+                        accelerator=accelerator, devices=devices, resume=resume, logger=logger).summary
     for note in summary.get("notes", []):
         console.print(f"note: {note}")
     console.print(f"trained {summary['epochs']} epoch(s) ({summary['stopped_by']}), best validation AUC "

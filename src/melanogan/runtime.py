@@ -61,3 +61,49 @@ class TrainingBar:
 
     def close(self) -> None:
         self._progress.stop()
+
+
+LOGGERS = ("csv", "tensorboard")
+
+
+def fabric_loggers(kind: str | None, run_dir) -> list:
+    """Lightning Fabric loggers for `--logger` (beside stats.jsonl, which is always written): csv ->
+    RUN_DIR/csv/version_N/metrics.csv, tensorboard -> RUN_DIR/tensorboard/version_N/ (one version per
+    invocation, so a resumed run never overwrites the logs of the earlier ones)."""
+    if kind in (None, "", "none"):
+        return []
+    if kind == "csv":
+        from lightning_fabric.loggers import CSVLogger
+
+        return [CSVLogger(root_dir=str(run_dir), name="csv")]
+    if kind == "tensorboard":
+        from lightning_fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
+
+        if not (_TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE):
+            raise MelanoganError("--logger tensorboard needs TensorBoard: pip install 'melanogan[tensorboard]' "
+                                 "(or drop --logger; stats.jsonl is always written).")
+        from lightning_fabric.loggers import TensorBoardLogger
+
+        return [TensorBoardLogger(root_dir=str(run_dir), name="tensorboard")]
+    raise MelanoganError(f"--logger {kind!r}: use csv or tensorboard (stats.jsonl is always written).")
+
+
+class RunLog:
+    """One place where a training loop's records go: stats.jsonl (rank 0, always) and the run's
+    Fabric loggers (numbers only), at the loop's own step (generator step, or epoch)."""
+
+    def __init__(self, fabric, path) -> None:
+        self.fabric, self.path = fabric, path
+
+    def write(self, record: dict, step: int) -> None:
+        from melanogan.fileio import append_jsonl
+
+        if self.fabric.global_rank == 0:
+            append_jsonl(self.path, record)
+        if self.fabric.loggers:
+            self.fabric.log_dict({k: float(v) for k, v in record.items()
+                                  if isinstance(v, int | float) and not isinstance(v, bool) and k != "time"}, step=step)
+
+    def close(self) -> None:
+        for logger in self.fabric.loggers:
+            logger.finalize("success")

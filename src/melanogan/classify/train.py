@@ -37,8 +37,8 @@ from melanogan.data.metadata import encode_metadata, missingness_warning
 from melanogan.data.synthetic import check_synthetic_space
 from melanogan.data.transforms import GeneratorResolution, eval_preset, train_preset
 from melanogan.errors import MelanoganError
-from melanogan.fileio import append_jsonl, atomic_path, read_json, save_figure, write_json, write_text
-from melanogan.runtime import TrainingBar, ddp_strategy, fabric_precision, shutdown_distributed
+from melanogan.fileio import atomic_path, read_json, save_figure, write_json, write_text
+from melanogan.runtime import RunLog, TrainingBar, ddp_strategy, fabric_loggers, fabric_precision, shutdown_distributed
 
 
 class TrainConfig(BaseModel):
@@ -310,9 +310,10 @@ def plot_curves(run_dir: Path) -> None:
 
 def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool = False,
                      accelerator: str = "auto", devices: int = 1, progress: bool = True,
-                     stop_after_epochs: int | None = None) -> dict:
+                     stop_after_epochs: int | None = None, logger: str | None = None) -> dict:
     """Train on the training split (plus synthetic sets), keep the best-validation-AUC checkpoint.
-    `stop_after_epochs` pauses this invocation after that many epochs (resumable with `resume`)."""
+    `stop_after_epochs` pauses this invocation after that many epochs (resumable with `resume`).
+    `logger`: csv or tensorboard beside stats.jsonl (runtime.fabric_loggers)."""
     from lightning_fabric import Fabric
 
     fabric_prec = fabric_precision(cfg.precision, accelerator)
@@ -331,7 +332,8 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
                                       cfg.metadata)
         if warning:
             notes.append(warning)
-    fabric = Fabric(accelerator=accelerator, devices=devices, precision=fabric_prec, strategy=ddp_strategy(devices))
+    fabric = Fabric(accelerator=accelerator, devices=devices, precision=fabric_prec, strategy=ddp_strategy(devices),
+                    loggers=fabric_loggers(logger, run_dir))
     summary = fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
     return {**summary, "notes": notes}
 
@@ -405,6 +407,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     stopped_by = "epochs"
     # With a time budget the epoch count does not end the run: no ETA then.
     bar = TrainingBar("train", cfg.epochs, state["epoch"], eta=not cfg.max_minutes) if progress and rank == 0 else None
+    log = RunLog(fabric, run_dir / "stats.jsonl")
     epoch_status = ""  # the last epoch's validation AUC, kept on the bar while the next epoch runs
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, state["epoch"] + stop_after_epochs)
     if last_epoch < cfg.epochs:
@@ -476,7 +479,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
                 save_model(run_dir / "last", raw, cfg, {"loop": state})
                 with atomic_path(run_dir / "last" / "optimizer.pt", suffix=".pt") as tmp:
                     torch.save(optimizer.state_dict(), tmp)
-                append_jsonl(run_dir / "stats.jsonl", {**record, "best": improved})
+                log.write({**record, "best": improved}, epoch + 1)
                 plot_curves(run_dir)
                 if bar:
                     epoch_status = f"| val AUC {record['val_auc']:.3f} ({record['img_per_s']:.0f} img/s)"
@@ -489,6 +492,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     finally:
         if bar:
             bar.close()
+        log.close()
     fabric.barrier()
     shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "epochs": state["epoch"], "best_epoch": state["best_epoch"],

@@ -34,7 +34,7 @@ from melanogan.fileio import append_jsonl, atomic_path, save_figure, write_json,
 from melanogan.gan.checkpoint import build_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from melanogan.gan.config import GanConfig
 from melanogan.gan.losses import critic_loss, diff_augment, generator_loss, gradient_penalty, wasserstein_estimate
-from melanogan.runtime import TrainingBar, ddp_strategy, fabric_precision, shutdown_distributed
+from melanogan.runtime import RunLog, TrainingBar, ddp_strategy, fabric_loggers, fabric_precision, shutdown_distributed
 
 CLASS_NAMES = {0: "other", 1: "melanoma"}
 
@@ -203,10 +203,12 @@ def train_gan(
     progress: bool = True,
     stop_after: int | None = None,
     resume_steps: int | None = None,
+    logger: str | None = None,
 ) -> dict:
     """Train (or resume) a cWGAN-GP; returns a summary. On resume the run's own config is used
     (`cfg` is ignored) and `resume_steps` may extend its total steps. `stop_after` ends this
-    invocation after that many steps (the run stays resumable): for time-boxed CPU sessions."""
+    invocation after that many steps (the run stays resumable): for time-boxed CPU sessions. `logger`:
+    csv or tensorboard beside stats.jsonl (runtime.fabric_loggers)."""
     from lightning_fabric import Fabric
 
     fabric_prec = fabric_precision(precision, accelerator)
@@ -214,6 +216,7 @@ def train_gan(
     cfg, ckpt = prepare_run_dir(run_dir, cfg, resume, resume_steps)
     BatchSource(data_dir, cfg)  # fail early, in the launching process, on an empty class
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=fabric_prec,
+                    loggers=fabric_loggers(logger, run_dir),
                     strategy=ddp_strategy(devices * num_nodes))
     return fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, str(ckpt) if ckpt else None,
                          fabric_prec, progress, stop_after)
@@ -274,6 +277,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
     mine = slice(rank * per_rank_batch, (rank + 1) * per_rank_batch)
     end_step = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
     bar = TrainingBar("GAN", cfg.steps, start_step) if progress and rank == 0 else None
+    log = RunLog(fabric, stats_path)
     acc: dict[str, list[torch.Tensor]] = {"critic_loss": [], "gradient_penalty": [], "wasserstein": [],
                                           "generator_loss": []}
     t_last, imgs_since = time.perf_counter(), 0
@@ -336,10 +340,9 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
                           "img_per_s": round(imgs_since / max(now - t_last, 1e-9), 2), "time": time.time()}
                 t_last, imgs_since = now, 0
                 acc = {k: [] for k in acc}
-                if rank == 0:
-                    append_jsonl(stats_path, record)
-                    if bar:
-                        bar.update(_status(record), completed=done)
+                log.write(record, done)
+                if bar:
+                    bar.update(_status(record), completed=done)
             if done % cfg.checkpoint_every == 0 or done == end_step:
                 if rank == 0:
                     save_checkpoint(run_dir, done, cfg, raw_generator, raw_critic, generator_ema, opt_g, opt_d)
@@ -356,6 +359,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: s
     finally:
         if bar:
             bar.close()
+        log.close()
     shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "step": end_step, "finished": end_step >= cfg.steps,
             "training_images": source.counts}

@@ -130,10 +130,13 @@ def test_prepare_estimates_skin_tone_from_the_image_as_captured(tmp_path):
     assert "too little skin" in m.at["melanoma/filled", "ita_reason"]
     tones = read_json(tmp_path / "out" / "prepare.json")["skin_tone"]["folder"]
     assert (tones["very light"], tones["dark"], tones["unknown"], tones["light"]) == (1, 1, 1, 0)
-    # a cache built before skin-tone estimation (no ita column) is decoded again, once, by prepare
+    # a cache holding an older skin-tone estimate is decoded again, once, by prepare (never shown as current)
+    from melanogan.data.cache import Cache
+
     cache_dir = next((tmp_path / "out" / "cache").iterdir())
     index = pd.read_parquet(cache_dir / "index.parquet")
-    index.drop(columns=["ita", "ita_reason"]).to_parquet(cache_dir / "index.parquet")
+    index.assign(ita=-99.0, ita_version=1).to_parquet(cache_dir / "index.parquet")
+    assert Cache.open(cache_dir).index["ita"].isna().all()
     (tmp_path / "out" / MANIFEST).unlink()
     prepare([("folder", tmp_path / "src")], tmp_path / "out", CacheOptions(size=64, color_constancy=True))
     again = load_manifest(tmp_path / "out").set_index("image_id")

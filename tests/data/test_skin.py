@@ -80,3 +80,11 @@ def test_category_counts_lists_every_band_lightest_first():
     counts = category_counts(["light", "light", "dark", "unknown"])
     assert list(counts) == ["very light", "light", "intermediate", "tan", "brown", "dark", "unknown"]
     assert counts == {"very light": 0, "light": 2, "intermediate": 0, "tan": 0, "brown": 0, "dark": 1, "unknown": 1}
+
+
+def test_skin_without_a_yellow_component_gets_no_estimate():
+    """Light skin under a bluish white balance (b* < 0): the formula would say "dark"; no estimate."""
+    img = _skin_with_lesion((196, 204, 214))  # L* about 82, b* about -5
+    assert _srgb_to_lab((196, 204, 214))[2] < 0
+    ita, reason = estimate_ita(img)
+    assert math.isnan(ita) and "colour cast" in reason and ita_category(ita) == "unknown"

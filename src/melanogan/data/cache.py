@@ -28,13 +28,14 @@ import numpy as np
 import pandas as pd
 
 from melanogan.data.images import DEFAULT_MAX_PIXELS, ImageRejected, ResizeMode, decode_file
+from melanogan.data.skin import SKIN_TONE_VERSION
 from melanogan.errors import DataError
 from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
 
 CACHE_FORMAT = 1  # bump when the decoding code changes what pixels it produces
 CHUNK_SIZE = 32  # at most; smaller when needed to give every worker several chunks
 INDEX_COLUMNS = ["uid", "path", "signature", "status", "detail", "slot", "width", "height", "content_hash", "phash",
-                 "ita", "ita_reason"]
+                 "ita", "ita_reason", "ita_version"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ def _process_chunk(job: tuple[str, list[tuple[str, str, str]], dict]) -> str:
     info = []
     for i, (uid, path, signature) in enumerate(rows):
         entry = {"uid": uid, "path": path, "signature": signature, "status": "ok", "detail": "",
-                 "width": -1, "height": -1, "content_hash": "", "phash": "", "ita": float("nan"), "ita_reason": ""}
+                 "width": -1, "height": -1, "content_hash": "", "phash": "", "ita": float("nan"), "ita_reason": "",
+                 "ita_version": SKIN_TONE_VERSION}
         try:
             decoded = decode_file(path, size, **options.decode_kwargs(), skin_tone=True)
             pixels[i] = decoded.pixels
@@ -143,8 +145,10 @@ class Cache:
                             "Run `melanogan prepare` again to build it.")
         meta = read_json(root / "meta.json")
         index = pd.read_parquet(root / "index.parquet")
-        if "ita" not in index.columns:  # a cache from before skin-tone estimation; `prepare` again adds it
-            index = index.assign(ita=np.nan, ita_reason="cache built before skin-tone estimation: run prepare again")
+        if "ita_version" not in index.columns or (index["ita_version"] != SKIN_TONE_VERSION).any():
+            # estimated by an older version (or not at all): not shown as current; `prepare` again renews it
+            index = index.assign(ita=np.nan, ita_reason="skin tone from an older melanogan: run prepare again",
+                                 ita_version=SKIN_TONE_VERSION)
         return cls(root=root, options=CacheOptions(**meta["options"]), index=index)
 
     @property
@@ -184,8 +188,8 @@ def build_cache(
     old_index = pd.DataFrame(columns=INDEX_COLUMNS)
     if (cache_root / "index.parquet").is_file():
         old_index = pd.read_parquet(cache_root / "index.parquet")
-        if "ita" not in old_index.columns:  # built before skin tone was estimated: decode again, once
-            old_index = pd.DataFrame(columns=INDEX_COLUMNS)
+        if "ita_version" not in old_index.columns or (old_index["ita_version"] != SKIN_TONE_VERSION).any():
+            old_index = pd.DataFrame(columns=INDEX_COLUMNS)  # an older skin-tone estimate: decode again, once
     old_by_key = {(u, p, s): i for i, (u, p, s) in
                   enumerate(zip(old_index["uid"], old_index["path"], old_index["signature"], strict=True))}
     todo = [r for r in rows if r not in old_by_key]
@@ -272,7 +276,8 @@ def build_cache(
     out.flush()
     del out, old_pixels
     index = index.drop(columns="_from")[INDEX_COLUMNS]
-    index[["slot", "width", "height"]] = index[["slot", "width", "height"]].astype(np.int64)
+    index[["slot", "width", "height", "ita_version"]] = index[["slot", "width", "height", "ita_version"]].astype(
+        np.int64)
     write_parquet(staging / "index.parquet", index)
     write_json(staging / "meta.json", {"format": CACHE_FORMAT, "options": options.to_dict(),
                                        "shape": [int(is_ok.sum()), size, size, 3], "dtype": "uint8",

@@ -14,7 +14,9 @@ The segmentation is deliberately simple and documented, not a lesion segmenter:
    does not count as skin;
 3. skin: the field of view minus the dilated lesion; ITA from the medians of its L* and b*
    (medians: hair and reflections are a minority of skin pixels and would drag a mean).
-When too little skin is left (the lesion fills the frame) ITA is NaN with that reason.
+When too little skin is left (the lesion fills the frame), or the skin has no yellow component
+(b* < MIN_YELLOW: a colour cast, where the formula would call light skin "dark"), ITA is NaN with
+that reason.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ import numpy as np
 VIGNETTE_LIGHTNESS = 15.0  # L* below this is the dermoscope's dark border, not skin
 MIN_SKIN_FRACTION = 0.05  # of the image: less skin than this gives no reliable estimate
 MIN_CONTRAST = 8.0  # L* between lesion and skin medians; below it Otsu splits skin from skin
+# ITA assumes skin with a yellow component (b* > 0). Dermoscopes and cameras often leave a neutral or
+# bluish cast (measured on ../shared/data: skin b* <= 0 in about a third of the images, with L* 55-95,
+# which the formula would call "dark"): below this b* the angle says more about white balance than
+# skin, so no estimate is given.
+MIN_YELLOW = 1.0
+# Bumped whenever the estimate changes, so that caches holding an older estimate decode again.
+SKIN_TONE_VERSION = 2
 
 # The standard ITA bands (Chardon 1991; Del Bino & Bernerd 2013), lightest first: (name, lower bound).
 ITA_CATEGORIES: tuple[tuple[str, float], ...] = (
@@ -106,6 +115,9 @@ def estimate_ita(rgb: np.ndarray) -> tuple[float, str]:
         return float("nan"), (f"too little skin outside the lesion and the dark border "
                               f"({fraction:.1%} of the image, need {MIN_SKIN_FRACTION:.0%})")
     lightness, b = float(np.median(lab[..., 0][skin])), float(np.median(lab[..., 2][skin]))
+    if b < MIN_YELLOW:
+        return float("nan"), (f"skin b* {b:.1f} < {MIN_YELLOW:g} (L* {lightness:.0f}): a neutral or bluish colour cast "
+                              "from the camera's white balance; ITA is undefined there")
     return ita_degrees(lightness, b), ""
 
 

@@ -263,7 +263,7 @@ def test_uploads_stay_in_memory_and_decodes_are_bounded(serve_inputs, tmp_path, 
     import threading
     import time
 
-    import melanogan.serve.app as app_mod
+    import melanogan.serve.state as app_mod
 
     client = _client(serve_inputs, tmp_path / "r.sqlite", max_upload_mb=5)
     noise = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)

@@ -224,146 +224,214 @@ def train_gan(
 
 def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: str | None, precision: str,
                   progress: bool, stop_after: int | None) -> dict:
-    rank, world = fabric.global_rank, fabric.world_size
-    device = fabric.device
+    """WGAN-GP (Gulrajani et al. 2017, Algorithm 1) with class labels: each generator step follows
+    n_critic critic steps on real and generated batches with the gradient penalty; the EMA generator
+    follows the generator. Logging, checkpoints, KID and sample grids run after each step."""
     source = BatchSource(data_dir, cfg)
-    start_step = 0
-    if ckpt:
-        loaded = load_checkpoint(Path(ckpt))
-        generator, critic, generator_ema = loaded["generator"], loaded["critic"], loaded["generator_ema"]
-        start_step = loaded["step"]
-    else:
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        generator, critic = build_models(cfg)
-        generator_ema = copy.deepcopy(generator) if cfg.ema_decay else None
-    if world > 1 and device.type == "cuda":  # small per-GPU batches: generator BN statistics over all GPUs
-        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        if generator_ema is not None:
-            generator_ema = nn.SyncBatchNorm.convert_sync_batchnorm(generator_ema)
-    channels_last = device.type == "cpu"  # 1.6-1.8x for convolutions on CPU (measured)
-    if channels_last:
-        generator = generator.to(memory_format=torch.channels_last)
-        critic = critic.to(memory_format=torch.channels_last)
-    opt_g, opt_d = make_adam(generator, cfg), make_adam(critic, cfg)
-    if ckpt and loaded["optimizers"] is not None:
-        opt_g.load_state_dict(loaded["optimizers"]["generator"])
-        opt_d.load_state_dict(loaded["optimizers"]["critic"])
-    generator, opt_g = fabric.setup(generator, opt_g)
-    critic, opt_d = fabric.setup(critic, opt_d)
-    raw_critic, raw_generator = critic.module, generator.module
-    if generator_ema is not None:
-        generator_ema = generator_ema.to(device)
-        generator_ema.eval()
-        _set_requires_grad(generator_ema, False)
-
-    stats_path = run_dir / "stats.jsonl"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        manifest = load_manifest(data_dir)
-        write_json(run_dir / "run.json", {
-            "melanogan_version": __version__, "data_dir": str(Path(data_dir).resolve()),
-            "manifest_hash": manifest_hash(manifest), "training_images": source.counts,
-            "trained_on_split": ",".join(cfg.train_splits), "precision": precision, "world_size": world,
-            "accelerator": device.type, "torch": torch.__version__,
-        })
-        _truncate_stats(stats_path, start_step)
+    models = _GanModels.build_or_load(fabric, cfg, ckpt)
+    if fabric.global_rank == 0:
+        _write_run_info(fabric, data_dir, run_dir, cfg, source, precision, models.start_step)
     fabric.barrier()
-
-    if cfg.batch_size % world:
-        raise MelanoganError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world}).")
-    per_rank_batch = cfg.batch_size // world
-    kid_tracker = KidTracker(data_dir, cfg, run_dir) if cfg.kid_every and rank == 0 else None
-    mine = slice(rank * per_rank_batch, (rank + 1) * per_rank_batch)
-    end_step = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
-    bar = TrainingBar("GAN", cfg.steps, start_step) if progress and rank == 0 else None
-    log = RunLog(fabric, stats_path)
-    acc: dict[str, list[torch.Tensor]] = {"critic_loss": [], "gradient_penalty": [], "wasserstein": [],
-                                          "generator_loss": []}
-    t_last, imgs_since = time.perf_counter(), 0
-    step = start_step
+    if cfg.batch_size % fabric.world_size:
+        raise MelanoganError(f"batch size {cfg.batch_size} must be divisible by the number of processes "
+                             f"({fabric.world_size}).")
+    steps = _GanSteps(fabric, cfg, source, models)
+    end_step = cfg.steps if stop_after is None else min(cfg.steps, models.start_step + stop_after)
+    after = _AfterStep(fabric, data_dir, run_dir, cfg, models, end_step, progress)
     try:
-        for step in range(start_step, end_step):
-            lr = cfg.lr_at(step)
-            for opt in (opt_g, opt_d):
-                for group in opt.param_groups:
-                    group["lr"] = lr
+        for step in range(models.start_step, end_step):
+            models.set_lr(cfg.lr_at(step))
             for k in range(cfg.n_critic):
-                real, labels = source.batch(cfg.batch_size, step_seed(cfg.seed, step, 0, 10 + k), rank, world)
-                real, labels = real.to(device), labels.to(device)
-                if channels_last:
-                    real = real.contiguous(memory_format=torch.channels_last)
-                g = _generator(device, step_seed(cfg.seed, step, 0, 100 + k))
-                z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=g)[mine]
-                alpha = torch.rand(cfg.batch_size, 1, 1, 1, device=device, generator=g)[mine]
-                g = _generator(device, step_seed(cfg.seed, step, rank, 200 + k))  # augmentation: per rank
-                with torch.no_grad():
-                    fake = generator(z, labels)
-                real_aug = diff_augment(real, cfg.diffaugment, g)
-                fake_aug = diff_augment(fake.to(real.dtype), cfg.diffaugment, g)
-                scores = critic(torch.cat([real_aug, fake_aug]), torch.cat([labels, labels])).float()
-                d_real, d_fake = scores[:per_rank_batch], scores[per_rank_batch:]
-                gp = gradient_penalty(raw_critic, real_aug, fake_aug, labels, alpha=alpha)
-                loss_d = critic_loss(d_real, d_fake) + cfg.gp_lambda * gp
-                opt_d.zero_grad(set_to_none=True)
-                fabric.backward(loss_d)
-                opt_d.step()
-            acc["critic_loss"].append(loss_d.detach())
-            acc["gradient_penalty"].append(gp.detach())
-            acc["wasserstein"].append(wasserstein_estimate(d_real, d_fake).detach())
-
-            _set_requires_grad(raw_critic, False)
-            g = _generator(device, step_seed(cfg.seed, step, 0, 1000))
-            z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=g)[mine]
-            g = _generator(device, step_seed(cfg.seed, step, rank, 2000))
-            fake = generator(z, labels)
-            with fabric.autocast():
-                fake_scores = raw_critic(diff_augment(fake, cfg.diffaugment, g), labels)
-            loss_g = generator_loss(fake_scores)
-            opt_g.zero_grad(set_to_none=True)
-            fabric.backward(loss_g)
-            opt_g.step()
-            _set_requires_grad(raw_critic, True)
-            if generator_ema is not None:
-                _update_ema(generator_ema, raw_generator, cfg.ema_decay)
-            acc["generator_loss"].append(loss_g.detach())
-            imgs_since += per_rank_batch * cfg.n_critic * world
-
-            done = step + 1
-            if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end_step:
-                means = {k: float(torch.stack(v).float().mean()) for k, v in acc.items()}
-                means = {k: float(fabric.all_reduce(torch.tensor(v, device=device), reduce_op="mean"))
-                         for k, v in means.items()} if world > 1 else means
-                _check_divergence(means, done, cfg, run_dir)
-                now = time.perf_counter()
-                record = {"step": done, **{k: round(v, 6) for k, v in means.items()}, "lr": lr,
-                          "img_per_s": round(imgs_since / max(now - t_last, 1e-9), 2), "time": time.time()}
-                t_last, imgs_since = now, 0
-                acc = {k: [] for k in acc}
-                log.write(record, done)
-                if bar:
-                    bar.update(_status(record), completed=done)
-            if done % cfg.checkpoint_every == 0 or done == end_step:
-                if rank == 0:
-                    save_checkpoint(run_dir, done, cfg, raw_generator, raw_critic, generator_ema, opt_g, opt_d)
-                fabric.barrier()
-            if kid_tracker is not None and done % cfg.kid_every == 0:
-                kid = kid_tracker.evaluate(generator_ema if generator_ema is not None else raw_generator, done)
-                if kid_tracker.improved:
-                    save_checkpoint(run_dir, done, cfg, raw_generator, raw_critic, generator_ema, opt_g, opt_d,
-                                    extra={"kid": kid}, name="best-kid")
-            if rank == 0 and (done % cfg.sample_every == 0 or done == end_step):
-                grid = sample_grid(generator_ema if generator_ema is not None else raw_generator, cfg)
-                save_image(grid, run_dir / "samples" / f"step-{done:07d}.png")
-                plot_losses(run_dir)
+                labels = steps.critic_step(step, k)
+            steps.generator_step(step, labels)
+            after.step(step + 1, steps)
     finally:
-        if bar:
-            bar.close()
-        log.close()
+        after.close()
     shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "step": end_step, "finished": end_step >= cfg.steps,
             "training_images": source.counts}
 
+
+class _GanModels:
+    """Generator, critic, EMA generator and their optimizers, set up for Fabric."""
+
+    @classmethod
+    def build_or_load(cls, fabric, cfg: GanConfig, ckpt: str | None) -> _GanModels:
+        self = cls()
+        device, world = fabric.device, fabric.world_size
+        self.start_step, loaded = 0, None
+        if ckpt:
+            loaded = load_checkpoint(Path(ckpt))
+            generator, critic, generator_ema = loaded["generator"], loaded["critic"], loaded["generator_ema"]
+            self.start_step = loaded["step"]
+        else:
+            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+            generator, critic = build_models(cfg)
+            generator_ema = copy.deepcopy(generator) if cfg.ema_decay else None
+        if world > 1 and device.type == "cuda":  # small per-GPU batches: generator BN statistics over all GPUs
+            generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+            if generator_ema is not None:
+                generator_ema = nn.SyncBatchNorm.convert_sync_batchnorm(generator_ema)
+        self.channels_last = device.type == "cpu"  # 1.6-1.8x for convolutions on CPU (measured)
+        if self.channels_last:
+            generator = generator.to(memory_format=torch.channels_last)
+            critic = critic.to(memory_format=torch.channels_last)
+        opt_g, opt_d = make_adam(generator, cfg), make_adam(critic, cfg)
+        if loaded is not None and loaded["optimizers"] is not None:
+            opt_g.load_state_dict(loaded["optimizers"]["generator"])
+            opt_d.load_state_dict(loaded["optimizers"]["critic"])
+        self.generator, self.opt_g = fabric.setup(generator, opt_g)
+        self.critic, self.opt_d = fabric.setup(critic, opt_d)
+        self.raw_critic, self.raw_generator = self.critic.module, self.generator.module
+        self.generator_ema = generator_ema
+        if generator_ema is not None:
+            self.generator_ema = generator_ema.to(device)
+            self.generator_ema.eval()
+            _set_requires_grad(self.generator_ema, False)
+        return self
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that samples and is scored: the EMA one when the run has it."""
+        return self.generator_ema if self.generator_ema is not None else self.raw_generator
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def save(self, run_dir: Path, step: int, cfg: GanConfig, **kwargs) -> None:
+        save_checkpoint(run_dir, step, cfg, self.raw_generator, self.raw_critic, self.generator_ema, self.opt_g,
+                        self.opt_d, **kwargs)
+
+
+def _write_run_info(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, source: BatchSource, precision: str,
+                    start_step: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_json(run_dir / "run.json", {
+        "melanogan_version": __version__, "data_dir": str(Path(data_dir).resolve()),
+        "manifest_hash": manifest_hash(load_manifest(data_dir)), "training_images": source.counts,
+        "trained_on_split": ",".join(cfg.train_splits), "precision": precision, "world_size": fabric.world_size,
+        "accelerator": fabric.device.type, "torch": torch.__version__,
+    })
+    _truncate_stats(run_dir / "stats.jsonl", start_step)
+
+
+class _GanSteps:
+    """One critic step and one generator step. Every random draw is seeded by (seed, step, purpose), and
+    by rank only for augmentation, so a resumed or multi-GPU run draws what a single run would."""
+
+    def __init__(self, fabric, cfg: GanConfig, source: BatchSource, models: _GanModels) -> None:
+        self.fabric, self.cfg, self.source, self.m = fabric, cfg, source, models
+        self.rank, self.world, self.device = fabric.global_rank, fabric.world_size, fabric.device
+        self.per_rank_batch = cfg.batch_size // self.world
+        self.mine = slice(self.rank * self.per_rank_batch, (self.rank + 1) * self.per_rank_batch)
+        self.acc: dict[str, list[torch.Tensor]] = {"critic_loss": [], "gradient_penalty": [], "wasserstein": [],
+                                                   "generator_loss": []}
+        self.images = 0  # real + generated images the critic scored since the last log record
+
+    def critic_step(self, step: int, k: int) -> torch.Tensor:
+        """max_D E[D(x)] - E[D(G(z))] - lambda * GP on this rank's part of the batch; returns its labels."""
+        cfg, m, device = self.cfg, self.m, self.device
+        real, labels = self.source.batch(cfg.batch_size, step_seed(cfg.seed, step, 0, 10 + k), self.rank, self.world)
+        real, labels = real.to(device), labels.to(device)
+        if m.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        g = _generator(device, step_seed(cfg.seed, step, 0, 100 + k))
+        z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=g)[self.mine]
+        alpha = torch.rand(cfg.batch_size, 1, 1, 1, device=device, generator=g)[self.mine]
+        g = _generator(device, step_seed(cfg.seed, step, self.rank, 200 + k))  # augmentation: per rank
+        with torch.no_grad():
+            fake = m.generator(z, labels)
+        real_aug = diff_augment(real, cfg.diffaugment, g)
+        fake_aug = diff_augment(fake.to(real.dtype), cfg.diffaugment, g)
+        scores = m.critic(torch.cat([real_aug, fake_aug]), torch.cat([labels, labels])).float()
+        d_real, d_fake = scores[:self.per_rank_batch], scores[self.per_rank_batch:]
+        gp = gradient_penalty(m.raw_critic, real_aug, fake_aug, labels, alpha=alpha)
+        loss_d = critic_loss(d_real, d_fake) + cfg.gp_lambda * gp
+        m.opt_d.zero_grad(set_to_none=True)
+        self.fabric.backward(loss_d)
+        m.opt_d.step()
+        self.images += self.per_rank_batch * self.world
+        if k == cfg.n_critic - 1:  # logged: the last critic step before the generator's
+            self.acc["critic_loss"].append(loss_d.detach())
+            self.acc["gradient_penalty"].append(gp.detach())
+            self.acc["wasserstein"].append(wasserstein_estimate(d_real, d_fake).detach())
+        return labels
+
+    def generator_step(self, step: int, labels: torch.Tensor) -> None:
+        """min_G -E[D(G(z))] with the critic frozen, then the EMA update."""
+        cfg, m, device = self.cfg, self.m, self.device
+        _set_requires_grad(m.raw_critic, False)
+        g = _generator(device, step_seed(cfg.seed, step, 0, 1000))
+        z = torch.randn(cfg.batch_size, cfg.noise_dim, device=device, generator=g)[self.mine]
+        g = _generator(device, step_seed(cfg.seed, step, self.rank, 2000))
+        fake = m.generator(z, labels)
+        with self.fabric.autocast():
+            fake_scores = m.raw_critic(diff_augment(fake, cfg.diffaugment, g), labels)
+        loss_g = generator_loss(fake_scores)
+        m.opt_g.zero_grad(set_to_none=True)
+        self.fabric.backward(loss_g)
+        m.opt_g.step()
+        _set_requires_grad(m.raw_critic, True)
+        if m.generator_ema is not None:
+            _update_ema(m.generator_ema, m.raw_generator, cfg.ema_decay)
+        self.acc["generator_loss"].append(loss_g.detach())
+
+    def take_means(self) -> tuple[dict[str, float], int]:
+        """Mean of each logged loss since the last call (over ranks too) and the images scored."""
+        means = {k: float(torch.stack(v).float().mean()) for k, v in self.acc.items()}
+        if self.world > 1:
+            means = {k: float(self.fabric.all_reduce(torch.tensor(v, device=self.device), reduce_op="mean"))
+                     for k, v in means.items()}
+        images, self.images = self.images, 0
+        self.acc = {k: [] for k in self.acc}
+        return means, images
+
+
+class _AfterStep:
+    """What happens after a generator step: the log record (and divergence check), checkpoints, KID
+    with its best checkpoint, sample grids and the progress bar."""
+
+    def __init__(self, fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, models: _GanModels, end_step: int,
+                 progress: bool) -> None:
+        self.fabric, self.run_dir, self.cfg, self.m, self.end_step = fabric, run_dir, cfg, models, end_step
+        rank0 = fabric.global_rank == 0
+        self.kid = KidTracker(data_dir, cfg, run_dir) if cfg.kid_every and rank0 else None
+        self.bar = TrainingBar("GAN", cfg.steps, models.start_step) if progress and rank0 else None
+        self.log = RunLog(fabric, run_dir / "stats.jsonl")
+        self.t_last = time.perf_counter()
+
+    def step(self, done: int, steps: _GanSteps) -> None:
+        cfg, last = self.cfg, done == self.end_step
+        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or last:
+            means, images = steps.take_means()
+            _check_divergence(means, done, cfg, self.run_dir)
+            now = time.perf_counter()
+            record = {"step": done, **{k: round(v, 6) for k, v in means.items()}, "lr": self.m.lr,
+                      "img_per_s": round(images / max(now - self.t_last, 1e-9), 2), "time": time.time()}
+            self.t_last = now
+            self.log.write(record, done)
+            if self.bar:
+                self.bar.update(_status(record), completed=done)
+        if done % cfg.checkpoint_every == 0 or last:
+            if self.fabric.global_rank == 0:
+                self.m.save(self.run_dir, done, cfg)
+            self.fabric.barrier()
+        if self.kid is not None and done % cfg.kid_every == 0:
+            kid = self.kid.evaluate(self.m.sampler, done)
+            if self.kid.improved:
+                self.m.save(self.run_dir, done, cfg, extra={"kid": kid}, name="best-kid")
+        if self.fabric.global_rank == 0 and (done % cfg.sample_every == 0 or last):
+            save_image(sample_grid(self.m.sampler, cfg), self.run_dir / "samples" / f"step-{done:07d}.png")
+            plot_losses(self.run_dir)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        self.log.close()
 
 
 class KidTracker:

@@ -397,3 +397,14 @@ def test_subgroup_table_exact_and_small_subgroups_listed_not_dropped():
     unknown = rows[("sex", "unknown")]
     assert unknown["n_melanoma"] == 2 and "0 other" in unknown["note"] and np.isnan(unknown["specificity"])
     assert rows[("source", "ham10000")]["n_images"] == 20 and rows[("source", "ham10000")]["roc_auc"] > 0.8
+
+
+def test_skin_tone_of_an_older_estimate_is_not_reported_as_current(tmp_path, demo_prepared):
+    import json
+
+    from melanogan.classify.evaluate import current_skin_tone
+    from melanogan.data.skin import SKIN_TONE_VERSION
+
+    assert current_skin_tone(demo_prepared)  # prepared by this version
+    (tmp_path / "prepare.json").write_text(json.dumps({"skin_tone_version": SKIN_TONE_VERSION - 1}))
+    assert not current_skin_tone(tmp_path) and not current_skin_tone(tmp_path / "missing")

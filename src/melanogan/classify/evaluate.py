@@ -73,6 +73,14 @@ def run_cache_options(run_dir: Path) -> CacheOptions:
     return CacheOptions(**info["cache_options"])
 
 
+def current_skin_tone(data_dir: Path) -> bool:
+    """Whether DATA_DIR's manifest holds skin tones estimated by this version's method."""
+    from melanogan.data.skin import SKIN_TONE_VERSION
+
+    info = Path(data_dir) / "prepare.json"
+    return info.is_file() and read_json(info).get("skin_tone_version") == SKIN_TONE_VERSION
+
+
 def eval_dir_name(data_dir: Path, split: str, external: bool, tta: int = 1) -> str:
     """`eval-SPLIT`, or for another DATA_DIR `eval-external-NAME-HASH-SPLIT` (HASH of its resolved path:
     two external sets in folders of the same name never overwrite each other); `-ttaN` with TTA, so
@@ -223,8 +231,13 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     if test["source"].nunique() > 1:  # a multi-source dataset: how the model does on each source
         result["by_source"] = {str(src): auc_summary(part, temperature, bootstrap, cfg.seed)
                                for src, part in test.groupby("source")}
-    meta = data_manifest.set_index("uid")[[c for c in ("sex", "age", "anatom_site", "ita_category")
-                                           if c in data_manifest.columns]]
+    columns = [c for c in ("sex", "age", "anatom_site", "ita_category") if c in data_manifest.columns]
+    if "ita_category" in columns and not current_skin_tone(data_dir):
+        columns.remove("ita_category")  # an estimate an older melanogan made is not reported as current
+        if log:
+            log(f"{data_dir}: its skin-tone estimates come from an older melanogan; run `melanogan prepare` on it "
+                "again to include skin tone in the subgroup table")
+    meta = data_manifest.set_index("uid")[columns]
     with_meta = test.join(meta, on="uid").assign(age_band=lambda d: d["age"].map(age_band))
     result["by_subgroup"] = subgroup_table(with_meta, result["thresholds"]["val_youden"]["threshold"], temperature,
                                            bootstrap, cfg.seed)

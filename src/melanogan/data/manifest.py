@@ -22,7 +22,7 @@ import pandas as pd
 from melanogan import __version__
 from melanogan.data.cache import Cache, CacheOptions, build_cache, default_workers
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, UnionFind, near_duplicate_pairs
-from melanogan.data.skin import category_counts, ita_category
+from melanogan.data.skin import SKIN_TONE_VERSION, category_counts, ita_category
 from melanogan.data.sources import DEFAULT_MELANOMA_FOLDERS, global_isic_id, read_source
 from melanogan.data.splits import SplitFractions, assign_splits
 from melanogan.errors import DataError
@@ -227,6 +227,7 @@ def prepare(
         "counts": {"kept": len(manifest), "rejected": len(rejected_df)},
         # skin tone of the skin around each lesion (data/skin.py): images per ITA band, per source
         "skin_tone": {src: category_counts(g["ita_category"]) for src, g in manifest.groupby("source")},
+        "skin_tone_version": SKIN_TONE_VERSION,
         "notes": notes,
     })
     return PrepareResult(out, manifest, rejected_df, pairs, cache, notes)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from melanogan.serve.routes import add_results_routes
 from melanogan.serve.state import DIAGNOSES
 from melanogan.serve.summaries import review_summary
-from melanogan.serve.web import UserError, clean_reviewer, csv_response, page, reviewer_query
+from melanogan.serve.web import UserError, clean_reviewer, page, reviewer_query
 
 router = APIRouter(prefix="/review")
 
@@ -61,15 +62,4 @@ def review_answer(request: Request, reviewer: str = Form(""), item_id: str = For
     return RedirectResponse(f"/review/next?{reviewer_query(reviewer)}", status_code=303)
 
 
-@router.get("/results", response_class=HTMLResponse)
-def review_results(request: Request, token: str = Query("")):
-    state = request.app.state.review
-    state.check_token(token)
-    return page(request, "review_results.html", summary=review_summary(state.store.review_answers()), token=token)
-
-
-@router.get("/results.csv")
-def review_csv(request: Request, token: str = Query("")):
-    state = request.app.state.review
-    state.check_token(token)
-    return csv_response(state.store.review_answers(), "review_answers.csv")
+add_results_routes(router, "review", review_summary, lambda store: store.review_answers())

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from melanogan.serve.routes import add_results_routes
 from melanogan.serve.summaries import turing_summary
-from melanogan.serve.web import UserError, clean_reviewer, csv_response, page, reviewer_query
+from melanogan.serve.web import UserError, clean_reviewer, page, reviewer_query
 
 router = APIRouter(prefix="/turing")
 
@@ -50,15 +51,4 @@ def turing_image(request: Request, item_id: str):
                     headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.get("/results", response_class=HTMLResponse)
-def turing_results(request: Request, token: str = Query("")):
-    state = request.app.state.review
-    state.check_token(token)
-    return page(request, "turing_results.html", summary=turing_summary(state.store.turing_answers()), token=token)
-
-
-@router.get("/results.csv")
-def turing_csv(request: Request, token: str = Query("")):
-    state = request.app.state.review
-    state.check_token(token)
-    return csv_response(state.store.turing_answers(), "turing_answers.csv")
+add_results_routes(router, "turing", turing_summary, lambda store: store.turing_answers())

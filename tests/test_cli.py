@@ -251,7 +251,8 @@ def test_declared_lower_bounds_support_what_the_code_uses():
 
 API_TWINS = {"prepare": "prepare", "audit": "audit", "train-gan": "train_gan", "generate": "generate",
              "import-synthetic": "import_synthetic", "evaluate-gan": "evaluate_gan", "train": "train",
-             "evaluate": "evaluate", "study": "study", "predict": "predict", "explain": "explain", "export": "export"}
+             "evaluate": "evaluate", "study": "study", "predict": "predict", "explain": "explain", "export": "export",
+             "calibrate": "calibrate", "card": "card"}
 
 
 def test_every_api_function_takes_its_cli_twins_options_with_the_same_defaults():

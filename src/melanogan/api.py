@@ -27,10 +27,12 @@ from melanogan.data.splits import SplitFractions
 from melanogan.errors import MelanoganError
 from melanogan.results import (
     Audit,
+    Calibration,
     Evaluation,
     Explanation,
     Exported,
     GanRun,
+    ModelCard,
     Predictions,
     Prepared,
     Quality,
@@ -39,8 +41,8 @@ from melanogan.results import (
     TrainRun,
 )
 
-__all__ = ["audit", "evaluate", "evaluate_gan", "explain", "export", "generate", "import_synthetic", "predict",
-           "prepare", "study", "train", "train_gan"]
+__all__ = ["audit", "calibrate", "card", "evaluate", "evaluate_gan", "explain", "export", "generate",
+           "import_synthetic", "predict", "prepare", "study", "train", "train_gan"]
 
 
 @contextlib.contextmanager
@@ -233,3 +235,21 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
 
     meta = export_model(Path(run_dir), format, Path(out) if out else None, site=site)
     return Exported(Path(meta["file"]), meta)
+
+
+def calibrate(run_dir: str | Path, data: str | Path, site: str, split: str = "all", folds: int = 5,
+              log: Callable[[str], None] | None = print) -> Calibration:
+    """An operating point for a new site, chosen on a labelled sample of its cases (RUN_DIR/sites/SITE/);
+    use it with `site=` in predict, explain and export."""
+    from melanogan.classify.calibrate import calibrate_site
+
+    result = calibrate_site(Path(run_dir), Path(data), site, split, folds, log=log)
+    return Calibration(Path(run_dir) / "sites" / site, result)
+
+
+def card(run_dir: str | Path, out: str | Path | None = None) -> ModelCard:
+    """The model card (markdown + html) from what the run and its evaluations measured."""
+    from melanogan.classify.card import write_card
+
+    md, html = write_card(Path(run_dir), Path(out) if out else None)
+    return ModelCard(md, html)

@@ -392,9 +392,9 @@ def calibrate(
     on a labelled sample of its own cases, with the sensitivity/specificity they should give there
     (cross-fitted, exact 95% CIs as wide as the sample is small). Use them with --site NAME in
     predict, explain, serve and export."""
-    from melanogan.classify.calibrate import calibrate_site
+    from melanogan import api
 
-    r = calibrate_site(run_dir, data, site, split, folds, log=lambda m: console.print(f"note: {m}"))
+    r = api.calibrate(run_dir, data, site, split=split, folds=folds, log=lambda m: console.print(f"note: {m}")).result
     console.print(f"site {site}: {r['n_images']} images ({r['n_melanoma']} melanoma), ROC-AUC {r['roc_auc']:.3f} "
                   f"[{r['roc_auc_ci95'][0]:.3f}, {r['roc_auc_ci95'][1]:.3f}], temperature {r['temperature']:.2f}")
     for name, t in r["thresholds"].items():
@@ -552,10 +552,10 @@ def card(
     training data make-up, preprocessing, metrics with CIs (internal and external), subgroups, calibration,
     failure modes found, synthetic data and its quality, and the reporting items (Model Cards, TRIPOD+AI,
     CLAIM) it covers."""
-    from melanogan.classify.card import write_card
+    from melanogan import api
 
-    md, html = write_card(run_dir, out)
-    console.print(f"model card: {md} and {html}")
+    result = api.card(run_dir, out)
+    console.print(f"model card: {result.markdown} and {result.html}")
 
 
 @app.command()

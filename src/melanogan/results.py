@@ -391,3 +391,47 @@ class Exported:
     def __repr__(self) -> str:
         return (f"Exported({self.file} ({self.sidecar['format']}); max |difference| vs PyTorch "
                 f"{self.sidecar['max_abs_difference_vs_pytorch']:.2e})")
+
+
+@dataclass
+class Calibration:
+    """A site's operating point (calibrate): thresholds, temperature and what they should give there."""
+
+    site_dir: Path
+    result: dict
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([{"threshold_name": name, "threshold": t,
+                              "expected_sensitivity": self.result["expected"][name]["sensitivity"],
+                              "sensitivity_ci95": self.result["expected"][name]["sensitivity_ci95"],
+                              "expected_specificity": self.result["expected"][name]["specificity"],
+                              "specificity_ci95": self.result["expected"][name]["specificity_ci95"]}
+                             for name, t in self.result["thresholds"].items()])
+
+    def __repr__(self) -> str:
+        r = self.result
+        return (f"Calibration({self.site_dir.name}: {r['n_images']} images, {r['n_melanoma']} melanoma; ROC-AUC "
+                f"{_fmt_ci(r['roc_auc'], r.get('roc_auc_ci95'))}; temperature {r['temperature']:.2f})")
+
+    def _repr_html_(self) -> str:
+        return f"<p>{html.escape(repr(self))}</p>" + _table_html(self.table)
+
+
+@dataclass
+class ModelCard:
+    """The model card's two files."""
+
+    markdown: Path
+    html: Path
+
+    @property
+    def text(self) -> str:
+        return self.markdown.read_text()
+
+    def __repr__(self) -> str:
+        return f"ModelCard({self.markdown}, {self.html.name})"
+
+    def _repr_html_(self) -> str:
+        body = self.html.read_text()
+        return body[body.find("<body>") + 6:body.rfind("</body>")]

@@ -154,8 +154,8 @@ def evaluate_gan(syn_dir: str | Path, real: str | Path, out: str | Path, split: 
     """FID, KID, precision/recall, density/coverage, diversity, memorisation and skin tone per class."""
     from melanogan.gan.evaluate import evaluate_gan as run_evaluate_gan
 
-    result = run_evaluate_gan(Path(syn_dir), Path(real), Path(out), split, features, inception_weights, pairs)
-    return Quality(Path(out), result)
+    run_evaluate_gan(Path(syn_dir), Path(real), Path(out), split, features, inception_weights, pairs)
+    return Quality.load(Path(out))  # as written, so the API and the files agree
 
 
 def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weights: str | None = None,

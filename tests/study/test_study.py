@@ -38,6 +38,10 @@ def test_toy_study_report_and_resume(demo_prepared, tmp_path):
     table = StudyResult(tmp_path / "study", report).table  # what melanogan.study() returns, as data
     assert list(table["arm"]) == [r["arm"] for r in rows] and list(table["verdict"]) == [r["verdict"] for r in rows]
     assert [r["arm"] for r in rows] == ["weighted-loss", "gan"]
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "study" / "figures" / "synthetic.png")  # real vs synthetic, both classes
+    assert grid.size[1] == 4 * 98 and "real and synthetic, per class" in text
     for r in rows:
         assert r["verdict"] in text and f"| {r['arm']} | {r['difference']:+.3f} |" in text
     assert "## Oracle operating points (not validation-chosen)" in text

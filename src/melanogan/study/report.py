@@ -18,6 +18,7 @@ from melanogan.classify import metrics as M
 from melanogan.classify.evaluate import eval_dir_name
 from melanogan.data.audit import audit_manifest
 from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, save_figure, write_csv, write_text
 from melanogan.render import markdown_to_html
 from melanogan.study.layout import ORIGINAL_DIR, arm_dir
@@ -277,22 +278,33 @@ def _roc_figure(cfg, preds: dict, path: Path) -> bool:
     return drawn
 
 
-def _synthetic_grid(study_dir: Path, cfg, path: Path, n: int = 32) -> bool:
+def _synthetic_grid(study_dir: Path, cfg, path: Path, n: int = 8) -> bool:
+    """Real validation images beside synthetic ones, per class (two rows each: real, then synthetic),
+    both from their caches (the same preprocessing), at the same display size."""
     from PIL import Image
+
+    from melanogan.data.dataset import CachedImageDataset
 
     syn = study_dir / f"seed-{cfg.seeds[0]}" / "synthetic"
     if not (syn / "manifest.parquet").is_file():
         return False
-    paths = load_manifest(syn)["path"].tolist()[:n]
-    if not paths:
+    rows = []
+    for label in (1, 0):
+        try:
+            fake = CachedImageDataset(syn, "train", labels=[label])
+            real = CachedImageDataset(Path(cfg.data), "val", labels=[label])
+        except MelanoganError:
+            continue
+        for ds in (real, fake):
+            tiles = [np.asarray(Image.fromarray(ds.raw(i).permute(1, 2, 0).numpy()).resize((96, 96)))
+                     for i in range(min(n, len(ds)))]
+            rows.append(tiles + [np.full((96, 96, 3), 255, np.uint8)] * (n - len(tiles)))
+    if not rows:
         return False
-    tiles = [np.asarray(Image.open(p).convert("RGB").resize((96, 96))) for p in paths]
-    cols = 8
-    rows = -(-len(tiles) // cols)
-    grid = np.zeros((rows * 98, cols * 98, 3), np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, cols)
-        grid[r * 98:r * 98 + 96, c * 98:c * 98 + 96] = t
+    grid = np.full((len(rows) * 98, n * 98, 3), 255, np.uint8)
+    for r, tiles in enumerate(rows):
+        for c, t in enumerate(tiles):
+            grid[r * 98:r * 98 + 96, c * 98:c * 98 + 96] = t
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     return True
@@ -415,7 +427,9 @@ def write_report(study_dir: Path, cfg) -> Path:
     if _roc_figure(cfg, preds, figures / "roc.png"):
         lines += ["![ROC curves of every arm](figures/roc.png)", ""]
     if _synthetic_grid(study_dir, cfg, figures / "synthetic.png"):
-        lines += ["Synthetic melanomas (first seed, first 32):", "", "![synthetic samples](figures/synthetic.png)", ""]
+        lines += ["Real validation images and synthetic ones, side by side (first seed's GAN; rows: real melanomas, "
+                  "synthetic melanomas, real non-melanomas, synthetic non-melanomas):", "",
+                  "![real and synthetic, per class](figures/synthetic.png)", ""]
     losses = study_dir / f"seed-{cfg.seeds[0]}" / "gan" / "samples" / "losses.png"
     if losses.is_file():
         (figures / "gan_losses.png").write_bytes(losses.read_bytes())

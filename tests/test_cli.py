@@ -249,7 +249,8 @@ def test_declared_lower_bounds_support_what_the_code_uses():
         assert lower.get(name, ()) >= minimum, f"{name} needs >= {'.'.join(map(str, minimum))}"
 
 
-API_TWINS = {"prepare": "prepare", "audit": "audit", "train-gan": "train_gan", "generate": "generate",
+API_TWINS = {"prepare": "prepare", "audit": "audit", "pack": "pack", "unpack": "unpack",
+              "train-gan": "train_gan", "generate": "generate",
              "import-synthetic": "import_synthetic", "evaluate-gan": "evaluate_gan", "train": "train",
              "evaluate": "evaluate", "study": "study", "predict": "predict", "explain": "explain", "export": "export",
              "calibrate": "calibrate", "card": "card"}

@@ -1,14 +1,15 @@
 """melanogan: melanoma detection with a conditional WGAN-GP against class imbalance, evaluated honestly.
 
 The Python API (one function per CLI verb, see `melanogan.api`) is importable from here:
-`melanogan.prepare`, `audit`, `train_gan`, `generate`, `import_synthetic`, `evaluate_gan`, `train`,
+`melanogan.prepare`, `audit`, `pack`, `unpack`, `train_gan`, `generate`, `import_synthetic`, `evaluate_gan`, `train`,
 `evaluate`, `study`, `predict`, `explain`, `export`, `calibrate`, `card`. They are loaded on first use, so that
 `import melanogan` stays light (no torch) for the CLI's start-up.
 """
 
 __version__ = "0.1.0"
 
-_API = ("prepare", "audit", "train_gan", "generate", "import_synthetic", "evaluate_gan", "train", "evaluate", "study",
+_API = ("prepare", "audit", "pack", "unpack",
+        "train_gan", "generate", "import_synthetic", "evaluate_gan", "train", "evaluate", "study",
         "predict", "explain", "export", "calibrate", "card")
 
 

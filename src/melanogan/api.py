@@ -99,6 +99,21 @@ def prepare(source: list[str] | list[tuple[str, str | Path]], out: str | Path, s
     return Prepared(r.data_dir, r.manifest, r.rejected, r.near_duplicates, r.cache.root, r.cache.options.size, r.notes)
 
 
+def pack(data_dir: str | Path, out: str | Path, size: int = 128, quality: int = 90) -> dict:
+    """Shrink DATA_DIR for a copy to another machine (e.g. a GPU box for `train-gan`): its manifest and
+    its cached pixels at `size` px as JPEG `quality`. Returns the pack's pack.json."""
+    from melanogan.data.pack import pack_data_dir
+
+    return pack_data_dir(Path(data_dir), Path(out), size=size, quality=quality)
+
+
+def unpack(pack_dir: str | Path, out: str | Path) -> Path:
+    """Turn a `pack` back into a DATA_DIR (cache at the pack's size; its prepare.json says it is a lossy copy)."""
+    from melanogan.data.pack import unpack_data_dir
+
+    return unpack_data_dir(Path(pack_dir), Path(out))
+
+
 def audit(data_dir: str | Path) -> Audit:
     """Leakage checks of a prepared DATA_DIR (patients, clusters, identical files, synthetic rows)."""
     from melanogan.data.audit import audit as run_audit

@@ -177,6 +177,37 @@ def audit(
 
 
 @app.command()
+def pack(
+    data_dir: Annotated[Path, typer.Argument(help="A DATA_DIR written by `melanogan prepare`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for manifest.parquet, images.npz and pack.json.")],
+    size: Annotated[int, typer.Option(help="Pixels per side: the GAN resolution it is for.")] = 128,
+    quality: Annotated[int, typer.Option(help="JPEG quality (4:4:4); 90 is ~5 KB per 128 px image.")] = 90,
+) -> None:
+    """Shrink a DATA_DIR to copy it to another machine (e.g. to train the GAN on a GPU box).
+
+    Keeps the manifest unchanged (so the GAN records the same manifest hash) and the cached pixels
+    resized as the GAN's input preset resizes them, JPEG-encoded. `melanogan unpack` turns it back
+    into a DATA_DIR there.
+    """
+    from melanogan import api
+
+    info = api.pack(data_dir, out, size=size, quality=quality)
+    console.print(f"packed {info['images']} images at {size} px (JPEG {quality}): {info['bytes'] / 2**20:.1f} MiB "
+                  f"in {out}")
+
+
+@app.command()
+def unpack(
+    pack_dir: Annotated[Path, typer.Argument(help="A folder written by `melanogan pack`.")],
+    out: Annotated[Path, typer.Option("--out", help="DATA_DIR to write.")],
+) -> None:
+    """Turn a pack back into a DATA_DIR (its prepare.json says the pixels are a lossy copy)."""
+    from melanogan import api
+
+    console.print(f"DATA_DIR: {api.unpack(pack_dir, out)}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo data, prepared data and the study.")] = Path(
         "melanogan-demo"),

@@ -109,7 +109,10 @@ def load_checkpoint(path: Path) -> dict:
         raise MelanoganError(f"{path / 'state.json'}: unreadable checkpoint state ({exc}).") from exc
     g, d = build_models(cfg)
     _load_weights(g, path / "generator.safetensors")
-    _load_weights(d, path / "critic.safetensors")
+    if (path / "critic.safetensors").is_file():
+        _load_weights(d, path / "critic.safetensors")
+    else:  # a sampling copy (e.g. brought back from a GPU machine without the critic): cannot resume training
+        d = None
     g_ema = None
     if (path / "generator_ema.safetensors").is_file():
         g_ema, _ = build_models(cfg)

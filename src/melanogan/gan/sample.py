@@ -19,6 +19,7 @@ import torch
 from melanogan import __version__
 from melanogan.data.cache import CacheOptions, build_cache
 from melanogan.data.manifest import MANIFEST
+from melanogan.data.pack import data_space
 from melanogan.data.synthetic import (
     SYNTHETIC_FORMAT,
     SYNTHETIC_SOURCE,
@@ -60,9 +61,12 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
     model = model.to(device).eval()
     run_info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     data_dir = Path(run_info.get("data_dir", ""))
-    prepare_info = data_dir / "prepare.json"
-    options = CacheOptions(**read_json(prepare_info)["cache_options"]) if prepare_info.is_file() \
-        else CacheOptions(size=cfg.resolution)
+    if run_info.get("data_space"):  # recorded at training: holds also for a GAN trained on another machine
+        options = CacheOptions(**run_info["data_space"])
+    elif (data_dir / "prepare.json").is_file():
+        options = data_space(data_dir)
+    else:
+        options = CacheOptions(size=cfg.resolution)
     size = options.size
     check_same_decoding(out, synthetic_decode_options(options))  # before any image is written
     ck_hash = checkpoint_hash(ckpt)

@@ -28,9 +28,10 @@ from torch import nn
 from melanogan import __version__
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.manifest import load_manifest, manifest_hash
+from melanogan.data.pack import data_space
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import DataError, MelanoganError
-from melanogan.fileio import append_jsonl, atomic_path, save_figure, write_json, write_text
+from melanogan.fileio import append_jsonl, atomic_path, read_json, save_figure, write_json, write_text
 from melanogan.gan.checkpoint import build_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from melanogan.gan.config import GanConfig
 from melanogan.gan.losses import critic_loss, diff_augment, generator_loss, gradient_penalty, wasserstein_estimate
@@ -54,6 +55,9 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
+PRELOAD_MAX_BYTES = 2 * 2**30
+
+
 class BatchSource:
     """Draws training batches from the training split only (`train_splits`, which only the original
     protocol's reproduction widens), optionally class-balanced."""
@@ -66,11 +70,19 @@ class BatchSource:
                 raise MelanoganError(f"{data_dir}: the training split has no {CLASS_NAMES[c]} image, so the GAN "
                                      f"cannot learn that class. Check the manifest (melanogan audit {data_dir}) "
                                      "or set classes in the config.")
-        self.dataset = CachedImageDataset(data_dir, cfg.train_splits, transform=eval_preset(cfg.resolution, "tanh"),
-                                          labels=cfg.classes, manifest=manifest)
+        preset = eval_preset(cfg.resolution, "tanh")
+        self.dataset = CachedImageDataset(data_dir, cfg.train_splits, transform=preset, labels=cfg.classes,
+                                          manifest=manifest)
+        self.resize, self.to_float = preset.transforms  # the preset's two stages, applied apart when preloaded
         self.by_class = {c: np.flatnonzero(self.dataset.labels == c) for c in cfg.classes}
         self.cfg = cfg
         self.counts = {CLASS_NAMES[c]: len(v) for c, v in self.by_class.items()}
+        # Every image resized once, kept as uint8: a step draws n_critic batches, and resizing them
+        # image by image on the host starved a GPU. Bounded so a large dataset at high resolution
+        # falls back to reading the memory-mapped cache per image.
+        self.preloaded: torch.Tensor | None = None
+        if len(self.dataset) * 3 * cfg.resolution ** 2 <= PRELOAD_MAX_BYTES:
+            self.preloaded = torch.stack([self.resize(self.dataset.raw(i)) for i in range(len(self.dataset))])
 
     def batch(self, size: int, seed: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the global batch drawn with `seed`: a DDP run sees the same global
@@ -84,7 +96,10 @@ class BatchSource:
             index = rng.integers(0, len(self.dataset), size=size)
             labels = self.dataset.labels[index]
         part = slice(rank * size // world, (rank + 1) * size // world)
-        images = torch.stack([self.dataset[int(i)][0] for i in index[part]])
+        if self.preloaded is not None:  # same values as the per-image path (the float stage is per pixel)
+            images = self.to_float(self.preloaded[torch.as_tensor(index[part])])
+        else:
+            images = torch.stack([self.dataset[int(i)][0] for i in index[part]])
         return images, torch.as_tensor(np.asarray(labels)[part], dtype=torch.long)
 
 
@@ -262,6 +277,9 @@ class _GanModels:
         self.start_step, loaded = 0, None
         if ckpt:
             loaded = load_checkpoint(Path(ckpt))
+            if loaded["critic"] is None:
+                raise MelanoganError(f"{ckpt}: holds no critic.safetensors (a copy for sampling only), so training "
+                                     "cannot resume from it. Resume from the full checkpoint where it was trained.")
             generator, critic, generator_ema = loaded["generator"], loaded["critic"], loaded["generator_ema"]
             self.start_step = loaded["step"]
         else:
@@ -277,11 +295,13 @@ class _GanModels:
             generator = generator.to(memory_format=torch.channels_last)
             critic = critic.to(memory_format=torch.channels_last)
         opt_g, opt_d = make_adam(generator, cfg), make_adam(critic, cfg)
-        if loaded is not None and loaded["optimizers"] is not None:
-            opt_g.load_state_dict(loaded["optimizers"]["generator"])
-            opt_d.load_state_dict(loaded["optimizers"]["critic"])
         self.generator, self.opt_g = fabric.setup(generator, opt_g)
         self.critic, self.opt_d = fabric.setup(critic, opt_d)
+        if loaded is not None and loaded["optimizers"] is not None:
+            # After setup: load_state_dict puts the moments on each parameter's device. Loaded before
+            # it, they stayed on the CPU and the fused Adam step failed on a GPU at resume.
+            opt_g.load_state_dict(loaded["optimizers"]["generator"])
+            opt_d.load_state_dict(loaded["optimizers"]["critic"])
         self.raw_critic, self.raw_generator = self.critic.module, self.generator.module
         self.generator_ema = generator_ema
         if generator_ema is not None:
@@ -308,6 +328,9 @@ class _GanModels:
 
 def _write_run_info(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, source: BatchSource, precision: str,
                     start_step: int) -> None:
+    space = data_space(data_dir)
+    info_path = Path(data_dir) / "prepare.json"
+    packed = read_json(info_path).get("packed") if info_path.is_file() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_json(run_dir / "run.json", {
@@ -315,6 +338,9 @@ def _write_run_info(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, sourc
         "manifest_hash": manifest_hash(load_manifest(data_dir)), "training_images": source.counts,
         "trained_on_split": ",".join(cfg.train_splits), "precision": precision, "world_size": fabric.world_size,
         "accelerator": fabric.device.type, "torch": torch.__version__,
+        # The preprocessing the training pixels stand for: generated images are cached for it (also
+        # when the GAN trained elsewhere, on a pack of the data: then `packed` says so).
+        "data_space": space.to_dict() if space else None, **({"packed": packed} if packed else {}),
     })
     _truncate_stats(run_dir / "stats.jsonl", start_step)
 

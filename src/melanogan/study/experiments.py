@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from melanogan.classify.evaluate import eval_dir_name, evaluate_run, run_cache_options, shortcut_probe
 from melanogan.classify.train import TrainConfig, load_model, train_classifier
-from melanogan.data.manifest import cache_for, load_manifest
+from melanogan.data.manifest import cache_for, load_manifest, manifest_hash
 from melanogan.data.splits import split_by_image
 from melanogan.errors import MelanoganError
 from melanogan.fileio import read_json, write_json, write_parquet, write_text
@@ -272,6 +272,12 @@ def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, pro
     gan_dir, syn_dir = seed_dir / "gan", seed_dir / "synthetic"
     gan_cfg = load_config(cfg.gan.preset, **{**cfg.gan.overrides, "seed": seed})
     ckpt = latest_checkpoint(gan_dir) if gan_dir.exists() else None
+    if (gan_dir / "run.json").is_file():  # e.g. a GAN trained on a GPU machine and put here: same data?
+        trained, ours = read_json(gan_dir / "run.json").get("manifest_hash"), manifest_hash(load_manifest(data))
+        if trained != ours:
+            raise MelanoganError(f"{gan_dir}: this GAN was trained on data with manifest hash {trained}, but the "
+                                 f"study's data {data} has {ours}; its synthetic images would not be the study's. "
+                                 "Move the folder away to train the study's GAN again.")
     done_step = read_json(ckpt / "state.json")["step"] if ckpt else 0
     if done_step < gan_cfg.steps:
         _log(f"seed {seed}: training the GAN ({gan_cfg.preset}, {gan_cfg.resolution}px, {gan_cfg.steps} steps"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -104,17 +105,20 @@ def main() -> None:
 
     # One after another: two GANs at once on one H200 ran 12x slower each than one alone (measured).
     t0 = time.perf_counter()
-    d, r, c = jobs[0]
-    _, probe_s = _train(d, r, c.model_copy(update={"steps": args.probe}), None, None, args.precision)
+    d, _, c = jobs[0]
+    probe_dir = args.out / ".probe"  # thrown away: a schedule in fractions of steps must see the real count
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    _, probe_s = _train(d, str(probe_dir), c.model_copy(update={"steps": args.probe}), None, None, args.precision)
+    shutil.rmtree(probe_dir)
     # The probe's seconds include start-up (data, CUDA, first steps): the rate is a lower bound.
     rate = args.probe / probe_s
-    left = args.budget - (time.perf_counter() - t0) - (len(jobs) - 1) * probe_s  # the others' start-up
+    left = args.budget - (time.perf_counter() - t0) - len(jobs) * probe_s  # start-ups, roughly
     steps = max(args.probe, int(rate * left / len(jobs)) // args.round * args.round)
     print(f"probe: {args.probe} steps in {probe_s:.1f} s ({rate:.2f} steps/s); {len(jobs)} GAN(s) to {steps} steps",
           flush=True)
     done = {}
-    for i, (d, r, c) in enumerate(jobs):
-        done[r] = _train(d, r, c.model_copy(update={"steps": steps}), None, steps if i == 0 else None, args.precision)
+    for d, r, c in jobs:
+        done[r] = _train(d, r, c.model_copy(update={"steps": steps}), None, None, args.precision)
     wall = time.perf_counter() - t0
     info = {"device": device, "torch": torch.__version__, "resolution": gan_cfg.resolution, "steps": steps,
             "gans": {Path(r).relative_to(args.out).as_posix(): {"step": s, "seconds": round(sec, 1)}

@@ -106,3 +106,26 @@ def test_synthetic_images_take_the_resolution_path_real_training_images_take(gan
     for i in range(3):
         expected = np.asarray(bicubic_upsample(out[i].permute(1, 2, 0).numpy(), ds.cache.options.size))
         assert np.array_equal(ds.raw(i).permute(1, 2, 0).numpy(), expected)
+
+
+def test_a_gan_trained_on_a_pack_generates_for_the_original_data(demo_prepared, tmp_path):
+    """Trained on a 32 px pack of the 64 px demo cache (as on a GPU machine), then moved: its images
+    are cached at 64 px, the data it stands for, not at the pack's size, even where the pack is gone."""
+    import shutil
+
+    from melanogan.data.pack import pack_data_dir, unpack_data_dir
+    from melanogan.data.synthetic import check_synthetic_space
+    from melanogan.gan.config import load_config
+
+    pack_data_dir(demo_prepared, tmp_path / "pack", size=32)
+    data = unpack_data_dir(tmp_path / "pack", tmp_path / "elsewhere")
+    cfg = load_config("default", resolution=32, generator_channels=32, critic_channels=8, batch_size=8, n_critic=1,
+                      steps=2, checkpoint_every=2, sample_every=2, log_every=1)
+    train_gan(data, tmp_path / "run", cfg, progress=False)
+    shutil.rmtree(tmp_path / "elsewhere")
+    generate(tmp_path / "run", 4, "melanoma", tmp_path / "syn")
+    options = CachedImageDataset(tmp_path / "syn", "train").cache.options
+    assert options.size == 64
+    from melanogan.data.manifest import default_cache
+
+    check_synthetic_space(tmp_path / "syn", default_cache(demo_prepared).options)  # accepted for the real data

@@ -172,3 +172,27 @@ def test_kid_tracking_keeps_the_best_checkpoint(demo_prepared, tmp_path, tiny_cf
     best = min(records, key=lambda r: r["kid"])
     state = json.loads((tmp_path / "run" / "checkpoints" / "best-kid" / "state.json").read_text())
     assert state["step"] == best["step"] and state["kid"] == pytest.approx(best["kid"])
+
+
+def test_preloaded_batches_equal_the_per_image_path(demo_prepared, tiny_cfg):
+    from melanogan.gan.train import BatchSource
+
+    source = BatchSource(demo_prepared, tiny_cfg)
+    assert source.preloaded is not None
+    fast, labels = source.batch(16, seed=3)
+    source.preloaded = None  # what a dataset too large to preload takes
+    slow, labels_slow = source.batch(16, seed=3)
+    assert torch.equal(fast, slow) and torch.equal(labels, labels_slow)
+
+
+def test_a_sampling_copy_without_critic_generates_but_does_not_resume(demo_prepared, tmp_path, tiny_cfg):
+    from melanogan.gan.sample import generate
+
+    train_gan(demo_prepared, tmp_path / "run", tiny_cfg.model_copy(update={"steps": 4}), progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    (ckpt / "critic.safetensors").unlink()
+    (ckpt / "optimizers.pt").unlink()
+    manifest = generate(tmp_path / "run", 3, "melanoma", tmp_path / "syn")
+    assert len(manifest) == 3
+    with pytest.raises(MelanoganError, match="sampling only"):
+        train_gan(demo_prepared, tmp_path / "run", tiny_cfg, resume=True, resume_steps=6, progress=False)

@@ -175,3 +175,33 @@ def test_the_shipped_shared_data_study_configs_are_valid(name):
     assert cfg.protocol == "both" and cfg.resolution == "matched" and len(cfg.seeds) >= 3
     assert {"baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"} <= set(cfg.arms)
     assert cfg.n_synthetic >= 1000 and cfg.external
+
+
+def test_a_gan_put_in_the_study_folder_must_match_the_data_and_settings(demo_prepared, tmp_path):
+    """A GAN trained elsewhere (a GPU machine) and copied in is used only if it was trained on the
+    study's data with the study's settings."""
+    import json
+    import shutil
+
+    cfg = _toy(demo_prepared)
+    cfg = cfg.model_copy(update={"arms": ["baseline", "gan"], "n_synthetic_other": 0})
+    run_study(cfg, tmp_path / "study", log=None, progress=False)
+    gan = tmp_path / "study" / "seed-0" / "gan"
+    for name in ("wider", "other-data"):
+        shutil.copytree(gan, tmp_path / name / "seed-0" / "gan")
+    wider = cfg.model_copy(update={"gan": cfg.gan.model_copy(update={"overrides": {**cfg.gan.overrides,
+                                                                                  "critic_channels": 16}})})
+    with pytest.raises(MelanoganError, match="critic_channels: 8 vs 16"):
+        run_study(wider, tmp_path / "wider", log=None, progress=False)
+    run_json = tmp_path / "other-data" / "seed-0" / "gan" / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "manifest_hash": "0" * 16}))
+    with pytest.raises(MelanoganError, match="trained on data with manifest hash 0000000000000000"):
+        run_study(cfg, tmp_path / "other-data", log=None, progress=False)
+
+
+def test_the_shipped_gpu_study_config_is_the_128px_gan_variant():
+    from pathlib import Path
+
+    cfg = load_study_config(Path(__file__).parents[2] / "studies" / "shared-data-gpu.yaml")
+    assert cfg.gan_resolution == 128 and cfg.resolution == "matched" and len(cfg.seeds) >= 3
+    assert {"baseline", "gan", "gan+classic-aug"} <= set(cfg.arms) and cfg.n_synthetic >= 1000 and cfg.external

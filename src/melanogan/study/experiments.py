@@ -28,7 +28,7 @@ from melanogan.data.splits import split_by_image
 from melanogan.errors import MelanoganError
 from melanogan.fileio import read_json, write_json, write_parquet, write_text
 from melanogan.gan.checkpoint import latest_checkpoint
-from melanogan.gan.config import load_config
+from melanogan.gan.config import GanConfig, load_config
 from melanogan.gan.sample import generate
 from melanogan.gan.train import train_gan
 from melanogan.study.layout import ORIGINAL_DIR, arm_dir
@@ -266,6 +266,10 @@ def _run_arms(cfg: StudyConfig, out: Path, log, progress: bool) -> None:
                          features=["pixels", f"classifier:{arm_dir(out, gan_seed, 'baseline')}"])
 
 
+_GAN_BOOKKEEPING = {"steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "kid_every",
+                    "kid_features", "kid_samples", "max_wasserstein"}
+
+
 def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, progress: bool) -> bool:
     """Train (or resume) the seed's GAN and generate its synthetic set; False while a time-boxed GAN
     is not finished."""
@@ -278,6 +282,13 @@ def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, pro
             raise MelanoganError(f"{gan_dir}: this GAN was trained on data with manifest hash {trained}, but the "
                                  f"study's data {data} has {ours}; its synthetic images would not be the study's. "
                                  "Move the folder away to train the study's GAN again.")
+    if ckpt is not None:  # and with the study's settings (steps aside: a GAN may be extended; and bookkeeping)
+        saved = GanConfig(**read_json(ckpt / "state.json")["config"]).model_dump(exclude=_GAN_BOOKKEEPING)
+        differ = sorted(k for k, v in gan_cfg.model_dump(exclude=_GAN_BOOKKEEPING).items() if saved.get(k) != v)
+        if differ:
+            raise MelanoganError(f"{gan_dir}: this GAN was trained with other settings than the study's gan options "
+                                 f"({', '.join(f'{k}: {saved.get(k)!r} vs {getattr(gan_cfg, k)!r}' for k in differ)})"
+                                 ". Fix the study config or move the folder away.")
     done_step = read_json(ckpt / "state.json")["step"] if ckpt else 0
     if done_step < gan_cfg.steps:
         _log(f"seed {seed}: training the GAN ({gan_cfg.preset}, {gan_cfg.resolution}px, {gan_cfg.steps} steps"

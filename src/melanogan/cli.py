@@ -74,7 +74,8 @@ def prepare(
                                       "near_duplicates.csv, prepare.json and cache/ into.")],
     size: Annotated[int, typer.Option(help="Cached image side in pixels (models resize from it).")] =
         CacheOptions.size,
-    resize_mode: Annotated[str, typer.Option(help="crop (centre square), squash, or pad.")] =
+    resize_mode: Annotated[str, typer.Option(
+        help="crop (centre square), squash, pad, or lesion (a square around the lesion found by segmentation).")] =
         str(CacheOptions.resize_mode),
     hair_removal: Annotated[bool, typer.Option("--hair-removal/--no-hair-removal",
                                                help="DullRazor-style hair removal.")] = CacheOptions.hair_removal,

@@ -57,12 +57,50 @@ def test_resize_modes(mode):
     arr[:, :50] = 255  # white band on the left quarter
     out = decode_image(_jpeg_bytes(arr), 40, resize_mode=mode).pixels
     left = out[20, 2].mean()
-    if mode == ResizeMode.crop:
+    if mode in (ResizeMode.crop, ResizeMode.lesion):  # lesion: none here, so the centre crop
         assert left < 40  # the centre crop cuts the band away
     elif mode == ResizeMode.squash:
         assert left > 200
     else:
         assert out[2, 20].mean() < 10 and out[20, 2].mean() > 200  # letterbox bars on top, band kept
+
+
+def _skin_with_lesion(w: int, h: int, cx: int, cy: int, r: int) -> np.ndarray:
+    arr = np.empty((h, w, 3), np.uint8)
+    arr[:] = (205, 160, 140)  # skin
+    cv2.circle(arr, (cx, cy), r, (90, 50, 40), -1)  # a brown lesion
+    return arr
+
+
+def test_lesion_crop_centres_an_off_centre_lesion_at_a_fixed_scale():
+    """A lesion in the top-right of a 600x400 photograph (centre (450, 130), radius 40): the centre
+    crop shows it off-centre; the lesion crop puts it in the middle at 1/LESION_MARGIN of the side."""
+    from melanogan.data.images import LESION_MARGIN
+
+    data = _jpeg_bytes(_skin_with_lesion(600, 400, 450, 130, 40))
+
+    def lesion_stats(pixels):
+        dark = pixels.mean(axis=2) < 110
+        ys, xs = np.nonzero(dark)
+        return xs.mean(), ys.mean(), xs.max() - xs.min() + 1
+
+    cx, cy, _ = lesion_stats(decode_image(data, 64, resize_mode=ResizeMode.crop).pixels)
+    assert abs(cx - 32) > 20  # centre crop: far right
+    cx, cy, diameter = lesion_stats(decode_image(data, 64, resize_mode=ResizeMode.lesion).pixels)
+    assert abs(cx - 31.5) < 1.5 and abs(cy - 31.5) < 1.5
+    # the segmentation dilates the lesion by a few pixels, so the square is a little larger than 1.5 x 80
+    assert 64 / LESION_MARGIN * 0.8 < diameter < 64 / LESION_MARGIN * 1.02
+
+
+def test_lesion_crop_stays_inside_the_image_and_falls_back_to_the_centre():
+    from melanogan.data.images import lesion_square
+
+    # a lesion touching the left edge: the square is moved inside the image, not padded
+    img = Image.fromarray(_skin_with_lesion(600, 400, 30, 200, 60))
+    left, top, right, bottom = lesion_square(img)
+    assert left == 0 and right - left == bottom - top and 0 <= top and bottom <= 400
+    plain = Image.fromarray(np.full((400, 600, 3), 180, np.uint8))
+    assert lesion_square(plain) == (100, 0, 500, 400)  # no lesion: the centre square
 
 
 def test_zero_byte_file(tmp_path):

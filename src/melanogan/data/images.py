@@ -25,6 +25,14 @@ class ResizeMode(StrEnum):
     crop = "crop"  # centre square crop, then resize: no distortion (the default)
     squash = "squash"  # resize to a square ignoring aspect ratio (what HAM10000 224px copies did)
     pad = "pad"  # letterbox onto black: keeps the whole field of view
+    # A square around the lesion (data/skin.py's segmentation), LESION_MARGIN times its larger side:
+    # clinics frame lesions at different scales, and a blind centre crop passes that on. Centre crop
+    # when no lesion is found.
+    lesion = "lesion"
+
+
+LESION_MARGIN = 1.5  # square side / lesion's larger side: some skin around it, as in a centred photograph
+LESION_MIN_SIDE = 0.3  # of the short side: a speck found on the skin does not become the whole image
 
 
 class ImageRejected(Exception):
@@ -99,8 +107,32 @@ def perceptual_hash(rgb: np.ndarray) -> str:
     return b"".join(_dct_hash(v) for v in views).hex()
 
 
+def lesion_square(img: Image.Image) -> tuple[int, int, int, int]:
+    """The crop box of `ResizeMode.lesion` in `img`'s pixels: a square centred on the lesion, side
+    LESION_MARGIN x its larger side (at least LESION_MIN_SIDE, at most the short side of the image),
+    moved inside the image; the centre square when no lesion is found."""
+    from melanogan.data.skin import lesion_box
+
+    w, h = img.size
+    short = min(w, h)
+    scale = min(1.0, 256 / max(w, h))  # segment a thumbnail: the box needs no more detail
+    thumb = img if scale == 1.0 else img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                Image.Resampling.BILINEAR, reducing_gap=2.0)
+    box = lesion_box(np.asarray(thumb))
+    if box is None:
+        left, top = (w - short) // 2, (h - short) // 2
+        return left, top, left + short, top + short
+    x0, y0, x1, y1 = (v / scale for v in box)
+    side = round(min(short, max(LESION_MIN_SIDE * short, LESION_MARGIN * max(x1 - x0, y1 - y0))))
+    left = round(min(max((x0 + x1) / 2 - side / 2, 0), w - side))
+    top = round(min(max((y0 + y1) / 2 - side / 2, 0), h - side))
+    return left, top, left + side, top + side
+
+
 def _fit(img: Image.Image, size: int, mode: ResizeMode) -> Image.Image:
     w, h = img.size
+    if mode == ResizeMode.lesion:
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=lesion_square(img), reducing_gap=2.0)
     if mode == ResizeMode.crop:
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
@@ -176,7 +208,8 @@ def decode_image(
             if img.format == "JPEG":
                 # Ask for the smallest DCT scale whose result still covers `size` on the short side.
                 # (at least 128 px: the perceptual hash needs that much detail whatever the cache size)
-                short = min(w, h)
+                # A lesion crop may keep only LESION_MIN_SIDE of the short side: decode enough for that.
+                short = min(w, h) * (LESION_MIN_SIDE if resize_mode == ResizeMode.lesion else 1.0)
                 scale = max(1.0, short / max(size, 128))
                 img.draft("RGB", (int(w / scale), int(h / scale)))
             img.load()

@@ -106,6 +106,17 @@ def skin_mask(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fov & ~lesion, lesion
 
 
+def lesion_box(rgb: np.ndarray, max_fraction: float = 0.9) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), exclusive ends, of the lesion found by `skin_mask` in an RGB uint8 image,
+    or None when none is found or it fills more than `max_fraction` of the frame (then there is
+    nothing to centre on)."""
+    _, lesion = skin_mask(rgb_to_lab(rgb))
+    if not lesion.any() or lesion.mean() > max_fraction:
+        return None
+    ys, xs = np.nonzero(lesion)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 def estimate_ita(rgb: np.ndarray) -> tuple[float, str]:
     """(ITA in degrees, "") from the skin around the lesion, or (NaN, reason)."""
     lab = rgb_to_lab(rgb)

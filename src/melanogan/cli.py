@@ -779,6 +779,8 @@ def bench_travel(
     image_size: Annotated[int, typer.Option(help="Model input size.")] = 128,
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
+    resize_mode: Annotated[str, typer.Option(help="Framing lever: crop (the default) or lesion (lesion-centred).")] =
+        str(CacheOptions.resize_mode),
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,
@@ -787,7 +789,7 @@ def bench_travel(
     from melanogan.bench.travel import run
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
-                  accelerator)
+                  accelerator, resize_mode)
     _print_bench(results, json_out)
 
 

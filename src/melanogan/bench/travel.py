@@ -23,7 +23,7 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
         model: str = "small-cnn", weights: str | None = None, image_size: int = 128, seed: int = 0,
-        accelerator: str = "auto") -> dict:
+        accelerator: str = "auto", resize_mode: str = "crop") -> dict:
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import evaluate_run
     from melanogan.classify.train import TrainConfig, train_classifier
@@ -39,7 +39,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     unknown = [h for h in holdout if h not in SOURCES]
     if unknown:
         raise MelanoganError(f"--holdout {unknown}: use {', '.join(SOURCES)}.")
-    options = CacheOptions(size=max(256, image_size))
+    options = CacheOptions(size=max(256, image_size), resize_mode=resize_mode)
     rows = []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
         tmp = Path(tmp)
@@ -73,7 +73,8 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                 "site_threshold": {"chosen_on_images": site["n_images"], "sensitivity": at_site["sensitivity"],
                                    "specificity": at_site["specificity"]},
             })
-    return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
+    return {"model": model, "weights": weights, "image_size": image_size, "resize_mode": resize_mode,
+            "minutes": minutes, "seed": seed,
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on",
             "rows": rows}

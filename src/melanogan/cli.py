@@ -307,7 +307,9 @@ def generate(
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1000,
     label: Annotated[str, typer.Option(help="Class to generate: melanoma or other.")] = "melanoma",
     seed: Annotated[int, typer.Option(help="Seed: image i depends only on (seed, i).")] = 0,
-    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA generator when the run has one.")] = True,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help=(
+        "Use the EMA generator when the run has one and it has forgotten its random start (else the raw one, "
+        "said)."))] = True,
     checkpoint: Annotated[Path | None, typer.Option(help="A specific checkpoint folder (default: latest).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -323,6 +325,11 @@ def generate(
                             device=device).manifest
     console.print(f"{out}: {len(manifest)} synthetic images "
                   f"({int((manifest['label'] == 1).sum())} melanoma, {int((manifest['label'] == 0).sum())} other)")
+    from melanogan.fileio import read_json
+
+    used = read_json(Path(out) / "prepare.json").get("generator", "")
+    if used.startswith("raw ("):  # asked for the EMA generator but it was not usable: say so
+        console.print(f"[yellow]note:[/yellow] generator {used}")
 
 
 @app.command("import-synthetic")

@@ -98,7 +98,7 @@ def test_lesion_crop_stays_inside_the_image_and_falls_back_to_the_centre():
     # a lesion touching the left edge: the square is moved inside the image, not padded
     img = Image.fromarray(_skin_with_lesion(600, 400, 30, 200, 60))
     left, top, right, bottom = lesion_square(img)
-    assert left == 0 and right - left == bottom - top and 0 <= top and bottom <= 400
+    assert left == 0 and right - left == bottom - top and top >= 0 and bottom <= 400
     plain = Image.fromarray(np.full((400, 600, 3), 180, np.uint8))
     assert lesion_square(plain) == (100, 0, 500, 400)  # no lesion: the centre square
 

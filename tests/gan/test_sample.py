@@ -129,3 +129,33 @@ def test_a_gan_trained_on_a_pack_generates_for_the_original_data(demo_prepared, 
     from melanogan.data.manifest import default_cache
 
     check_synthetic_space(tmp_path / "syn", default_cache(demo_prepared).options)  # accepted for the real data
+
+
+def test_ema_warmup_and_initial_share_exact_values():
+    from melanogan.gan.train import ema_decay_at, ema_initial_share
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 8990) == pytest.approx(0.999)
+    assert ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
+    assert ema_initial_share(0.999, 1000, warmup=False) == pytest.approx(0.999 ** 1000)  # 0.368
+    # with warm-up the product telescopes: prod (1+t)/(10+t) over t < T = 9! / ((T+1)...(T+9))
+    import math
+
+    assert ema_initial_share(0.999, 20) == pytest.approx(math.factorial(9) * math.factorial(20) / math.factorial(29))
+
+
+def test_an_ema_generator_that_still_holds_its_random_start_is_not_used():
+    from types import SimpleNamespace
+
+    from melanogan.gan.sample import choose_generator
+
+    raw, ema = object(), object()
+
+    def loaded(decay, step, warmup):
+        return {"config": SimpleNamespace(ema_decay=decay), "generator": raw, "generator_ema": ema, "step": step,
+                "state": {"ema_warmup": True} if warmup else {}}
+
+    model, note = choose_generator(loaded(0.999, 1000, False))  # the #12 GPU run: 37% initial weights
+    assert model is raw and "37%" in note
+    assert choose_generator(loaded(0.995, 1500, False)) == (ema, "ema")  # the CPU run: 0.05%
+    assert choose_generator(loaded(0.999, 1000, True)) == (ema, "ema")  # warmed up
+    assert choose_generator(loaded(0.999, 1000, True), use_ema=False) == (raw, "raw")

@@ -57,7 +57,9 @@ def save_checkpoint(run_dir: Path, step: int, cfg: GanConfig, generator: nn.Modu
     if generator_ema is not None:
         save_file(_state(generator_ema), tmp / "generator_ema.safetensors", metadata=meta)
     torch.save({"generator": opt_g.state_dict(), "critic": opt_d.state_dict()}, tmp / "optimizers.pt")
-    write_json(tmp / "state.json", {"step": step, "config": cfg.model_dump(mode="json"), **(extra or {})})
+    # ema_warmup: the EMA decay warmed up (train.ema_decay_at); checkpoints without it used `ema_decay` throughout
+    write_json(tmp / "state.json", {"step": step, "config": cfg.model_dump(mode="json"), "ema_warmup": True,
+                                    **(extra or {})})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

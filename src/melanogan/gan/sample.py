@@ -32,13 +32,29 @@ from melanogan.data.transforms import bicubic_upsample
 from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
 from melanogan.gan.checkpoint import checkpoint_hash, latest_checkpoint, load_checkpoint
-from melanogan.gan.train import step_seed
+from melanogan.gan.train import ema_initial_share, step_seed
 
 
 def noise_for(index: int, seed: int, noise_dim: int) -> torch.Tensor:
     """The noise vector of synthetic image `index`: depends only on (seed, index), never on batching."""
     g = torch.Generator().manual_seed(step_seed(seed, index, 0, 424242))
     return torch.randn(noise_dim, generator=g)
+
+
+EMA_MAX_INITIAL_SHARE = 0.01  # an EMA generator still holding more of its random start than this is not used
+
+
+def choose_generator(loaded: dict, use_ema: bool = True) -> tuple[torch.nn.Module, str]:
+    """The EMA generator when asked for and it has forgotten its random initialisation (less than
+    EMA_MAX_INITIAL_SHARE of its weights), else the raw one; returns (model, description)."""
+    cfg, ema = loaded["config"], loaded["generator_ema"]
+    if not use_ema or ema is None:
+        return loaded["generator"], "raw"
+    share = ema_initial_share(cfg.ema_decay, loaded["step"], warmup=bool(loaded["state"].get("ema_warmup")))
+    if share > EMA_MAX_INITIAL_SHARE:
+        return loaded["generator"], (f"raw (the EMA generator still held {share:.0%} of its random initial weights "
+                                     f"after {loaded['step']} steps at decay {cfg.ema_decay})")
+    return ema, "ema"
 
 
 def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_ema: bool = True,
@@ -56,7 +72,7 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
     if y not in cfg.classes:
         raise MelanoganError(f"the generator in {run_dir} did not learn class {label!r} (it learned "
                              f"{', '.join(str(c) for c in cfg.classes)}).")
-    model = loaded["generator_ema"] if use_ema and loaded["generator_ema"] is not None else loaded["generator"]
+    model, generator_note = choose_generator(loaded, use_ema)
     which = "ema" if model is loaded["generator_ema"] else "raw"
     model = model.to(device).eval()
     run_info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
@@ -114,7 +130,8 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
         "cache": str(cache_root.relative_to(out)),
         "cache_options": options.to_dict(), "decode_options": decode.to_dict(), "gan_run": str(run_dir.resolve()),
         "checkpoint": str(ckpt),
-        "checkpoint_hash": ck_hash, "trained_on_split": run_info.get("trained_on_split", "train"),
+        "checkpoint_hash": ck_hash, "generator": generator_note,
+        "trained_on_split": run_info.get("trained_on_split", "train"),
         "real_data_dir": str(data_dir), "counts": json.loads(manifest["label"].value_counts().to_json()),
     })
     return manifest

@@ -113,6 +113,27 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay used after generator step `step` (0-based): `decay`, warmed up as TensorFlow's
+    ExponentialMovingAverage with num_updates does, min(decay, (1 + step) / (10 + step)). Why: without
+    it the EMA generator keeps decay**steps of its random initial weights (0.999**1000 = 37%: a
+    1,000-step run sampled grey noise from the EMA while the raw generator drew lesions, measured
+    on the GPU run of the #12 study)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def ema_initial_share(decay: float, steps: int, warmup: bool = True) -> float:
+    """Share of the EMA generator's weights still the random initial ones after `steps` updates."""
+    if not warmup:
+        return decay ** steps
+    share = 1.0
+    for step in range(steps):
+        share *= ema_decay_at(decay, step)
+        if share < 1e-12:
+            return 0.0
+    return share
+
+
 @torch.no_grad()
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -403,7 +424,7 @@ class _GanSteps:
         m.opt_g.step()
         _set_requires_grad(m.raw_critic, True)
         if m.generator_ema is not None:
-            _update_ema(m.generator_ema, m.raw_generator, cfg.ema_decay)
+            _update_ema(m.generator_ema, m.raw_generator, ema_decay_at(cfg.ema_decay, step))
         self.acc["generator_loss"].append(loss_g.detach())
 
     def take_means(self) -> tuple[dict[str, float], int]:

@@ -315,6 +315,7 @@ def _gan_stage(cfg: StudyConfig, data: Path, seed_dir: Path, seed: int, log, pro
         generate(gan_dir, cfg.n_synthetic, "melanoma", syn_dir, seed=seed)
         if cfg.n_synthetic_other:
             generate(gan_dir, cfg.n_synthetic_other, "other", syn_dir, seed=seed)
+        _log(f"seed {seed}: generator {read_json(syn_dir / 'prepare.json')['generator']}", log)
     return True
 
 

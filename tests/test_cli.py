@@ -103,6 +103,7 @@ def _targets():
     from melanogan.data.cache import CacheOptions
     from melanogan.data.demo import generate_demo_dataset
     from melanogan.data.manifest import prepare
+    from melanogan.data.pack import pack_data_dir, unpack_data_dir
     from melanogan.data.splits import SplitFractions
     from melanogan.data.synthetic import import_synthetic
     from melanogan.gan.config import load_config
@@ -114,6 +115,7 @@ def _targets():
 
     return {
         "demo-data": [generate_demo_dataset], "prepare": [CacheOptions, SplitFractions, prepare], "audit": [],
+        "pack": [pack_data_dir], "unpack": [unpack_data_dir],
         "demo": [], "train-gan": [load_config, train_gan], "generate": [generate], "evaluate-gan": [evaluate_gan],
         "train": [TrainConfig, train_classifier], "evaluate": [evaluate_run], "predict": [predict],
         "explain": [explain], "export": [export_model], "serve": [ServeConfig], "study": [run_study],

@@ -226,9 +226,15 @@ def leakage_audit(study_dir: Path, cfg) -> list[tuple[str, bool, str]]:
         if gan_run.is_file():
             info = read_json(gan_run)
             ok = info.get("trained_on_split") == "train" and info.get("manifest_hash") == data_hash
+            where = f", on {info.get('accelerator')}" + (
+                f" from a {info['packed']['size']} px JPEG-{info['packed']['jpeg_quality']} pack"
+                if info.get("packed") else "")
+            syn_info = syn / "prepare.json"
+            generator = read_json(syn_info).get("generator", "ema") if syn_info.is_file() else "not generated yet"
             checks.append((f"seed {seed}: GAN trained on the training split only", ok,
                            f"split={info.get('trained_on_split')}, images={info.get('training_images')}, "
-                           f"data hash {'matches' if info.get('manifest_hash') == data_hash else 'DIFFERS'}"))
+                           f"data hash {'matches' if info.get('manifest_hash') == data_hash else 'DIFFERS'}{where}; "
+                           f"synthetic images from the {generator} generator"))
     return checks
 
 

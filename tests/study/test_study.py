@@ -204,4 +204,4 @@ def test_the_shipped_gpu_study_config_is_the_128px_gan_variant():
 
     cfg = load_study_config(Path(__file__).parents[2] / "studies" / "shared-data-gpu.yaml")
     assert cfg.gan_resolution == 128 and cfg.resolution == "matched" and len(cfg.seeds) >= 3
-    assert {"baseline", "gan", "gan+classic-aug"} <= set(cfg.arms) and cfg.n_synthetic >= 1000 and cfg.external
+    assert {"baseline", "gan"} <= set(cfg.arms) and cfg.n_synthetic >= 1000 and cfg.external

@@ -786,7 +786,9 @@ def bench_travel(
     image_size: Annotated[int, typer.Option(help="Model input size.")] = 128,
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
-    resize_mode: Annotated[str, typer.Option(help="Framing lever: crop (the default) or lesion (lesion-centred).")] =
+    resize_mode: Annotated[str, typer.Option(help=(
+        "Framing lever: crop (the default), lesion (lesion-centred), or several comma-separated: each is run and "
+        "compared with the first by a paired bootstrap on the same report images, Holm-adjusted."))] =
         str(CacheOptions.resize_mode),
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:

@@ -62,7 +62,7 @@ class BatchSource:
     """Draws training batches from the training split only (`train_splits`, which only the original
     protocol's reproduction widens), optionally class-balanced."""
 
-    def __init__(self, data_dir: Path, cfg: GanConfig):
+    def __init__(self, data_dir: Path, cfg: GanConfig, preload: bool = True):
         manifest = load_manifest(data_dir)
         train = manifest[manifest["split"].isin(cfg.train_splits) & manifest["label"].isin(cfg.classes)]
         for c in cfg.classes:
@@ -81,7 +81,7 @@ class BatchSource:
         # image by image on the host starved a GPU. Bounded so a large dataset at high resolution
         # falls back to reading the memory-mapped cache per image.
         self.preloaded: torch.Tensor | None = None
-        if len(self.dataset) * 3 * cfg.resolution ** 2 <= PRELOAD_MAX_BYTES:
+        if preload and len(self.dataset) * 3 * cfg.resolution ** 2 <= PRELOAD_MAX_BYTES:
             self.preloaded = torch.stack([self.resize(self.dataset.raw(i)) for i in range(len(self.dataset))])
 
     def batch(self, size: int, seed: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +250,7 @@ def train_gan(
     fabric_prec = fabric_precision(precision, accelerator)
     run_dir = Path(run_dir)
     cfg, ckpt = prepare_run_dir(run_dir, cfg, resume, resume_steps)
-    BatchSource(data_dir, cfg)  # fail early, in the launching process, on an empty class
+    BatchSource(data_dir, cfg, preload=False)  # fail early, in the launching process, on an empty class
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=fabric_prec,
                     loggers=fabric_loggers(logger, run_dir),
                     strategy=ddp_strategy(devices * num_nodes))

@@ -26,13 +26,11 @@ import time
 from pathlib import Path
 
 
-def _train(data: str, run_dir: str, cfg, stop_after: int | None, resume_steps: int | None,
-           precision: str) -> tuple[int, float]:
+def _train(data: str, run_dir: str, cfg, precision: str) -> tuple[int, float]:
     from melanogan.gan.train import train_gan
 
     t0 = time.perf_counter()
-    summary = train_gan(Path(data), Path(run_dir), cfg, resume=resume_steps is not None, precision=precision,
-                        progress=False, stop_after=stop_after, resume_steps=resume_steps)
+    summary = train_gan(Path(data), Path(run_dir), cfg, precision=precision, progress=False)
     return summary["step"], time.perf_counter() - t0
 
 
@@ -108,7 +106,7 @@ def main() -> None:
     d, _, c = jobs[0]
     probe_dir = args.out / ".probe"  # thrown away: a schedule in fractions of steps must see the real count
     shutil.rmtree(probe_dir, ignore_errors=True)
-    _, probe_s = _train(d, str(probe_dir), c.model_copy(update={"steps": args.probe}), None, None, args.precision)
+    _, probe_s = _train(d, str(probe_dir), c.model_copy(update={"steps": args.probe}), args.precision)
     shutil.rmtree(probe_dir)
     # The probe's seconds include start-up (data, CUDA, first steps): the rate is a lower bound.
     rate = args.probe / probe_s
@@ -118,7 +116,7 @@ def main() -> None:
           flush=True)
     done = {}
     for d, r, c in jobs:
-        done[r] = _train(d, r, c.model_copy(update={"steps": steps}), None, None, args.precision)
+        done[r] = _train(d, r, c.model_copy(update={"steps": steps}), args.precision)
     wall = time.perf_counter() - t0
     info = {"device": device, "torch": torch.__version__, "resolution": gan_cfg.resolution, "steps": steps,
             "gans": {Path(r).relative_to(args.out).as_posix(): {"step": s, "seconds": round(sec, 1)}

@@ -37,13 +37,15 @@ PACK_IMAGES = "images.npz"
 
 
 def resize_like_preset(pixels: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8 with the resize of `eval_preset(size)` (torchvision's
-    antialiased bilinear on uint8), so a GAN reading the packed pixels sees what it would have seen."""
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 with the resize stage of `eval_preset(size)` itself,
+    so a GAN reading the packed pixels sees what it would have seen."""
     import torch
-    from torchvision.transforms import v2
 
+    from melanogan.data.transforms import eval_preset
+
+    resize = eval_preset(size).transforms[0]
     tensor = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # copy: the cache memmap is read-only
-    return v2.Resize(size, antialias=True)(tensor).permute(1, 2, 0).contiguous().numpy()
+    return resize(tensor).permute(1, 2, 0).contiguous().numpy()
 
 
 def pack_data_dir(data_dir: Path, out: Path, size: int = 128, quality: int = 90,

@@ -350,8 +350,7 @@ class _GanModels:
 def _write_run_info(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, source: BatchSource, precision: str,
                     start_step: int) -> None:
     space = data_space(data_dir)
-    info_path = Path(data_dir) / "prepare.json"
-    packed = read_json(info_path).get("packed") if info_path.is_file() else None
+    packed = read_json(Path(data_dir) / "prepare.json").get("packed") if space else None  # space: it exists
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_json(run_dir / "run.json", {

@@ -148,6 +148,7 @@ CONVERT = {("prepare", "melanoma_folders"): lambda v: tuple(v.split(",")),
            ("bench quality", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),
            ("bench calibrate", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),
            ("bench travel", "holdout"): lambda v: tuple(v.split(",")),
+           ("bench travel", "vary"): lambda v: tuple(v or ()),
            ("serve", "allowed_host"): lambda v: tuple(v or ()), ("train", "synthetic"): lambda v: list(v or []),
            ("train", "metadata"): lambda v: [f for f in v.split(",") if f]}
 

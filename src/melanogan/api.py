@@ -175,11 +175,11 @@ def evaluate_gan(syn_dir: str | Path, real: str | Path, out: str | Path, split: 
 
 def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weights: str | None = None,
           image_size: int = 128, synthetic: list[str | Path] | None = None, loss: str = "bce",
-          sampler: str = "none", augment: str = "classic", diagnosis_weight: float | None = None, epochs: int = 30,
-          max_minutes: float | None = None, batch_size: int = 32, lr: float = 2e-3, patience: int = 8,
-          seed: int = 0, workers: int | None = None, batch_augment: bool = True, precision: str = "bf16-mixed",
-          metadata: str = "", accelerator: str = "auto", devices: int = 1, resume: bool = False,
-          logger: str | None = None, progress: bool = True) -> TrainRun:
+          sampler: str = "none", augment: str = "classic", style_augment: str = "none",
+          diagnosis_weight: float | None = None, epochs: int = 30, max_minutes: float | None = None,
+          batch_size: int = 32, lr: float = 2e-3, patience: int = 8, seed: int = 0, workers: int | None = None,
+          batch_augment: bool = True, precision: str = "bf16-mixed", metadata: str = "", accelerator: str = "auto",
+          devices: int = 1, resume: bool = False, logger: str | None = None, progress: bool = True) -> TrainRun:
     """Train a melanoma classifier on DATA_DIR's training split (plus synthetic sets); the best epoch by
     validation ROC-AUC is kept in OUT/best."""
     from melanogan.classify.train import TrainConfig, train_classifier
@@ -187,7 +187,8 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
     try:
         cfg = TrainConfig(model=model, weights=weights, image_size=image_size, epochs=epochs, max_minutes=max_minutes,
                           batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, augment=augment,
-                          diagnosis_weight=diagnosis_weight, synthetic=[str(s) for s in synthetic or []],
+                          style_augment=style_augment, diagnosis_weight=diagnosis_weight,
+                          synthetic=[str(s) for s in synthetic or []],
                           patience=patience, seed=seed, workers=workers, precision=precision,
                           batch_augment=batch_augment, metadata=metadata)
     except ValueError as exc:

@@ -489,6 +489,10 @@ def train(
         help="none, classic (flips, rotations, scale/crop, mild colour jitter) or strong (wider crops, "
              "strong colour/contrast/sharpness changes, blur: for images from other clinics). Default: classic "
              "(recommended).")] = "classic",
+    style_augment: Annotated[str, typer.Option(
+        help="none or randconv (each batch also filtered by a random convolution: colour and texture change, "
+             "shapes stay; weight-free style randomisation). Default: none (see README, Models that travel).")] =
+        "none",
     diagnosis_weight: Annotated[float | None, typer.Option(
         help="Weight of an auxiliary loss that also predicts each training image's own diagnosis (the "
              "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off. Default: 0.5 (recommended) when "
@@ -525,7 +529,8 @@ def train(
     from melanogan import api
 
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
-                        loss=loss, sampler=sampler, augment=augment, diagnosis_weight=diagnosis_weight, epochs=epochs,
+                        loss=loss, sampler=sampler, augment=augment, style_augment=style_augment,
+                        diagnosis_weight=diagnosis_weight, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
                         workers=workers, batch_augment=batch_augment, precision=precision, metadata=metadata,
                         accelerator=accelerator, devices=devices, resume=resume, logger=logger).summary
@@ -786,10 +791,10 @@ def bench_travel(
     image_size: Annotated[int, typer.Option(help="Model input size.")] = 128,
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
-    resize_mode: Annotated[str, typer.Option(help=(
-        "Framing lever: crop (the default), lesion (lesion-centred), or several comma-separated: each is run and "
-        "compared with the first by a paired bootstrap on the same report images, Holm-adjusted."))] =
-        str(CacheOptions.resize_mode),
+    vary: Annotated[list[str] | None, typer.Option(help=(
+        "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
+        "style_augment, diagnosis_weight, minutes or tta. Each changes one setting of the defaults and is compared "
+        "with them by a paired bootstrap on the same report images, Holm-adjusted."))] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,
@@ -798,7 +803,7 @@ def bench_travel(
     from melanogan.bench.travel import run
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
-                  accelerator, resize_mode)
+                  accelerator, tuple(vary or ()))
     _print_bench(results, json_out)
 
 

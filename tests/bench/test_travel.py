@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from melanogan.bench.travel import _paired, run
-from melanogan.errors import DataError
+from melanogan.bench import travel
+from melanogan.bench.travel import _paired, parse_levers, run
+from melanogan.errors import MelanoganError
 
 
 def test_lever_difference_is_paired_on_the_images_both_runs_scored():
@@ -31,5 +34,78 @@ def test_lever_difference_is_paired_on_the_images_both_runs_scored():
 def test_an_unknown_lever_value_fails_before_any_work(tmp_path):
     for folder in ("ham10000_224", "isic9_180", "derm7pt_384"):
         (tmp_path / "data" / folder).mkdir(parents=True)
-    with pytest.raises(DataError, match="resize mode 'zoom' is unknown"):
-        run(tmp_path, resize_mode="crop,zoom")
+    with pytest.raises(MelanoganError, match="resize mode 'zoom' is unknown"):
+        run(tmp_path, vary=("resize_mode=lesion", "resize_mode=zoom"))
+
+
+def test_levers_are_typed_and_checked_before_any_work():
+    levers = parse_levers(("resize_mode=lesion", "augment=strong", "image-size=192", "tta=8",
+                           "color_constancy=false", "minutes=2.5"))
+    assert [(k, v) for _, k, v in levers] == [("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192),
+                                             ("tta", 8), ("color_constancy", False), ("minutes", 2.5)]
+    for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
+                         ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
+                         ("resize_mode", "KEY=VALUE")]:
+        with pytest.raises(MelanoganError, match=message):
+            parse_levers((bad,))
+    with pytest.raises(MelanoganError, match="twice"):
+        parse_levers(("tta=8", "tta=8"))
+
+
+def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(tmp_path, monkeypatch):
+    """Fakes for prepare/train/evaluate record what each variant asked for: a framing lever
+    re-prepares, a training lever retrains on the same data, TTA only re-evaluates the defaults' model."""
+    for folder in ("ham10000_224", "isic9_180", "derm7pt_384"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    calls = {"prepare": [], "train": [], "evaluate": [], "calibrate": []}
+    n = 60
+    label = np.r_[np.ones(20, int), np.zeros(n - 20, int)]
+
+    def fake_prepare(sources, out, options, fractions=None, seed=0):
+        calls["prepare"].append((Path(out).name, str(options.resize_mode), options.size))
+        Path(out).mkdir(parents=True)
+
+    def fake_train(data_dir, run_dir, cfg, accelerator="auto", progress=True):
+        calls["train"].append((Path(data_dir).name, cfg.augment, cfg.image_size))
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "skill.txt").write_text("2.0" if cfg.augment == "strong" else "1.0")
+        (Path(run_dir) / "stats.jsonl").write_text('{"epoch": 1, "img_per_s": 10.0}\n{"epoch": 2, "img_per_s": 30.0}\n')
+        return {"epochs": 3}
+
+    def fake_evaluate(run_dir, data_dir=None, split=None, bootstrap=1000, tta=1, out=None, **kw):
+        calls["evaluate"].append((Path(run_dir).name, tta))
+        skill = float((Path(run_dir) / "skill.txt").read_text())
+        rng = np.random.default_rng(0)
+        Path(out).mkdir(parents=True)
+        pd.DataFrame({"uid": [f"u{i}" for i in range(n)], "label": label, "group": [f"g{i}" for i in range(n)],
+                      "logit": rng.normal(size=n) + skill * label}).to_csv(Path(out) / "predictions.csv", index=False)
+        return {"out": str(out), "roc_auc": 0.5 + skill / 10, "roc_auc_ci95": [0.4, 0.9], "n_images": n,
+                "n_melanoma": 20, "excluded_overlap": 0,
+                "thresholds": {"val_youden": {"sensitivity": 0.5, "specificity": 0.5}}}
+
+    def fake_calibrate(run_dir, data_dir, name, split="all"):
+        calls["calibrate"].append(Path(run_dir).name)
+        return {"n_images": 30, "temperature": 1.0, "thresholds": {"val-youden": 0.5}}
+
+    import melanogan.classify.calibrate as cal
+    import melanogan.classify.evaluate as ev
+    import melanogan.classify.train as tr
+    import melanogan.data.manifest as man
+
+    monkeypatch.setattr(man, "prepare", fake_prepare)
+    monkeypatch.setattr(tr, "train_classifier", fake_train)
+    monkeypatch.setattr(ev, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("resize_mode=lesion", "augment=strong", "tta=8"))
+
+    assert [p[1] for p in calls["prepare"]] == ["crop", "crop", "lesion", "lesion"]  # train + site, per framing
+    assert [t[1:] for t in calls["train"]] == [("classic", 128), ("classic", 128), ("strong", 128)]
+    assert calls["train"][0][0] == calls["train"][2][0] != calls["train"][1][0]  # strong: the defaults' data
+    assert [e[1] for e in calls["evaluate"]] == [1, 1, 1, 1, 1, 1, 8, 8]
+    assert calls["evaluate"][6][0] == calls["evaluate"][0][0]  # TTA scores the defaults' own model
+    assert len(calls["calibrate"]) == 3  # not for TTA: its averaged logits need their own threshold
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["tta=8"]["site_threshold"] is None and rows["tta=8"]["vs_defaults"]["difference"] == 0
+    assert rows["augment=strong"]["vs_defaults"]["difference"] > 0
+    assert "vs_defaults" not in rows["defaults"] and rows["defaults"]["train_img_per_s"] == 20.0
+    assert all(r["vs_defaults"]["p_holm"] >= r["vs_defaults"]["p_value"] for r in result["rows"] if "vs_defaults" in r)

@@ -408,3 +408,29 @@ def test_skin_tone_of_an_older_estimate_is_not_reported_as_current(tmp_path, dem
     assert current_skin_tone(demo_prepared)  # prepared by this version
     (tmp_path / "prepare.json").write_text(json.dumps({"skin_tone_version": SKIN_TONE_VERSION - 1}))
     assert not current_skin_tone(tmp_path) and not current_skin_tone(tmp_path / "missing")
+
+
+def test_style_augment_filters_every_training_batch_and_nothing_else(demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+    from melanogan.data.batch_augment import RandomConvolution
+
+    calls = []
+
+    class Spy(RandomConvolution):
+        def forward(self, x, generator=None, params=None):
+            calls.append(tuple(x.shape))
+            return super().forward(x, generator, params)
+
+    monkeypatch.setattr(train_module, "RandomConvolution", Spy)
+    train_classifier(demo_prepared, tmp_path / "plain", TrainConfig(**{**TINY, "epochs": 1}), progress=False)
+    assert calls == []  # off by default
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "style_augment": "randconv"})
+    train_classifier(demo_prepared, tmp_path / "style", cfg, progress=False)
+    steps = len((tmp_path / "style" / "stats.jsonl").read_text().splitlines())
+    n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
+    assert steps == 1 and len(calls) == n_train // TINY["batch_size"]  # every training batch, once
+    assert all(shape[1:] == (3, 32, 32) for shape in calls)  # after the resize to the model's input
+    plain = load_file(tmp_path / "plain" / "last" / "model.safetensors")
+    style = load_file(tmp_path / "style" / "last" / "model.safetensors")
+    assert any(not torch.equal(plain[k], style[k]) for k in plain)
+    assert load_model(tmp_path / "style" / "best")[1].style_augment == "randconv"  # the run records it

@@ -75,3 +75,47 @@ def test_parameters_follow_the_classic_preset():
     assert all(torch.equal(again[k], p[k]) for k in p)  # the generator makes it repeatable
     with pytest.raises(TypeError, match="uint8"):
         BatchAugment(8)(torch.zeros(1, 3, 8, 8))
+
+
+def test_random_convolution_is_exact_on_constructed_kernels():
+    from melanogan.data.batch_augment import random_convolution
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4) / 10
+    identity = torch.eye(3).view(3, 3, 1, 1)
+    assert torch.allclose(random_convolution(x, identity, torch.tensor([0.0, 0.3])), x, atol=1e-6)
+    swap = identity[[2, 0, 1]]  # output R = input B, G = R, B = G
+    out = random_convolution(x, swap, torch.tensor([0.0, 1.0]))
+    assert torch.equal(out[0], x[0, [2, 0, 1]]) and torch.equal(out[1], x[1])  # alpha 1 leaves image 2 alone
+    # a 3x3 box filter of channel 0 into every channel, reflect-padded, blended 1/4 original + 3/4 filtered
+    box = torch.zeros(3, 3, 3, 3)
+    box[:, 0] = 1 / 9
+    padded = torch.nn.functional.pad(x[:, :1], [1, 1, 1, 1], mode="reflect")
+    filtered = torch.stack([padded[:, 0, i:i + 3, j:j + 3].mean(dim=(-2, -1)) for i in range(4) for j in range(4)],
+                           -1).view(2, 1, 4, 4)
+    out = random_convolution(x, box, torch.tensor([0.25, 0.25]))
+    assert torch.allclose(out, 0.25 * x + 0.75 * filtered.expand(2, 3, 4, 4), atol=1e-6)
+    assert x[0, 0, 0, 0] != filtered[0, 0, 0, 0]  # the padding and the blend are both exercised
+
+
+def test_random_convolution_draws_as_documented():
+    from melanogan.data.batch_augment import RandomConvolution
+
+    gen = torch.Generator().manual_seed(0)
+    sizes, stds = [], {}
+    for _ in range(400):
+        p = RandomConvolution(p=0.5).sample(64, gen)
+        k = p["kernel"].shape[-1]
+        sizes.append(k)
+        stds.setdefault(k, []).append(p["kernel"].flatten())
+    assert set(sizes) == {1, 3, 5, 7}
+    for k, w in stds.items():  # He-style: N(0, 1/(3 k^2))
+        assert torch.cat(w).std().item() == pytest.approx(1 / math.sqrt(3 * k * k), rel=0.1)
+    alpha = torch.cat([RandomConvolution(p=0.5).sample(1000, gen)["alpha"] for _ in range(5)])
+    assert (alpha == 1).float().mean().item() == pytest.approx(0.5, abs=0.03)  # p of the images untouched
+    changed = alpha[alpha < 1]
+    assert changed.mean().item() == pytest.approx(0.5, abs=0.03)  # alpha ~ U(0, 1)
+    assert torch.equal(RandomConvolution(p=0.0).sample(100, gen)["alpha"], torch.ones(100))
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(RandomConvolution(p=0.0)(x, gen), x)
+    with pytest.raises(ValueError, match="probability"):
+        RandomConvolution(p=1.5)

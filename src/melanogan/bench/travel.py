@@ -5,98 +5,173 @@ Derm7pt): train on two, split the third by patient/lesion into a part to choose 
 report on (never overlapping), and report on the second part: ROC-AUC, and sensitivity/specificity
 at the validation-chosen threshold (which does not travel) and at the threshold `calibrate` chose on
 the first part. The same command takes `--model efficientnet_b0 --weights imagenet --image-size 256`
-(the ISIC winners' recipe) for a user with a GPU and internet; we have not measured that here."""
+(the ISIC winners' recipe) for a user with a GPU and internet; we have not measured that here.
+
+Levers (`--vary KEY=VALUE`, repeatable): each changes one setting of the defaults, is run under the
+same protocol and seed, and is compared with the defaults by a paired cluster bootstrap on the same
+report images, Holm-adjusted over every lever and held-out source. One factor at a time, so each
+difference is that lever's own effect."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from melanogan.classify import metrics as M
 
 SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_180"),
            "derm7pt": ("derm7pt", "derm7pt_384")}
+# What each lever changes: the cached pixels (prepare), the training run, or only the evaluation
+# (then the defaults' trained model is reused: TTA costs no training).
+LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
+          "image_size": "train", "augment": "train", "style_augment": "train", "diagnosis_weight": "train",
+          "minutes": "train",
+          "tta": "evaluate"}
+
+
+def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
+    """["resize_mode=lesion", ...] -> [(name, key, typed value)], every value checked before any work."""
+    from pydantic import ValidationError
+
+    from melanogan.classify.train import TrainConfig
+    from melanogan.classify.tta import check_tta
+    from melanogan.data.cache import CacheOptions
+    from melanogan.errors import MelanoganError
+
+    out = []
+    for item in vary:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in LEVERS:
+            raise MelanoganError(f"--vary {item!r}: use KEY=VALUE with KEY one of {', '.join(LEVERS)}.")
+        raw = raw.strip()
+        try:
+            if key in ("color_constancy", "hair_removal"):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"{raw!r} is not true or false")
+                value = raw.lower() in ("true", "1", "yes")
+            elif key == "resize_mode":
+                value = str(CacheOptions(resize_mode=raw).resize_mode)
+            elif key == "tta":
+                value = check_tta(int(raw))
+            elif key == "minutes":
+                value = float(raw)
+                if not value > 0:
+                    raise ValueError("the budget must be positive")
+            else:
+                value = getattr(TrainConfig(**{key: raw}), key)
+        except ValidationError as exc:
+            raise MelanoganError(f"--vary {item!r}: {exc.errors()[0]['msg']}") from None
+        except (ValueError, MelanoganError) as exc:
+            raise MelanoganError(f"--vary {item!r}: {exc}") from None
+        out.append((f"{key}={raw}", key, value))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise MelanoganError(f"--vary names a lever twice: {names}.")
+    return out
 
 
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
         model: str = "small-cnn", weights: str | None = None, image_size: int = 128, seed: int = 0,
-        accelerator: str = "auto", resize_mode: str = "crop") -> dict:
-    from melanogan.classify.train import TrainConfig
-    from melanogan.data.cache import CacheOptions
+        accelerator: str = "auto", vary: tuple[str, ...] = ()) -> dict:
     from melanogan.errors import MelanoganError
 
     data = Path(shared) / "data"
-    missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
-    if missing:
-        raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
+    levers = parse_levers(tuple(vary))  # a typo fails here, before any work
     unknown = [h for h in holdout if h not in SOURCES]
     if unknown:
         raise MelanoganError(f"--holdout {unknown}: use {', '.join(SOURCES)}.")
-    modes = [m for m in resize_mode.split(",") if m]
-    for mode in modes:
-        CacheOptions(resize_mode=mode)  # an unknown mode fails here, before any work
+    missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
+    if missing:
+        raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
+    defaults = {"minutes": minutes, "image_size": image_size, "tta": 1}
+    variants = [("defaults", defaults)] + [(name, {**defaults, key: value}) for name, key, value in levers]
     rows = []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
         tmp = Path(tmp)
         for held in holdout:
-            report_preds = {}
-            for mode in modes:
-                options = CacheOptions(size=max(256, image_size), resize_mode=mode)
-                tag = f"{held}-{mode}"
-                row, report_preds[mode] = _one(data, tmp, held, tag, options, TrainConfig(
-                    model=model, weights=weights, image_size=image_size, epochs=200, max_minutes=minutes,
-                    patience=1000, seed=seed), accelerator, seed)
-                rows.append({**row, "resize_mode": mode})
-                if mode != modes[0]:  # paired on the same report images: the lever's own effect
-                    rows[-1]["vs_" + modes[0]] = _paired(report_preds[modes[0]], report_preds[mode])
-    if len(modes) > 1:  # Holm over every held-out source and lever value compared
-        compared = [r for r in rows if "vs_" + modes[0] in r]
-        for r, p in zip(compared, M.holm([r["vs_" + modes[0]]["p_value"] for r in compared]), strict=True):
-            r["vs_" + modes[0]]["p_holm"] = round(p, 4)
-    return {"model": model, "weights": weights, "image_size": image_size, "resize_modes": modes,
-            "minutes": minutes, "seed": seed,
+            prepared, trained, report_preds = {}, {}, {}
+            for name, settings in variants:
+                row, report_preds[name] = _one(data, tmp, held, settings, model, weights, seed, accelerator,
+                                               prepared, trained)
+                rows.append({**row, "variant": name})
+                if name != "defaults":  # paired on the same report images: the lever's own effect
+                    rows[-1]["vs_defaults"] = _paired(report_preds["defaults"], report_preds[name])
+    compared = [r for r in rows if "vs_defaults" in r]
+    for r, p in zip(compared, M.holm([r["vs_defaults"]["p_value"] for r in compared]), strict=True):
+        r["vs_defaults"]["p_holm"] = round(p, 4)
+    return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
+            "levers": [name for name, _ in variants[1:]],
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
-                        "site threshold is chosen on and a disjoint part everything is reported on",
+                        "site threshold is chosen on and a disjoint part everything is reported on; each "
+                        "lever changes one setting of the defaults and is compared on the same report images",
             "rows": rows}
 
 
-def _one(data: Path, tmp: Path, held: str, tag: str, options, cfg, accelerator: str,
-         seed: int) -> tuple[dict, pd.DataFrame]:
-    """Train on the two other sources, report on half of `held`, choose the site threshold on the other half."""
+def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: str | None, seed: int,
+         accelerator: str, prepared: dict, trained: dict) -> tuple[dict, pd.DataFrame]:
+    """Train on the two other sources, report on half of `held`, choose the site threshold on the other
+    half. `prepared` and `trained` hold what earlier variants made, so that a lever reuses the data
+    (and the model) it does not change."""
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import evaluate_run
-    from melanogan.classify.train import train_classifier
+    from melanogan.classify.train import TrainConfig, train_classifier
+    from melanogan.data.cache import CacheOptions
     from melanogan.data.manifest import prepare
     from melanogan.data.splits import SplitFractions
 
-    train_sources = [(kind, data / folder) for name, (kind, folder) in SOURCES.items() if name != held]
-    prepare(train_sources, tmp / f"train-{tag}", options, seed=seed)
-    kind, folder = SOURCES[held]
-    # the held-out source: half to choose on (split "train"), half to report on ("test")
-    prepare([(kind, data / folder)], tmp / f"site-{tag}", options, SplitFractions(0.5, 0.0, 0.5), seed=seed)
-    t0 = time.perf_counter()
-    summary = train_classifier(tmp / f"train-{tag}", tmp / f"run-{tag}", cfg, accelerator=accelerator, progress=False)
-    train_minutes = (time.perf_counter() - t0) / 60
-    internal = evaluate_run(tmp / f"run-{tag}", bootstrap=300)
-    report = evaluate_run(tmp / f"run-{tag}", data_dir=tmp / f"site-{tag}", split="test", bootstrap=300)
-    site = calibrate_site(tmp / f"run-{tag}", tmp / f"site-{tag}", "choose", split="train")
+    options = CacheOptions(size=max(256, settings["image_size"]), **{
+        k: settings[k] for k in ("resize_mode", "color_constancy", "hair_removal") if k in settings})
+    if options.key not in prepared:
+        tag = f"{held}-{options.key}"
+        train_sources = [(kind, data / folder) for name, (kind, folder) in SOURCES.items() if name != held]
+        prepare(train_sources, tmp / f"train-{tag}", options, seed=seed)
+        kind, folder = SOURCES[held]
+        # the held-out source: half to choose on (split "train"), half to report on ("test")
+        prepare([(kind, data / folder)], tmp / f"site-{tag}", options, SplitFractions(0.5, 0.0, 0.5), seed=seed)
+        prepared[options.key] = (tmp / f"train-{tag}", tmp / f"site-{tag}")
+    train_dir, site_dir = prepared[options.key]
+    cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"], epochs=200,
+                      max_minutes=settings["minutes"], patience=1000, seed=seed,
+                      **{k: settings[k] for k in ("augment", "style_augment", "diagnosis_weight") if k in settings})
+    train_key = json.dumps([options.key, cfg.model_dump()], sort_keys=True, default=str)
+    if train_key not in trained:
+        run_dir = tmp / f"run-{held}-{len(trained)}"
+        t0 = time.perf_counter()
+        summary = train_classifier(train_dir, run_dir, cfg, accelerator=accelerator, progress=False)
+        stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines() if x.strip()]
+        speeds = [r["img_per_s"] for r in stats if "img_per_s" in r]
+        trained[train_key] = (run_dir, summary["epochs"], (time.perf_counter() - t0) / 60,
+                              round(float(np.median(speeds)), 1) if speeds else None)
+    run_dir, epochs, train_minutes, img_per_s = trained[train_key]
+    tta = settings["tta"]
+    internal = evaluate_run(run_dir, bootstrap=300, tta=tta, out=tmp / f"eval-{held}-{time.monotonic_ns()}")
+    report = evaluate_run(run_dir, data_dir=site_dir, split="test", bootstrap=300, tta=tta,
+                          out=tmp / f"eval-{held}-{time.monotonic_ns()}")
     preds = pd.read_csv(Path(report["out"]) / "predictions.csv")
-    y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy() / site["temperature"])
-    at_site = M.confusion_at(y, p, site["thresholds"]["val-youden"])
     travelled = report["thresholds"]["val_youden"]
     row = {
-        "held_out": held, "trained_on": [n for n in SOURCES if n != held], "epochs": summary["epochs"],
-        "train_minutes": round(train_minutes, 1), "internal_test_auc": round(internal["roc_auc"], 4),
+        "held_out": held, "trained_on": [n for n in SOURCES if n != held], "epochs": epochs,
+        "train_minutes": round(train_minutes, 1), "train_img_per_s": img_per_s, "tta": tta,
+        "internal_test_auc": round(internal["roc_auc"], 4),
         "report_images": report["n_images"], "report_melanoma": report["n_melanoma"],
         "excluded_overlap": report["excluded_overlap"], "external_auc": round(report["roc_auc"], 4),
         "external_auc_ci95": [round(x, 4) for x in report["roc_auc_ci95"]],
         "validation_threshold": {"sensitivity": travelled["sensitivity"], "specificity": travelled["specificity"]},
-        "site_threshold": {"chosen_on_images": site["n_images"], "sensitivity": at_site["sensitivity"],
-                           "specificity": at_site["specificity"]},
     }
+    if tta == 1:
+        site = calibrate_site(run_dir, site_dir, "choose", split="train")
+        y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy() / site["temperature"])
+        at_site = M.confusion_at(y, p, site["thresholds"]["val-youden"])
+        row["site_threshold"] = {"chosen_on_images": site["n_images"], "sensitivity": at_site["sensitivity"],
+                                 "specificity": at_site["specificity"]}
+    else:  # calibrate scores single views; its threshold would not fit TTA-averaged logits
+        row["site_threshold"] = None
     return row, preds
 
 

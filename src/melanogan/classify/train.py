@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from melanogan import __version__
 from melanogan.classify.metrics import pr_auc, roc_auc
 from melanogan.classify.models import Classifier, create_classifier
-from melanogan.data.batch_augment import BatchAugment
+from melanogan.data.batch_augment import BatchAugment, RandomConvolution
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.manifest import default_cache, load_manifest, manifest_hash
 from melanogan.data.metadata import encode_metadata, missingness_warning
@@ -65,6 +65,10 @@ class TrainConfig(BaseModel):
     # none/classic augmentation of whole uint8 batches in the training process (BatchAugment) instead
     # of per-image transforms in DataLoader workers: same distribution, most of the time saved.
     batch_augment: bool = True
+    # Style randomisation on top of `augment` (data/batch_augment.py, RandomConvolution): "randconv"
+    # filters each training batch with a random convolution. Off until `bench travel --vary
+    # style_augment=randconv` shows it helps on a source not trained on (README, "Models that travel").
+    style_augment: Literal["none", "randconv"] = "none"
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
     # Auxiliary target: each training image's own diagnosis (manifest `diagnosis`, per source),
@@ -471,6 +475,7 @@ class _EpochRunner:
         self.compute_loss = loss_fn(cfg, labels)
         self.batch_aug = BatchAugment(cfg.image_size, cfg.augment).to(fabric.device) if uses_batch_augment(cfg) \
             else None
+        self.style_aug = RandomConvolution() if cfg.style_augment == "randconv" else None
         self.val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -508,6 +513,8 @@ class _EpochRunner:
             meta = meta if cfg.metadata else None
             if self.batch_aug is not None:
                 x = self.batch_aug(x, aug_gen)
+            if self.style_aug is not None:
+                x = self.style_aug(x, aug_gen)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in self.optimizer.param_groups:

@@ -106,3 +106,43 @@ class BatchAugment(torch.nn.Module):
         x = (s * x + (1 - s) * (x * grey_w).sum(1, keepdim=True)).clamp_(0, 1)
         hue = _hue_matrices(p["hue"].cpu()).to(x.device, x.dtype)
         return torch.einsum("bij,bjhw->bihw", hue, x).clamp_(0, 1)
+
+
+def random_convolution(x: torch.Tensor, kernel: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """alpha * x + (1 - alpha) * conv(x, kernel), per image: `kernel` (3, 3, k, k) with odd k (reflect-padded,
+    so the size is kept), `alpha` (B,) in [0, 1] (1 leaves an image as it is)."""
+    pad = kernel.shape[-1] // 2
+    filtered = F.conv2d(F.pad(x, [pad] * 4, mode="reflect") if pad else x, kernel.to(x.dtype))
+    a = alpha.to(x.dtype).view(-1, 1, 1, 1)
+    return a * x + (1 - a) * filtered
+
+
+class RandomConvolution(torch.nn.Module):
+    """Random-convolution style augmentation (RandConv, Xu et al., ICLR 2021), a lever of README's
+    "Models that travel": a randomly initialised convolution keeps shapes (the lesion's outline and
+    structures) but changes local colour and texture, which is where dermoscopes and clinics differ;
+    a model that must recognise the lesion under many such filters leans less on them. No weights to
+    download. One kernel per batch (size drawn from 1, 3, 5, 7; weights N(0, 1/(3 k^2)), He-style, so
+    a unit-variance input stays roughly unit-variance), blended with each image by alpha ~ U(0, 1);
+    an image is left as it is with probability 1 - p. Applied to the normalised float batch, after the
+    classic augmentation; training only."""
+
+    KERNEL_SIZES = (1, 3, 5, 7)
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomConvolution p={p}: use a probability in [0, 1]")
+        self.p = p
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        k = self.KERNEL_SIZES[int(torch.randint(len(self.KERNEL_SIZES), (1,), generator=generator))]
+        kernel = torch.randn(3, 3, k, k, generator=generator) / math.sqrt(3 * k * k)
+        alpha = torch.rand(n, generator=generator)
+        keep = torch.rand(n, generator=generator) >= self.p
+        return {"kernel": kernel, "alpha": torch.where(keep, 1.0, alpha)}
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        p = params or self.sample(len(x), generator)
+        return random_convolution(x, p["kernel"].to(x.device), p["alpha"].to(x.device))

@@ -142,7 +142,7 @@ CLI_ONLY = {
     ("serve", "host"): "fed to uvicorn and to ServeConfig.host (checked separately)",
     ("serve", "port"): "fed to uvicorn",
     **{(f"bench {b}", "json_out"): "an extra output file" for b in ("preprocess", "classifier", "serve", "quality",
-                                                                       "gan", "calibrate", "augment", "travel")},
+                                                                       "gan", "calibrate", "augment")},
 }
 CONVERT = {("prepare", "melanoma_folders"): lambda v: tuple(v.split(",")),
            ("bench quality", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),

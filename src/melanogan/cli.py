@@ -803,7 +803,7 @@ def bench_travel(
     from melanogan.bench.travel import run
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
-                  accelerator, tuple(vary or ()))
+                  accelerator, tuple(vary or ()), json_out)
     _print_bench(results, json_out)
 
 

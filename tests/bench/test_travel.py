@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,8 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
         Path(out).mkdir(parents=True)
 
     def fake_train(data_dir, run_dir, cfg, accelerator="auto", progress=True):
+        if "isic9" in Path(data_dir).name:
+            raise RuntimeError("stopped midway")
         calls["train"].append((Path(data_dir).name, cfg.augment, cfg.image_size))
         Path(run_dir).mkdir(parents=True)
         (Path(run_dir) / "skill.txt").write_text("2.0" if cfg.augment == "strong" else "1.0")
@@ -109,3 +112,11 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     assert rows["augment=strong"]["vs_defaults"]["difference"] > 0
     assert "vs_defaults" not in rows["defaults"] and rows["defaults"]["train_img_per_s"] == 20.0
     assert all(r["vs_defaults"]["p_holm"] >= r["vs_defaults"]["p_value"] for r in result["rows"] if "vs_defaults" in r)
+    assert result["complete"]
+
+    # a comparison stopped midway keeps the held-out sources it finished
+    with pytest.raises(RuntimeError, match="midway"):
+        travel.run(tmp_path, holdout=("derm7pt", "isic9"), vary=("augment=strong",), json_out=tmp_path / "t.json")
+    partial = json.loads((tmp_path / "t.json").read_text())
+    assert not partial["complete"] and [r["held_out"] for r in partial["rows"]] == ["derm7pt", "derm7pt"]
+    assert partial["rows"][1]["vs_defaults"]["difference"] > 0

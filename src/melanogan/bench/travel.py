@@ -78,8 +78,11 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
 
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
         model: str = "small-cnn", weights: str | None = None, image_size: int = 128, seed: int = 0,
-        accelerator: str = "auto", vary: tuple[str, ...] = ()) -> dict:
+        accelerator: str = "auto", vary: tuple[str, ...] = (), json_out: Path | None = None) -> dict:
+    """`json_out`: also written after each held-out source (`"complete": false` until the last), so that
+    an hour-long comparison stopped midway keeps what it measured."""
     from melanogan.errors import MelanoganError
+    from melanogan.fileio import write_json
 
     data = Path(shared) / "data"
     levers = parse_levers(tuple(vary))  # a typo fails here, before any work
@@ -102,11 +105,19 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                 rows.append({**row, "variant": name})
                 if name != "defaults":  # paired on the same report images: the lever's own effect
                     rows[-1]["vs_defaults"] = _paired(report_preds["defaults"], report_preds[name])
+            result = _result(rows, model, weights, image_size, minutes, seed, variants, held == holdout[-1])
+            if json_out:
+                write_json(json_out, result)
+    return result
+
+
+def _result(rows: list[dict], model, weights, image_size, minutes, seed, variants, complete: bool) -> dict:
+    """The figures so far, p-values Holm-adjusted over every lever and held-out source compared so far."""
     compared = [r for r in rows if "vs_defaults" in r]
     for r, p in zip(compared, M.holm([r["vs_defaults"]["p_value"] for r in compared]), strict=True):
         r["vs_defaults"]["p_holm"] = round(p, 4)
     return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
-            "levers": [name for name, _ in variants[1:]],
+            "levers": [name for name, _ in variants[1:]], "complete": complete,
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on; each "
                         "lever changes one setting of the defaults and is compared on the same report images",

@@ -789,6 +789,7 @@ def bench_travel(
     weights: Annotated[str | None, typer.Option(help="imagenet or a local weights file (pretrained recipe).")] =
         None,
     image_size: Annotated[int, typer.Option(help="Model input size.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Training batch size (raise it on a GPU).")] = 32,
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
@@ -803,7 +804,7 @@ def bench_travel(
     from melanogan.bench.travel import run
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
-                  accelerator, tuple(vary or ()), json_out)
+                  accelerator, tuple(vary or ()), json_out, batch_size)
     _print_bench(results, json_out)
 
 

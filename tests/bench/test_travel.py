@@ -70,6 +70,7 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
         if "isic9" in Path(data_dir).name:
             raise RuntimeError("stopped midway")
         calls["train"].append((Path(data_dir).name, cfg.augment, cfg.image_size))
+        assert cfg.batch_size == 16
         Path(run_dir).mkdir(parents=True)
         (Path(run_dir) / "skill.txt").write_text("2.0" if cfg.augment == "strong" else "1.0")
         (Path(run_dir) / "stats.jsonl").write_text('{"epoch": 1, "img_per_s": 10.0}\n{"epoch": 2, "img_per_s": 30.0}\n')
@@ -99,7 +100,8 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     monkeypatch.setattr(tr, "train_classifier", fake_train)
     monkeypatch.setattr(ev, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
-    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("resize_mode=lesion", "augment=strong", "tta=8"))
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("resize_mode=lesion", "augment=strong", "tta=8"),
+                        batch_size=16)
 
     assert [p[1] for p in calls["prepare"]] == ["crop", "crop", "lesion", "lesion"]  # train + site, per framing
     assert [t[1:] for t in calls["train"]] == [("classic", 128), ("classic", 128), ("strong", 128)]
@@ -116,7 +118,8 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
 
     # a comparison stopped midway keeps the held-out sources it finished
     with pytest.raises(RuntimeError, match="midway"):
-        travel.run(tmp_path, holdout=("derm7pt", "isic9"), vary=("augment=strong",), json_out=tmp_path / "t.json")
+        travel.run(tmp_path, holdout=("derm7pt", "isic9"), vary=("augment=strong",), json_out=tmp_path / "t.json",
+                   batch_size=16)
     partial = json.loads((tmp_path / "t.json").read_text())
     assert not partial["complete"] and [r["held_out"] for r in partial["rows"]] == ["derm7pt", "derm7pt"]
     assert partial["rows"][1]["vs_defaults"]["difference"] > 0

@@ -78,8 +78,10 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
 
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
         model: str = "small-cnn", weights: str | None = None, image_size: int = 128, seed: int = 0,
-        accelerator: str = "auto", vary: tuple[str, ...] = (), json_out: Path | None = None) -> dict:
-    """`json_out`: also written after each held-out source (`"complete": false` until the last), so that
+        accelerator: str = "auto", vary: tuple[str, ...] = (), json_out: Path | None = None,
+        batch_size: int = 32) -> dict:
+    """`batch_size`: the training batch (raise it on a GPU, which 32 leaves mostly idle). `json_out`: also
+    written after each held-out source (`"complete": false` until the last), so that
     an hour-long comparison stopped midway keeps what it measured."""
     from melanogan.errors import MelanoganError
     from melanogan.fileio import write_json
@@ -92,7 +94,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
     if missing:
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
-    defaults = {"minutes": minutes, "image_size": image_size, "tta": 1}
+    defaults = {"minutes": minutes, "image_size": image_size, "tta": 1, "batch_size": batch_size}
     variants = [("defaults", defaults)] + [(name, {**defaults, key: value}) for name, key, value in levers]
     rows = []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
@@ -117,7 +119,8 @@ def _result(rows: list[dict], model, weights, image_size, minutes, seed, variant
     for r, p in zip(compared, M.holm([r["vs_defaults"]["p_value"] for r in compared]), strict=True):
         r["vs_defaults"]["p_holm"] = round(p, 4)
     return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
-            "levers": [name for name, _ in variants[1:]], "complete": complete,
+            "batch_size": variants[0][1]["batch_size"], "levers": [name for name, _ in variants[1:]],
+            "complete": complete,
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on; each "
                         "lever changes one setting of the defaults and is compared on the same report images",
@@ -147,8 +150,9 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         prepare([(kind, data / folder)], tmp / f"site-{tag}", options, SplitFractions(0.5, 0.0, 0.5), seed=seed)
         prepared[options.key] = (tmp / f"train-{tag}", tmp / f"site-{tag}")
     train_dir, site_dir = prepared[options.key]
-    cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"], epochs=200,
-                      max_minutes=settings["minutes"], patience=1000, seed=seed,
+    cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"],
+                      batch_size=settings["batch_size"], epochs=200, max_minutes=settings["minutes"], patience=1000,
+                      seed=seed,
                       **{k: settings[k] for k in ("augment", "style_augment", "diagnosis_weight") if k in settings})
     train_key = json.dumps([options.key, cfg.model_dump()], sort_keys=True, default=str)
     if train_key not in trained:

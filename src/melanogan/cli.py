@@ -794,8 +794,9 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
-        "style_augment, diagnosis_weight, minutes or tta. Each changes one setting of the defaults and is compared "
-        "with them by a paired bootstrap on the same report images, Holm-adjusted."))] = None,
+        "style_augment, diagnosis_weight, minutes, ensemble (N runs sharing the budget) or tta. Each changes "
+        "one setting of the defaults and is compared with them by a paired bootstrap on the same report images, "
+        "Holm-adjusted."))] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from melanogan.bench import travel
 from melanogan.bench.travel import _paired, parse_levers, run
@@ -41,12 +42,13 @@ def test_an_unknown_lever_value_fails_before_any_work(tmp_path):
 
 def test_levers_are_typed_and_checked_before_any_work():
     levers = parse_levers(("resize_mode=lesion", "augment=strong", "image-size=192", "tta=8",
-                           "color_constancy=false", "minutes=2.5"))
+                           "color_constancy=false", "minutes=2.5", "ensemble=3"))
     assert [(k, v) for _, k, v in levers] == [("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192),
-                                             ("tta", 8), ("color_constancy", False), ("minutes", 2.5)]
+                                             ("tta", 8), ("color_constancy", False), ("minutes", 2.5),
+                                             ("ensemble", 3)]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
-                         ("resize_mode", "KEY=VALUE")]:
+                         ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
@@ -69,7 +71,7 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     def fake_train(data_dir, run_dir, cfg, accelerator="auto", progress=True):
         if "isic9" in Path(data_dir).name:
             raise RuntimeError("stopped midway")
-        calls["train"].append((Path(data_dir).name, cfg.augment, cfg.image_size))
+        calls["train"].append((Path(data_dir).name, cfg.augment, cfg.image_size, cfg.seed, cfg.max_minutes))
         assert cfg.batch_size == 16
         Path(run_dir).mkdir(parents=True)
         (Path(run_dir) / "skill.txt").write_text("2.0" if cfg.augment == "strong" else "1.0")
@@ -79,7 +81,7 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     def fake_evaluate(run_dir, data_dir=None, split=None, bootstrap=1000, tta=1, out=None, **kw):
         calls["evaluate"].append((Path(run_dir).name, tta))
         skill = float((Path(run_dir) / "skill.txt").read_text())
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(int(Path(run_dir).name.rsplit("-", 1)[1]))  # each model its own noise
         Path(out).mkdir(parents=True)
         pd.DataFrame({"uid": [f"u{i}" for i in range(n)], "label": label, "group": [f"g{i}" for i in range(n)],
                       "logit": rng.normal(size=n) + skill * label}).to_csv(Path(out) / "predictions.csv", index=False)
@@ -100,19 +102,27 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     monkeypatch.setattr(tr, "train_classifier", fake_train)
     monkeypatch.setattr(ev, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
-    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("resize_mode=lesion", "augment=strong", "tta=8"),
-                        batch_size=16)
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("resize_mode=lesion", "augment=strong", "tta=8",
+                                                              "ensemble=2"), batch_size=16)
 
     assert [p[1] for p in calls["prepare"]] == ["crop", "crop", "lesion", "lesion"]  # train + site, per framing
-    assert [t[1:] for t in calls["train"]] == [("classic", 128), ("classic", 128), ("strong", 128)]
+    assert [t[1:] for t in calls["train"]] == [("classic", 128, 0, 8.0), ("classic", 128, 0, 8.0),
+                                               ("strong", 128, 0, 8.0), ("classic", 128, 0, 4.0),
+                                               ("classic", 128, 1, 4.0)]  # the ensemble splits the budget
     assert calls["train"][0][0] == calls["train"][2][0] != calls["train"][1][0]  # strong: the defaults' data
-    assert [e[1] for e in calls["evaluate"]] == [1, 1, 1, 1, 1, 1, 8, 8]
+    assert [e[1] for e in calls["evaluate"]] == [1, 1, 1, 1, 1, 1, 8, 8, 1, 1, 1, 1]
     assert calls["evaluate"][6][0] == calls["evaluate"][0][0]  # TTA scores the defaults' own model
-    assert len(calls["calibrate"]) == 3  # not for TTA: its averaged logits need their own threshold
+    assert len(calls["calibrate"]) == 3  # not for TTA or the ensemble: averaged logits need their own threshold
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["tta=8"]["site_threshold"] is None and rows["tta=8"]["vs_defaults"]["difference"] == 0
     assert rows["augment=strong"]["vs_defaults"]["difference"] > 0
     assert "vs_defaults" not in rows["defaults"] and rows["defaults"]["train_img_per_s"] == 20.0
+    ensemble = rows["ensemble=2"]  # scored by the members' mean logit
+    rng3, rng4 = np.random.default_rng(3), np.random.default_rng(4)
+    mean = (rng3.normal(size=n) + rng4.normal(size=n)) / 2 + label
+    assert ensemble["external_auc"] == pytest.approx(roc_auc_score(label, mean), abs=1e-4)
+    assert ensemble["members"] == 2 and ensemble["epochs"] == 6
+    assert ensemble["site_threshold"] is None and ensemble["validation_threshold"] is None
     assert all(r["vs_defaults"]["p_holm"] >= r["vs_defaults"]["p_value"] for r in result["rows"] if "vs_defaults" in r)
     assert result["complete"]
 

@@ -30,8 +30,7 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
           "image_size": "train", "augment": "train", "style_augment": "train", "diagnosis_weight": "train",
-          "minutes": "train",
-          "tta": "evaluate"}
+          "minutes": "train", "ensemble": "train", "tta": "evaluate"}
 
 
 def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
@@ -59,6 +58,10 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
                 value = str(CacheOptions(resize_mode=raw).resize_mode)
             elif key == "tta":
                 value = check_tta(int(raw))
+            elif key == "ensemble":
+                value = int(raw)
+                if not 2 <= value <= 16:
+                    raise ValueError("an ensemble has 2 to 16 members (the budget is split between them)")
             elif key == "minutes":
                 value = float(raw)
                 if not value > 0:
@@ -94,7 +97,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
     if missing:
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
-    defaults = {"minutes": minutes, "image_size": image_size, "tta": 1, "batch_size": batch_size}
+    defaults = {"minutes": minutes, "image_size": image_size, "tta": 1, "batch_size": batch_size, "ensemble": 1}
     variants = [("defaults", defaults)] + [(name, {**defaults, key: value}) for name, key, value in levers]
     rows = []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
@@ -134,7 +137,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     (and the model) it does not change."""
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import evaluate_run
-    from melanogan.classify.train import TrainConfig, train_classifier
+    from melanogan.classify.train import TrainConfig
     from melanogan.data.cache import CacheOptions
     from melanogan.data.manifest import prepare
     from melanogan.data.splits import SplitFractions
@@ -154,40 +157,74 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
                       batch_size=settings["batch_size"], epochs=200, max_minutes=settings["minutes"], patience=1000,
                       seed=seed,
                       **{k: settings[k] for k in ("augment", "style_augment", "diagnosis_weight") if k in settings})
-    train_key = json.dumps([options.key, cfg.model_dump()], sort_keys=True, default=str)
-    if train_key not in trained:
+    members = settings["ensemble"]
+    if members > 1:  # the same budget split between members of different seeds
+        cfgs = [cfg.model_copy(update={"seed": seed + i, "max_minutes": settings["minutes"] / members})
+                for i in range(members)]
+    else:
+        cfgs = [cfg]
+    runs = [_train(train_dir, tmp, held, options.key, c, accelerator, trained) for c in cfgs]
+    tta = settings["tta"]
+    internal = [evaluate_run(r["run_dir"], bootstrap=300, tta=tta, out=tmp / f"eval-{held}-{time.monotonic_ns()}")
+                for r in runs]
+    report = [evaluate_run(r["run_dir"], data_dir=site_dir, split="test", bootstrap=300, tta=tta,
+                           out=tmp / f"eval-{held}-{time.monotonic_ns()}") for r in runs]
+    preds = _mean_logits([pd.read_csv(Path(r["out"]) / "predictions.csv") for r in report])
+    row = {
+        "held_out": held, "trained_on": [n for n in SOURCES if n != held], "members": members,
+        "epochs": sum(r["epochs"] for r in runs), "train_minutes": round(sum(r["minutes"] for r in runs), 1),
+        "train_img_per_s": runs[0]["img_per_s"], "tta": tta,
+        "report_images": report[0]["n_images"], "report_melanoma": report[0]["n_melanoma"],
+        "excluded_overlap": report[0]["excluded_overlap"],
+    }
+    if members == 1:
+        travelled = report[0]["thresholds"]["val_youden"]
+        row.update({
+            "internal_test_auc": round(internal[0]["roc_auc"], 4), "external_auc": round(report[0]["roc_auc"], 4),
+            "external_auc_ci95": [round(x, 4) for x in report[0]["roc_auc_ci95"]],
+            "validation_threshold": {"sensitivity": travelled["sensitivity"],
+                                     "specificity": travelled["specificity"]}})
+    else:  # the ensemble's scores are the members' mean logits; its thresholds are not chosen here
+        own = _mean_logits([pd.read_csv(Path(r["out"]) / "predictions.csv") for r in internal])
+        low, high = M.bootstrap_ci(preds["label"], preds["logit"], preds["group"], n=300)
+        row.update({"internal_test_auc": round(M.roc_auc(own["label"], own["logit"]), 4),
+                    "external_auc": round(M.roc_auc(preds["label"], preds["logit"]), 4),
+                    "external_auc_ci95": [round(low, 4), round(high, 4)], "validation_threshold": None})
+    if tta == 1 and members == 1:
+        site = calibrate_site(runs[0]["run_dir"], site_dir, "choose", split="train")
+        y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy() / site["temperature"])
+        at_site = M.confusion_at(y, p, site["thresholds"]["val-youden"])
+        row["site_threshold"] = {"chosen_on_images": site["n_images"], "sensitivity": at_site["sensitivity"],
+                                 "specificity": at_site["specificity"]}
+    else:  # calibrate scores one model's single views; its threshold would not fit averaged logits
+        row["site_threshold"] = None
+    return row, preds
+
+
+def _train(train_dir: Path, tmp: Path, held: str, data_key: str, cfg, accelerator: str, trained: dict) -> dict:
+    """Train `cfg` on `train_dir` once: a later variant with the same data and settings reuses the run."""
+    from melanogan.classify.train import train_classifier
+
+    key = json.dumps([data_key, cfg.model_dump()], sort_keys=True, default=str)
+    if key not in trained:
         run_dir = tmp / f"run-{held}-{len(trained)}"
         t0 = time.perf_counter()
         summary = train_classifier(train_dir, run_dir, cfg, accelerator=accelerator, progress=False)
         stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines() if x.strip()]
         speeds = [r["img_per_s"] for r in stats if "img_per_s" in r]
-        trained[train_key] = (run_dir, summary["epochs"], (time.perf_counter() - t0) / 60,
-                              round(float(np.median(speeds)), 1) if speeds else None)
-    run_dir, epochs, train_minutes, img_per_s = trained[train_key]
-    tta = settings["tta"]
-    internal = evaluate_run(run_dir, bootstrap=300, tta=tta, out=tmp / f"eval-{held}-{time.monotonic_ns()}")
-    report = evaluate_run(run_dir, data_dir=site_dir, split="test", bootstrap=300, tta=tta,
-                          out=tmp / f"eval-{held}-{time.monotonic_ns()}")
-    preds = pd.read_csv(Path(report["out"]) / "predictions.csv")
-    travelled = report["thresholds"]["val_youden"]
-    row = {
-        "held_out": held, "trained_on": [n for n in SOURCES if n != held], "epochs": epochs,
-        "train_minutes": round(train_minutes, 1), "train_img_per_s": img_per_s, "tta": tta,
-        "internal_test_auc": round(internal["roc_auc"], 4),
-        "report_images": report["n_images"], "report_melanoma": report["n_melanoma"],
-        "excluded_overlap": report["excluded_overlap"], "external_auc": round(report["roc_auc"], 4),
-        "external_auc_ci95": [round(x, 4) for x in report["roc_auc_ci95"]],
-        "validation_threshold": {"sensitivity": travelled["sensitivity"], "specificity": travelled["specificity"]},
-    }
-    if tta == 1:
-        site = calibrate_site(run_dir, site_dir, "choose", split="train")
-        y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy() / site["temperature"])
-        at_site = M.confusion_at(y, p, site["thresholds"]["val-youden"])
-        row["site_threshold"] = {"chosen_on_images": site["n_images"], "sensitivity": at_site["sensitivity"],
-                                 "specificity": at_site["specificity"]}
-    else:  # calibrate scores single views; its threshold would not fit TTA-averaged logits
-        row["site_threshold"] = None
-    return row, preds
+        trained[key] = {"run_dir": run_dir, "epochs": summary["epochs"], "minutes": (time.perf_counter() - t0) / 60,
+                        "img_per_s": round(float(np.median(speeds)), 1) if speeds else None}
+    return trained[key]
+
+
+def _mean_logits(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """One prediction table with each image's logit averaged over the members (images all scored)."""
+    if len(frames) == 1:
+        return frames[0]
+    logits = pd.concat([f.set_index("uid")["logit"] for f in frames], axis=1, join="inner")
+    out = frames[0].set_index("uid").loc[logits.index].copy()
+    out["logit"] = logits.mean(axis=1).to_numpy()
+    return out.reset_index()
 
 
 def _paired(first: pd.DataFrame, other: pd.DataFrame) -> dict:

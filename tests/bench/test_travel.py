@@ -38,6 +38,9 @@ def test_an_unknown_lever_value_fails_before_any_work(tmp_path):
         (tmp_path / "data" / folder).mkdir(parents=True)
     with pytest.raises(MelanoganError, match="resize mode 'zoom' is unknown"):
         run(tmp_path, vary=("resize_mode=lesion", "resize_mode=zoom"))
+    for holdout in [(), ("derm7pt", "derm7pt"), ("ph2",)]:
+        with pytest.raises(MelanoganError, match="at most once, at least one"):
+            run(tmp_path, holdout=holdout)
 
 
 def test_levers_are_typed_and_checked_before_any_work():

@@ -92,8 +92,9 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     data = Path(shared) / "data"
     levers = parse_levers(tuple(vary))  # a typo fails here, before any work
     unknown = [h for h in holdout if h not in SOURCES]
-    if unknown:
-        raise MelanoganError(f"--holdout {unknown}: use {', '.join(SOURCES)}.")
+    if unknown or not holdout or len(set(holdout)) != len(holdout):
+        raise MelanoganError(f"--holdout {','.join(holdout) or '(none)'}: name each of {', '.join(SOURCES)} at most "
+                             "once, at least one.")
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
     if missing:
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")

@@ -802,11 +802,12 @@ def bench_travel(
     """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,
     report ROC-AUC and the operating points on half of the third (the other half chooses the site
     threshold). `--model efficientnet_b0 --weights imagenet --image-size 256` runs the pretrained recipe."""
-    from melanogan.bench.travel import run
+    from melanogan.bench.travel import run, table
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
                   accelerator, tuple(vary or ()), json_out, batch_size)
     _print_bench(results, json_out)
+    console.print(table(results), markup=False, highlight=False, soft_wrap=True)
 
 
 @bench_app.command("quality")

@@ -136,3 +136,41 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     partial = json.loads((tmp_path / "t.json").read_text())
     assert not partial["complete"] and [r["held_out"] for r in partial["rows"]] == ["derm7pt", "derm7pt"]
     assert partial["rows"][1]["vs_defaults"]["difference"] > 0
+
+
+def test_the_table_shows_each_row_with_its_paired_difference():
+    row = {"held_out": "derm7pt", "report_images": 1505, "report_melanoma": 126, "epochs": 16,
+           "internal_test_auc": 0.8694, "external_auc": 0.7403, "external_auc_ci95": [0.6842, 0.7881],
+           "validation_threshold": {"sensitivity": 0.94, "specificity": 0.176}, "site_threshold": None}
+    lever = {**row, "variant": "resize_mode=lesion", "external_auc": 0.7512,
+             "vs_defaults": {"difference": 0.0109, "ci95": [-0.004, 0.0261], "p_value": 0.151, "p_holm": 0.453}}
+    lines = travel.table({"rows": [{**row, "variant": "defaults"}, lever]}).splitlines()
+    assert lines[2] == ("| Derm7pt (1,505 images, 126 mel) | defaults | 16 | 0.869 | 0.740 [0.684, 0.788] | - | "
+                        "0.94 / 0.18 | - |")
+    assert "| resize_mode=lesion | 16 | 0.869 | 0.751 [0.684, 0.788] | +0.011 [-0.004, +0.026] (0.151, 0.453) |" \
+        in lines[3]
+    assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+
+
+def test_the_command_prints_the_table_and_keeps_the_json(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from melanogan.cli import app
+
+    row = {"held_out": "isic9", "variant": "defaults", "report_images": 683, "report_melanoma": 187, "epochs": 18,
+           "internal_test_auc": 0.879, "external_auc": 0.736, "external_auc_ci95": [0.695, 0.772],
+           "validation_threshold": None, "site_threshold": None}
+    seen = {}
+
+    def fake_run(*args):
+        seen["args"] = args
+        return {"rows": [row]}
+
+    monkeypatch.setattr(travel, "run", fake_run)
+    result = CliRunner().invoke(app, ["bench", "travel", "--holdout", "isic9", "--vary", "tta=8", "--vary",
+                                      "augment=strong", "--json", str(tmp_path / "t.json")])
+    assert result.exit_code == 0, result.output
+    assert "| ISIC 9-class (683 images, 187 mel) | defaults | 18 | 0.879 | 0.736 [0.695, 0.772] | - | - | - |" \
+        in result.output
+    assert seen["args"][2] == ("isic9",) and seen["args"][8] == ("tta=8", "augment=strong")
+    assert json.loads((tmp_path / "t.json").read_text()) == {"rows": [row]}

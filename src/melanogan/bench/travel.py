@@ -228,6 +228,29 @@ def _mean_logits(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return out.reset_index()
 
 
+NAMES = {"ham10000": "HAM10000", "isic9": "ISIC 9-class", "derm7pt": "Derm7pt"}
+
+
+def table(results: dict) -> str:
+    """The figures as the README's Markdown table: one row per held-out source and setting."""
+    def pair(d: dict | None) -> str:
+        return "-" if not d else f"{d['sensitivity']:.2f} / {d['specificity']:.2f}"
+
+    lines = ["| held out (report part) | setting | epochs | internal test AUC | external ROC-AUC [95% CI] | "
+             "difference vs defaults [95% CI] (p, Holm) | validation threshold: sens / spec | "
+             "site threshold: sens / spec |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["rows"]:
+        v = r.get("vs_defaults")
+        diff = "-" if v is None else (f"{v['difference']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] "
+                                      f"({v['p_value']:.3f}, {v.get('p_holm', float('nan')):.3f})")
+        low, high = r["external_auc_ci95"]
+        lines.append(f"| {NAMES[r['held_out']]} ({r['report_images']:,} images, {r['report_melanoma']} mel) | "
+                     f"{r['variant']} | {r['epochs']} | {r['internal_test_auc']:.3f} | {r['external_auc']:.3f} "
+                     f"[{low:.3f}, {high:.3f}] | {diff} | {pair(r.get('validation_threshold'))} | "
+                     f"{pair(r.get('site_threshold'))} |")
+    return "\n".join(lines)
+
+
 def _paired(first: pd.DataFrame, other: pd.DataFrame) -> dict:
     """AUC(other) - AUC(first) on the report images both runs scored, by a paired bootstrap over
     patient/lesion groups."""

@@ -144,7 +144,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     from melanogan.data.splits import SplitFractions
 
     options = CacheOptions(size=max(256, settings["image_size"]), **{
-        k: settings[k] for k in ("resize_mode", "color_constancy", "hair_removal") if k in settings})
+        k: settings[k] for k, stage in LEVERS.items() if stage == "prepare" and k in settings})
     if options.key not in prepared:
         tag = f"{held}-{options.key}"
         train_sources = [(kind, data / folder) for name, (kind, folder) in SOURCES.items() if name != held]

@@ -175,7 +175,7 @@ def evaluate_gan(syn_dir: str | Path, real: str | Path, out: str | Path, split: 
 
 def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weights: str | None = None,
           image_size: int = 128, synthetic: list[str | Path] | None = None, loss: str = "bce",
-          sampler: str = "none", augment: str = "classic", style_augment: str = "none",
+          sampler: str = "none", augment: str = "classic", color_augment: str = "rgb", style_augment: str = "none",
           diagnosis_weight: float | None = None, epochs: int = 30, max_minutes: float | None = None,
           batch_size: int = 32, lr: float = 2e-3, patience: int = 8, seed: int = 0, workers: int | None = None,
           batch_augment: bool = True, precision: str = "bf16-mixed", metadata: str = "", accelerator: str = "auto",
@@ -187,7 +187,8 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
     try:
         cfg = TrainConfig(model=model, weights=weights, image_size=image_size, epochs=epochs, max_minutes=max_minutes,
                           batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, augment=augment,
-                          style_augment=style_augment, diagnosis_weight=diagnosis_weight,
+                          color_augment=color_augment, style_augment=style_augment,
+                          diagnosis_weight=diagnosis_weight,
                           synthetic=[str(s) for s in synthetic or []],
                           patience=patience, seed=seed, workers=workers, precision=precision,
                           batch_augment=batch_augment, metadata=metadata)

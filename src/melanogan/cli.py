@@ -489,10 +489,13 @@ def train(
         help="none, classic (flips, rotations, scale/crop, mild colour jitter) or strong (wider crops, "
              "strong colour/contrast/sharpness changes, blur: for images from other clinics). Default: classic "
              "(recommended).")] = "classic",
+    color_augment: Annotated[str, typer.Option(
+        help="Colour step of classic augmentation: rgb (brightness, contrast, saturation, hue) or lab (lightness, "
+             "chroma and white-point shifts in CIELAB). Default: rgb (see README, Models that travel).")] = "rgb",
     style_augment: Annotated[str, typer.Option(
-        help="none or randconv (each batch also filtered by a random convolution: colour and texture change, "
-             "shapes stay; weight-free style randomisation). Default: none (see README, Models that travel).")] =
-        "none",
+        help="none, randconv (each batch also filtered by a random convolution: colour and texture change, "
+             "shapes stay) or mixstyle (early-feature statistics mixed between batch images); weight-free style "
+             "randomisation. Default: none (see README, Models that travel).")] = "none",
     diagnosis_weight: Annotated[float | None, typer.Option(
         help="Weight of an auxiliary loss that also predicts each training image's own diagnosis (the "
              "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off. Default: 0.5 (recommended) when "
@@ -529,7 +532,8 @@ def train(
     from melanogan import api
 
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
-                        loss=loss, sampler=sampler, augment=augment, style_augment=style_augment,
+                        loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
+                        style_augment=style_augment,
                         diagnosis_weight=diagnosis_weight, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
                         workers=workers, batch_augment=batch_augment, precision=precision, metadata=metadata,
@@ -794,7 +798,8 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
-        "style_augment, diagnosis_weight, minutes, ensemble (N runs sharing the budget) or tta. Each changes "
+        "color_augment, style_augment, diagnosis_weight, minutes, ensemble (N runs sharing the budget) or tta. "
+        "Each changes "
         "one setting of the defaults and is compared with them by a paired bootstrap on the same report images, "
         "Holm-adjusted."))] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,

@@ -45,13 +45,16 @@ def test_an_unknown_lever_value_fails_before_any_work(tmp_path):
 
 def test_levers_are_typed_and_checked_before_any_work():
     levers = parse_levers(("resize_mode=lesion", "augment=strong", "image-size=192", "tta=8",
-                           "color_constancy=false", "minutes=2.5", "ensemble=3"))
+                           "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
+                           "style_augment=mixstyle"))
     assert [(k, v) for _, k, v in levers] == [("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192),
                                              ("tta", 8), ("color_constancy", False), ("minutes", 2.5),
-                                             ("ensemble", 3)]
+                                             ("ensemble", 3), ("color_augment", "lab"),
+                                             ("style_augment", "mixstyle")]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
-                         ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16")]:
+                         ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
+                         ("color_augment=hsv", "color_augment"), ("style_augment=mix", "style_augment")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
@@ -63,7 +66,7 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     re-prepares, a training lever retrains on the same data, TTA only re-evaluates the defaults' model."""
     for folder in ("ham10000_224", "isic9_180", "derm7pt_384"):
         (tmp_path / "data" / folder).mkdir(parents=True)
-    calls = {"prepare": [], "train": [], "evaluate": [], "calibrate": []}
+    calls = {"prepare": [], "train": [], "evaluate": [], "calibrate": [], "cfg": []}
     n = 60
     label = np.r_[np.ones(20, int), np.zeros(n - 20, int)]
 
@@ -75,6 +78,7 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
         if "isic9" in Path(data_dir).name:
             raise RuntimeError("stopped midway")
         calls["train"].append((Path(data_dir).name, cfg.augment, cfg.image_size, cfg.seed, cfg.max_minutes))
+        calls["cfg"].append(cfg)
         assert cfg.batch_size == 16
         Path(run_dir).mkdir(parents=True)
         (Path(run_dir) / "skill.txt").write_text("2.0" if cfg.augment == "strong" else "1.0")
@@ -106,16 +110,21 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     monkeypatch.setattr(ev, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
     result = travel.run(tmp_path, holdout=("derm7pt",), vary=("resize_mode=lesion", "augment=strong", "tta=8",
-                                                              "ensemble=2"), batch_size=16)
+                                                              "ensemble=2", "color_augment=lab",
+                                                              "style_augment=mixstyle"), batch_size=16)
 
     assert [p[1] for p in calls["prepare"]] == ["crop", "crop", "lesion", "lesion"]  # train + site, per framing
     assert [t[1:] for t in calls["train"]] == [("classic", 128, 0, 8.0), ("classic", 128, 0, 8.0),
                                                ("strong", 128, 0, 8.0), ("classic", 128, 0, 4.0),
-                                               ("classic", 128, 1, 4.0)]  # the ensemble splits the budget
+                                               ("classic", 128, 1, 4.0), ("classic", 128, 0, 8.0),
+                                               ("classic", 128, 0, 8.0)]  # the ensemble splits the budget
+    base = calls["cfg"][0].model_dump()
+    for cfg, changed in zip(calls["cfg"][-2:], ({"color_augment": "lab"}, {"style_augment": "mixstyle"}), strict=True):
+        assert {k: v for k, v in cfg.model_dump().items() if base[k] != v} == changed  # its own setting only
     assert calls["train"][0][0] == calls["train"][2][0] != calls["train"][1][0]  # strong: the defaults' data
-    assert [e[1] for e in calls["evaluate"]] == [1, 1, 1, 1, 1, 1, 8, 8, 1, 1, 1, 1]
+    assert [e[1] for e in calls["evaluate"]] == [1, 1, 1, 1, 1, 1, 8, 8, 1, 1, 1, 1, 1, 1, 1, 1]
     assert calls["evaluate"][6][0] == calls["evaluate"][0][0]  # TTA scores the defaults' own model
-    assert len(calls["calibrate"]) == 3  # not for TTA or the ensemble: averaged logits need their own threshold
+    assert len(calls["calibrate"]) == 5  # not for TTA or the ensemble: averaged logits need their own threshold
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["tta=8"]["site_threshold"] is None and rows["tta=8"]["vs_defaults"]["difference"] == 0
     assert rows["augment=strong"]["vs_defaults"]["difference"] > 0

@@ -434,3 +434,27 @@ def test_style_augment_filters_every_training_batch_and_nothing_else(demo_prepar
     style = load_file(tmp_path / "style" / "last" / "model.safetensors")
     assert any(not torch.equal(plain[k], style[k]) for k in plain)
     assert load_model(tmp_path / "style" / "best")[1].style_augment == "randconv"  # the run records it
+
+
+def test_mixstyle_and_lab_colour_reach_the_training_loop(demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+    from melanogan.classify.mixstyle import MixStyle
+
+    batches = []
+
+    class Spy(MixStyle):
+        def next_batch(self, n):
+            super().next_batch(n)
+            batches.append(n)
+
+    monkeypatch.setattr(train_module, "MixStyle", Spy)
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "style_augment": "mixstyle", "color_augment": "lab"})
+    train_classifier(demo_prepared, tmp_path / "mix", cfg, progress=False)
+    n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
+    assert batches == [TINY["batch_size"]] * (n_train // TINY["batch_size"])  # a draw per training batch
+    saved = load_model(tmp_path / "mix" / "best")[1]
+    assert (saved.style_augment, saved.color_augment) == ("mixstyle", "lab")
+    with pytest.raises(ValueError, match="classic batch augmentation"):
+        TrainConfig(color_augment="lab", augment="strong")
+    with pytest.raises(ValueError, match="classic batch augmentation"):
+        TrainConfig(color_augment="lab", batch_augment=False)

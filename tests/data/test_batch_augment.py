@@ -119,3 +119,54 @@ def test_random_convolution_draws_as_documented():
     assert torch.equal(RandomConvolution(p=0.0)(x, gen), x)
     with pytest.raises(ValueError, match="probability"):
         RandomConvolution(p=1.5)
+
+
+def test_cielab_conversion_matches_the_published_values():
+    from melanogan.data.batch_augment import lab_to_rgb, rgb_to_lab
+
+    # sRGB primaries, white and mid-grey in CIELAB (D65), as tabulated (e.g. Lindbloom's calculator)
+    rgb = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    expected = torch.tensor([[53.24, 80.09, 67.20], [87.73, -86.18, 83.18], [32.30, 79.19, -107.86],
+                             [100.0, 0.0, 0.0], [53.39, 0.0, 0.0]])
+    lab = rgb_to_lab(rgb.view(5, 3, 1, 1)).view(5, 3)
+    assert torch.allclose(lab, expected, atol=0.01)
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lab_to_rgb(rgb_to_lab(x)), x, atol=1e-5)  # the inverse
+
+
+def _lab_params(**changes) -> dict[str, torch.Tensor]:
+    p = {"lab_contrast": 1.0, "lab_offset": 0.0, "chroma": 1.0, "da": 0.0, "db": 0.0}
+    p.update(changes)
+    return {**_params(), **{k: torch.tensor([v]) for k, v in p.items()}}
+
+
+def test_lab_colour_step_is_exact():
+    from melanogan.data.batch_augment import rgb_to_lab
+
+    x = _image()
+    ref = x.float() / 255
+    aug = BatchAugment(8, mean=MEAN, std=STD, color="lab")
+    assert torch.allclose(aug(x, params=_lab_params()), ref, atol=1e-5)  # identity parameters
+    grey = torch.full((1, 3, 8, 8), 128, dtype=torch.uint8)
+    lab_grey = rgb_to_lab(grey.float() / 255)
+    cast = rgb_to_lab(aug(grey, params=_lab_params(da=5.0, db=-3.0)))  # a white-point shift tints grey
+    assert torch.allclose(cast[:, 0], lab_grey[:, 0], atol=1e-3)
+    assert torch.allclose(cast[:, 1], torch.full_like(cast[:, 1], 5.0), atol=1e-3)
+    assert torch.allclose(cast[:, 2], torch.full_like(cast[:, 2], -3.0), atol=1e-3)
+    lighter = rgb_to_lab(aug(grey, params=_lab_params(lab_contrast=0.5, lab_offset=4.0)))
+    assert torch.allclose(lighter[:, 0], 50 + (lab_grey[:, 0] - 50) * 0.5 + 4.0, atol=1e-3)
+    achromatic = aug(x, params=_lab_params(chroma=0.0))  # chroma 0: greys of the same lightness
+    assert torch.allclose(achromatic[:, 0], achromatic[:, 1], atol=1e-4)
+    assert torch.allclose(achromatic[:, 1], achromatic[:, 2], atol=1e-4)
+    assert torch.allclose(rgb_to_lab(achromatic)[:, 0], rgb_to_lab(ref)[:, 0], atol=1e-2)
+
+
+def test_lab_draws_keep_the_geometry_draws_and_their_ranges():
+    rgb = BatchAugment(64).sample(5000, torch.Generator().manual_seed(1))
+    lab = BatchAugment(64, color="lab").sample(5000, torch.Generator().manual_seed(1))
+    assert all(torch.equal(rgb[k], lab[k]) for k in rgb)  # the same crops, flips and rotations
+    for key, (lo, hi) in BatchAugment.LAB_RANGES.items():
+        margin = 0.05 * (hi - lo)
+        assert lo <= float(lab[key].min()) < lo + margin and hi - margin < float(lab[key].max()) <= hi
+    with pytest.raises(ValueError, match="'rgb' or 'lab'"):
+        BatchAugment(64, color="hsv")

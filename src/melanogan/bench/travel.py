@@ -29,8 +29,14 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # What each lever changes: the cached pixels (prepare), the training run, or only the evaluation
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
-          "image_size": "train", "augment": "train", "style_augment": "train", "diagnosis_weight": "train",
+          "image_size": "train", "augment": "train", "color_augment": "train",
+          "style_augment": "train", "diagnosis_weight": "train",
           "minutes": "train", "ensemble": "train", "tta": "evaluate"}
+
+
+# Training levers that are TrainConfig fields as they are (image_size is set for every variant;
+# minutes and ensemble become the budget and the members).
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight")
 
 
 def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
@@ -156,8 +162,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     train_dir, site_dir = prepared[options.key]
     cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"],
                       batch_size=settings["batch_size"], epochs=200, max_minutes=settings["minutes"], patience=1000,
-                      seed=seed,
-                      **{k: settings[k] for k in ("augment", "style_augment", "diagnosis_weight") if k in settings})
+                      seed=seed, **{k: settings[k] for k in _CONFIG_LEVERS if k in settings})
     members = settings["ensemble"]
     if members > 1:  # the same budget split between members of different seeds
         cfgs = [cfg.model_copy(update={"seed": seed + i, "max_minutes": settings["minutes"] / members})

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 
 from melanogan import __version__
 from melanogan.classify.metrics import pr_auc, roc_auc
+from melanogan.classify.mixstyle import MixStyle
 from melanogan.classify.models import Classifier, create_classifier
 from melanogan.data.batch_augment import BatchAugment, RandomConvolution
 from melanogan.data.dataset import CachedImageDataset
@@ -65,10 +66,15 @@ class TrainConfig(BaseModel):
     # none/classic augmentation of whole uint8 batches in the training process (BatchAugment) instead
     # of per-image transforms in DataLoader workers: same distribution, most of the time saved.
     batch_augment: bool = True
-    # Style randomisation on top of `augment` (data/batch_augment.py, RandomConvolution): "randconv"
-    # filters each training batch with a random convolution. Off until `bench travel --vary
-    # style_augment=randconv` shows it helps on a source not trained on (README, "Models that travel").
-    style_augment: Literal["none", "randconv"] = "none"
+    # The colour step of classic batch augmentation: "rgb" (ColorJitter's brightness, contrast,
+    # saturation, hue) or "lab" (lightness, chroma and a white-point shift in CIELAB, BatchAugment).
+    # rgb until `bench travel --vary color_augment=lab` shows lab travels better (README).
+    color_augment: Literal["rgb", "lab"] = "rgb"
+    # Style randomisation on top of `augment`: "randconv" filters each training batch with a random
+    # convolution (data/batch_augment.py); "mixstyle" mixes early-feature statistics between batch
+    # images (classify/mixstyle.py). Off until `bench travel --vary style_augment=...` shows one helps
+    # on a source not trained on (README, "Models that travel").
+    style_augment: Literal["none", "randconv", "mixstyle"] = "none"
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
     # Auxiliary target: each training image's own diagnosis (manifest `diagnosis`, per source),
@@ -91,6 +97,13 @@ class TrainConfig(BaseModel):
     # Patient metadata joined to the image features (data/metadata.py): any of age, sex, site.
     # Off by default: measured on ../shared/data in the README before anyone relies on it.
     metadata: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _lab_needs_batch_augment(self):
+        if self.color_augment == "lab" and not (self.batch_augment and self.augment == "classic"):
+            raise ValueError("color_augment 'lab' is the colour step of classic batch augmentation: use it with "
+                             "augment 'classic' and batch augmentation on (not per-image or strong presets).")
+        return self
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -473,9 +486,11 @@ class _EpochRunner:
         self.train_set, self.val_set, self.labels = train_set, val_set, labels
         self.model, self.optimizer, self.raw = model, optimizer, model.module
         self.compute_loss = loss_fn(cfg, labels)
-        self.batch_aug = BatchAugment(cfg.image_size, cfg.augment).to(fabric.device) if uses_batch_augment(cfg) \
-            else None
+        self.batch_aug = BatchAugment(cfg.image_size, cfg.augment, color=cfg.color_augment).to(fabric.device) \
+            if uses_batch_augment(cfg) else None
         self.style_aug = RandomConvolution() if cfg.style_augment == "randconv" else None
+        # hooks on the unwrapped model's early stages; they act in training mode only
+        self.mixstyle = MixStyle(cfg.model, self.raw, torch.Generator()) if cfg.style_augment == "mixstyle" else None
         self.val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -515,6 +530,9 @@ class _EpochRunner:
                 x = self.batch_aug(x, aug_gen)
             if self.style_aug is not None:
                 x = self.style_aug(x, aug_gen)
+            if self.mixstyle is not None:
+                self.mixstyle.generator = aug_gen
+                self.mixstyle.next_batch(len(x))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in self.optimizer.param_groups:

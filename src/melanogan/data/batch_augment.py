@@ -10,11 +10,16 @@ The distribution follows `train_preset(..., "classic")`: crop area 0.6-1 of the 
 up to 0.02 of a turn. Differences: one bilinear resampling instead of a resize followed by a
 rotation (slightly sharper), and the crop is placed so that it stays inside the image before the
 rotation, as RandomResizedCrop places it.
+
+`color="lab"` swaps the colour step for one in CIELAB, a perceptual space (a lever of README's
+"Models that travel"): lightness contrast and offset, a chroma scale, and an offset of a* and b*,
+i.e. a shift of the white point, which is how dermoscopes' illuminants and sensors differ.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,34 @@ from melanogan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # The luminance weights torchvision's rgb_to_grayscale uses (ITU-R 601-2).
 _GREY = (0.2989, 0.587, 0.114)
+
+
+# sRGB (D65) -> XYZ, and the D65 white point: the standard CIELAB definition (as OpenCV's RGB2Lab).
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_WHITE = (0.950456, 1.0, 1.088754)
+_DELTA = 6 / 29
+
+
+def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1], (B, 3, H, W) -> CIELAB (L* in [0, 100], a* and b* around 0), D65."""
+    linear = torch.where(x <= 0.04045, x / 12.92, ((x.clamp(min=0) + 0.055) / 1.055) ** 2.4)
+    m = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device)
+    white = torch.tensor(_WHITE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,bjhw->bihw", m, linear) / white
+    f = torch.where(xyz > _DELTA ** 3, xyz.clamp(min=1e-12) ** (1 / 3), xyz / (3 * _DELTA ** 2) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rgb_to_lab`, clamped to [0, 1] (colours outside the sRGB gamut are clipped)."""
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
+    xyz = torch.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4 / 29))
+    xyz = xyz * torch.tensor(_WHITE, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
+    m = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).to(lab.dtype).to(lab.device)
+    linear = torch.einsum("ij,bjhw->bihw", m, xyz).clamp(0, 1)
+    srgb = torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp(min=1e-12) ** (1 / 2.4) - 0.055)
+    return srgb.clamp(0, 1)
 
 
 def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
@@ -39,13 +72,24 @@ def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
 
 class BatchAugment(torch.nn.Module):
     """uint8 (B, 3, S, S) -> normalised float (B, 3, size, size), augmented when `augment` is
-    `classic` (or resized only, `none`). Draws from `generator` so that runs repeat bitwise on CPU."""
+    `classic` (or resized only, `none`), its colours changed in RGB (`color="rgb"`, torchvision's
+    ColorJitter) or in CIELAB (`"lab"`). Draws from `generator` so that runs repeat bitwise on CPU."""
 
-    def __init__(self, size: int, augment: str = "classic", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    # Lab ranges: L* contrast about mid-grey as the RGB contrast (0.85-1.15); L* offset +-8 (about the
+    # RGB brightness range at skin's L* ~ 55-65); chroma x0.8-1.2; white-point shift +-6 in a* and b*
+    # (a just-noticeable difference is ~2: a visible cast, as from another illuminant or sensor).
+    LAB_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "lab_contrast": (0.85, 1.15), "lab_offset": (-8.0, 8.0), "chroma": (0.8, 1.2), "da": (-6.0, 6.0),
+        "db": (-6.0, 6.0)}
+
+    def __init__(self, size: int, augment: str = "classic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 color: str = "rgb"):
         super().__init__()
         if augment not in ("none", "classic"):
             raise ValueError(f"batch augmentation supports 'none' and 'classic', not {augment!r}")
-        self.size, self.augment = size, augment
+        if color not in ("rgb", "lab"):
+            raise ValueError(f"colour augmentation is 'rgb' or 'lab', not {color!r}")
+        self.size, self.augment, self.color = size, augment, color
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -60,10 +104,13 @@ class BatchAugment(torch.nn.Module):
         # crop side lengths as fractions of the image (clamped to fit, as RandomResizedCrop retries)
         w = torch.sqrt(area * ratio).clamp(max=1.0)
         h = torch.sqrt(area / ratio).clamp(max=1.0)
-        return {"w": w, "h": h, "cx": uniform(-1, 1) * (1 - w), "cy": uniform(-1, 1) * (1 - h),
-                "flip_x": torch.rand(n, generator=generator) < 0.5, "flip_y": torch.rand(n, generator=generator) < 0.5,
-                "angle": uniform(-math.pi, math.pi), "brightness": uniform(0.85, 1.15),
-                "contrast": uniform(0.85, 1.15), "saturation": uniform(0.9, 1.1), "hue": uniform(-0.02, 0.02)}
+        p = {"w": w, "h": h, "cx": uniform(-1, 1) * (1 - w), "cy": uniform(-1, 1) * (1 - h),
+             "flip_x": torch.rand(n, generator=generator) < 0.5, "flip_y": torch.rand(n, generator=generator) < 0.5,
+             "angle": uniform(-math.pi, math.pi), "brightness": uniform(0.85, 1.15),
+             "contrast": uniform(0.85, 1.15), "saturation": uniform(0.9, 1.1), "hue": uniform(-0.02, 0.02)}
+        if self.color == "lab":  # drawn after the RGB ones, so geometry draws stay those of "rgb"
+            p.update({k: uniform(lo, hi) for k, (lo, hi) in self.LAB_RANGES.items()})
+        return p
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -75,7 +122,7 @@ class BatchAugment(torch.nn.Module):
         else:  # parameters drawn on the CPU (repeatable with a CPU generator), used where the batch is
             p = {k: v.to(x.device) for k, v in (params or self.sample(len(x), generator)).items()}
             x = self._geometry(x, p)
-            x = self._colour(x, p)
+            x = self._colour(x, p) if self.color == "rgb" else self._colour_lab(x, p)
         return (x - self.mean) / self.std
 
     def _geometry(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,6 +153,19 @@ class BatchAugment(torch.nn.Module):
         x = (s * x + (1 - s) * (x * grey_w).sum(1, keepdim=True)).clamp_(0, 1)
         hue = _hue_matrices(p["hue"].cpu()).to(x.device, x.dtype)
         return torch.einsum("bij,bjhw->bihw", hue, x).clamp_(0, 1)
+
+    def _colour_lab(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lab_jitter(x, p)
+
+
+def lab_jitter(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """RGB [0, 1] -> Lab; L* <- 50 + (L* - 50) * lab_contrast + lab_offset; (a*, b*) <- (a*, b*) *
+    chroma + (da, db); -> RGB, clipped to the gamut. Per image; (B,) parameters."""
+    lab = rgb_to_lab(x.float())
+    v = {k: p[k].to(lab.device, lab.dtype).view(-1, 1, 1) for k in BatchAugment.LAB_RANGES}
+    lab = torch.stack([(50 + (lab[:, 0] - 50) * v["lab_contrast"] + v["lab_offset"]).clamp(0, 100),
+                       lab[:, 1] * v["chroma"] + v["da"], lab[:, 2] * v["chroma"] + v["db"]], dim=1)
+    return lab_to_rgb(lab).to(x.dtype)
 
 
 def random_convolution(x: torch.Tensor, kernel: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

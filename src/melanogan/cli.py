@@ -507,11 +507,11 @@ def train(
     patience: Annotated[int, typer.Option(help="Epochs without better validation AUC before stopping.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed (deterministic on CPU).")] = 0,
     workers: Annotated[int | None, typer.Option(
-        help="DataLoader worker processes. Default: 0 with batch augmentation (--augment none/classic), else 1.")] =
+        help="DataLoader worker processes. Default: 0 with batch augmentation, 1 with --per-image-augment.")] =
         None,
     batch_augment: Annotated[bool, typer.Option(
         "--batch-augment/--per-image-augment",
-        help="Augment whole uint8 batches in the training process (default; none/classic) or each image in "
+        help="Augment whole uint8 batches in the training process (default) or each image in "
              "the DataLoader (the torchvision presets).")] = True,
     precision: Annotated[str, typer.Option(help="bf16-mixed or 32.")] = "bf16-mixed",
     metadata: Annotated[str, typer.Option(
@@ -772,13 +772,14 @@ def bench_augment(
     model: Annotated[str, typer.Option(help="Registered classifier.")] = "small-cnn",
     epochs: Annotated[int, typer.Option(help="Epochs per training run (the best after the first counts).")] = 3,
     precision: Annotated[str, typer.Option(help="bf16-mixed or 32.")] = "bf16-mixed",
+    augment: Annotated[str, typer.Option(help="The preset both paths apply: classic or strong.")] = "classic",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Training img/s of the model alone, of a `train` run with per-image augmentation in a worker, and
     with batch augmentation in the training process; each as a share of the model-only figure."""
     from melanogan.bench.augment import run
 
-    results = run(n_images, image_size, cache_size, batch, model, epochs, precision)
+    results = run(n_images, image_size, cache_size, batch, model, epochs, precision, augment)
     _print_bench(results, json_out)
 
 

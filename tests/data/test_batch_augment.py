@@ -170,3 +170,63 @@ def test_lab_draws_keep_the_geometry_draws_and_their_ranges():
         assert lo <= float(lab[key].min()) < lo + margin and hi - margin < float(lab[key].max()) <= hi
     with pytest.raises(ValueError, match="'rgb' or 'lab'"):
         BatchAugment(64, color="hsv")
+
+
+def _strong_params(**changes) -> dict[str, torch.Tensor]:
+    p = {"zoom": 1.0, "sharpness": 1.0, "sigma": 0.0, "radius": 0.0, "shift_y": 0.0, "shift_x": 0.0}
+    p.update(changes)
+    return {**_params(), **{k: torch.tensor([v]) for k, v in p.items()}}
+
+
+def test_strong_identity_parameters_leave_the_image_as_it_is():
+    x = _image()
+    out = BatchAugment(8, "strong", mean=MEAN, std=STD)(x, params=_strong_params())
+    assert torch.allclose(out, x.float() / 255, atol=1e-5)
+
+
+def test_strong_zoom_out_mirrors_the_border_and_rotation_corners_are_black():
+    x = _image(4)
+    ref = x.float() / 255
+    aug = BatchAugment(4, "strong", mean=MEAN, std=STD)
+    # zoom 3 on a 4 px image: pixel centres -0.75, -0.25, 0.25, 0.75 -> -2.25, -0.75, 0.75, 2.25, which
+    # the mirrored border folds to 0.25, -0.75, 0.75, -0.25: pixels 2, 0, 3, 1
+    zoomed = aug(x, params=_strong_params(zoom=3.0))
+    order = [2, 0, 3, 1]
+    assert torch.allclose(zoomed, ref[..., order, :][..., order], atol=1e-5)
+    rotated = BatchAugment(8, "strong", mean=MEAN, std=STD)(_image(8), params=_strong_params(angle=math.pi / 4))
+    assert float(rotated[..., 0, 0].abs().max()) == 0.0 and float(rotated[..., -1, -1].abs().max()) == 0.0
+    assert float(rotated[..., 3:5, 3:5].min()) > 0.0  # the centre keeps its pixels
+
+
+def test_strong_sharpness_blur_and_field_of_view_match_the_per_image_transforms():
+    from torchvision.transforms.v2 import functional as TF
+
+    from melanogan.data.batch_augment import gaussian_blur, microscope_mask, sharpen
+
+    x = torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    sharp = sharpen(x, torch.tensor([2.0, 1.0]))
+    assert torch.allclose(sharp[0], TF.adjust_sharpness(x[0], 2.0), atol=1e-6) and torch.equal(sharp[1], x[1])
+    blurred = gaussian_blur(x, torch.tensor([0.7, 0.0]))
+    assert torch.allclose(blurred[0], TF.gaussian_blur(x[0], [5, 5], [0.7, 0.7]), atol=1e-6)
+    assert torch.equal(blurred[1], x[1])
+    # RandomMicroscope's mask: r = 0.5 * 20 px, centre 9.5: (r - distance) / (0.02 * 20) + 0.5, clamped
+    mask = microscope_mask(2, 20, torch.tensor([0.5, 0.0]), torch.zeros(2), torch.tensor([0.05, 0.0]))
+    yy, xx = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
+    expected = ((10 - torch.sqrt((yy - 9.5) ** 2 + (xx - 10.5) ** 2)) / 0.4 + 0.5).clamp(0, 1)
+    assert torch.allclose(mask[0, 0], expected, atol=1e-5) and torch.equal(mask[1], torch.ones(1, 20, 20))
+
+
+def test_strong_draws_follow_the_per_image_preset():
+    p = BatchAugment(64, "strong").sample(20000, torch.Generator().manual_seed(0))
+    area = p["w"] * p["h"]
+    assert 0.35 - 1e-6 <= float(area.min()) < 0.37 and float(area.max()) <= 1.0 + 1e-6
+    zoomed = p["zoom"] > 1
+    assert abs(float(zoomed.float().mean()) - 0.5) < 0.02 and float(p["zoom"].max()) <= 1.6
+    assert abs(float((p["sharpness"] == 2).float().mean()) - 0.3) < 0.02
+    assert abs(float((p["sigma"] > 0).float().mean()) - 0.2) < 0.02 and float(p["sigma"].max()) <= 1.5
+    scoped = p["radius"] > 0
+    assert abs(float(scoped.float().mean()) - 0.4) < 0.02
+    assert float(p["radius"][scoped].min()) >= 0.5 and float(p["radius"].max()) <= 0.72
+    assert 0.7 <= float(p["brightness"].min()) < 0.71 and 1.29 < float(p["brightness"].max()) <= 1.3
+    with pytest.raises(ValueError, match="classic preset"):
+        BatchAugment(64, "strong", color="lab")

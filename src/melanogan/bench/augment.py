@@ -41,14 +41,17 @@ def model_only(model_name: str, image_size: int, batch: int, steps: int, precisi
 
 
 def run(n_images: int = 1536, image_size: int = 128, cache_size: int = 256, batch: int = 32,
-        model: str = "small-cnn", epochs: int = 3, precision: str = "bf16-mixed") -> dict:
+        model: str = "small-cnn", epochs: int = 3, precision: str = "bf16-mixed", augment: str = "classic") -> dict:
     from melanogan.classify.train import TrainConfig, loader_workers, train_classifier
     from melanogan.data.cache import CacheOptions
     from melanogan.data.demo import generate_demo_dataset
     from melanogan.data.manifest import prepare
+    from melanogan.errors import MelanoganError
 
+    if augment not in ("classic", "strong"):
+        raise MelanoganError(f"--augment {augment!r}: compare 'classic' or 'strong'.")
     results: dict = {"model": model, "image_size": image_size, "cache_size": cache_size, "batch": batch,
-                     "precision": precision, "threads": torch.get_num_threads()}
+                     "augment": augment, "precision": precision, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-augment-") as tmp:
         tmp = Path(tmp)
         generate_demo_dataset(tmp / "raw", n_images=n_images, melanoma_rate=0.2, seed=0, width=320, height=256)
@@ -56,7 +59,7 @@ def run(n_images: int = 1536, image_size: int = 128, cache_size: int = 256, batc
         results["model_only_img_per_s"] = round(model_only(model, image_size, batch, 30, precision), 1)
         for name, batch_augment in (("per_image_worker", False), ("batch_augment", True)):
             cfg = TrainConfig(model=model, image_size=image_size, batch_size=batch, epochs=epochs, patience=100,
-                              augment="classic", batch_augment=batch_augment, diagnosis_weight=0,
+                              augment=augment, batch_augment=batch_augment, diagnosis_weight=0,
                               precision=precision)  # each path with its default loader workers (1 and 0)
             train_classifier(tmp / "data", tmp / name, cfg, progress=False)
             records = [json.loads(x) for x in (tmp / name / "stats.jsonl").read_text().splitlines() if x.strip()]

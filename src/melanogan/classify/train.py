@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
     sampler: Literal["none", "balanced"] = "none"
     # classic by default: the recommended setting (README, "Models that travel").
     augment: Literal["none", "classic", "strong"] = "classic"
-    # none/classic augmentation of whole uint8 batches in the training process (BatchAugment) instead
+    # Augmentation of whole uint8 batches in the training process (BatchAugment, every preset) instead
     # of per-image transforms in DataLoader workers: same distribution, most of the time saved.
     batch_augment: bool = True
     # The colour step of classic batch augmentation: "rgb" (ColorJitter's brightness, contrast,
@@ -196,7 +196,7 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
 
 
 def uses_batch_augment(cfg: TrainConfig) -> bool:
-    return cfg.batch_augment and cfg.augment in ("none", "classic")
+    return cfg.batch_augment
 
 
 def loader_workers(cfg: TrainConfig) -> int:

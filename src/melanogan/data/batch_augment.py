@@ -70,10 +70,82 @@ def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
     return from_yiq @ rot @ to_yiq
 
 
+# The ranges of `train_preset`'s per-image transforms, per preset. strong adds a zoom-out (reflected
+# border, RandomZoomOut), sharpening (RandomAdjustSharpness), blur (GaussianBlur 5x5) and the
+# dermoscope's circular field of view (RandomMicroscope), each on a share p of the images.
+PRESETS: dict[str, dict[str, tuple[float, float] | float]] = {
+    "classic": {"area": (0.6, 1.0), "ratio": (0.85, 1.18), "brightness": (0.85, 1.15), "contrast": (0.85, 1.15),
+                "saturation": (0.9, 1.1), "hue": (-0.02, 0.02)},
+    "strong": {"area": (0.35, 1.0), "ratio": (0.75, 1.33), "brightness": (0.7, 1.3), "contrast": (0.7, 1.3),
+               "saturation": (0.7, 1.3), "hue": (-0.03, 0.03), "zoom_p": 0.5, "zoom": (1.0, 1.6),
+               "sharpen_p": 0.3, "sharpness": 2.0, "blur_p": 0.2, "sigma": (0.1, 1.5), "scope_p": 0.4,
+               "radius": (0.5, 0.72), "shift": (-0.05, 0.05)},
+}
+
+
+def reflect_unit(q: torch.Tensor) -> torch.Tensor:
+    """Coordinates folded into [-1, 1] by reflection at the edges (a mirrored border, any distance)."""
+    t = torch.remainder(q + 1, 4)
+    return torch.where(t <= 2, t, 4 - t) - 1
+
+
+def sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_sharpness per image: factor * x + (1 - factor) * smoothed, the smoothing
+    kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 on the interior (border pixels are their own smoothed
+    value), clamped to [0, 1]. Only the images with factor != 1 are computed."""
+    todo = torch.nonzero(factor != 1).flatten()
+    if not len(todo):
+        return x
+    sub = x[todo]
+    # the 3x3 sum by an average pool (a 1-channel conv2d is ~15x slower on a CPU) plus 4 x the centre
+    smooth = (F.avg_pool2d(sub, 3, stride=1) * 9 + 4 * sub[..., 1:-1, 1:-1]) / 13
+    degenerate = sub.clone()
+    degenerate[..., 1:-1, 1:-1] = smooth
+    f = factor[todo].to(x.dtype).view(-1, 1, 1, 1)
+    out = x.clone()
+    out[todo] = (f * sub + (1 - f) * degenerate).clamp(0, 1)
+    return out
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int = 5) -> torch.Tensor:
+    """torchvision's gaussian_blur per image (separable, reflect padding); sigma 0 leaves an image as it
+    is (and is not computed)."""
+    todo = torch.nonzero(sigma > 0).flatten()
+    if not len(todo):
+        return x
+    sub = x[todo]
+    b, c, h, w = sub.shape
+    offsets = torch.arange(kernel, dtype=x.dtype, device=x.device) - (kernel - 1) / 2
+    g = torch.exp(-0.5 * (offsets / sigma[todo].to(x.device, x.dtype).view(-1, 1)) ** 2)
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (b * c, k)
+    pad = kernel // 2
+    y = F.pad(sub.reshape(1, b * c, h, w), [pad, pad, pad, pad], mode="reflect")
+    y = F.conv2d(y, g.view(b * c, 1, 1, kernel), groups=b * c)
+    y = F.conv2d(y, g.view(b * c, 1, kernel, 1), groups=b * c)
+    out = x.clone()
+    out[todo] = y.view(b, c, h, w)
+    return out
+
+
+def microscope_mask(n: int, size: int, radius: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor,
+                    device=None) -> torch.Tensor:
+    """RandomMicroscope's soft circular field of view per image: (B, 1, size, size) in [0, 1]; `radius`
+    a fraction of the side (0 or less: no circle, all ones), the centre moved by shift * side."""
+    centre = (size - 1) / 2
+    cy = (centre + shift_y * size).view(-1, 1, 1)
+    cx = (centre + shift_x * size).view(-1, 1, 1)
+    yy = torch.arange(size, dtype=torch.float32, device=device).view(1, -1, 1) - cy.to(device)
+    xx = torch.arange(size, dtype=torch.float32, device=device).view(1, 1, -1) - cx.to(device)
+    r = (radius * size).view(-1, 1, 1).to(device)
+    mask = ((r - torch.sqrt(yy**2 + xx**2)) / (0.02 * size) + 0.5).clamp(0, 1)
+    return torch.where(r > 0, mask, torch.ones_like(mask)).view(n, 1, size, size)
+
+
 class BatchAugment(torch.nn.Module):
     """uint8 (B, 3, S, S) -> normalised float (B, 3, size, size), augmented when `augment` is
-    `classic` (or resized only, `none`), its colours changed in RGB (`color="rgb"`, torchvision's
-    ColorJitter) or in CIELAB (`"lab"`). Draws from `generator` so that runs repeat bitwise on CPU."""
+    `classic` or `strong` (or resized only, `none`), classic's colours changed in RGB (`color="rgb"`,
+    torchvision's ColorJitter) or in CIELAB (`"lab"`). Draws from `generator` so that runs repeat
+    bitwise on CPU."""
 
     # Lab ranges: L* contrast about mid-grey as the RGB contrast (0.85-1.15); L* offset +-8 (about the
     # RGB brightness range at skin's L* ~ 55-65); chroma x0.8-1.2; white-point shift +-6 in a* and b*
@@ -85,31 +157,44 @@ class BatchAugment(torch.nn.Module):
     def __init__(self, size: int, augment: str = "classic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  color: str = "rgb"):
         super().__init__()
-        if augment not in ("none", "classic"):
-            raise ValueError(f"batch augmentation supports 'none' and 'classic', not {augment!r}")
+        if augment not in ("none", "classic", "strong"):
+            raise ValueError(f"batch augmentation supports 'none', 'classic' and 'strong', not {augment!r}")
         if color not in ("rgb", "lab"):
             raise ValueError(f"colour augmentation is 'rgb' or 'lab', not {color!r}")
+        if color == "lab" and augment != "classic":
+            raise ValueError("'lab' colour augmentation is the colour step of the classic preset")
         self.size, self.augment, self.color = size, augment, color
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Per-image parameters, in the units of `train_preset`'s classic transforms."""
+        """Per-image parameters, in the units of `train_preset`'s transforms (classic's draws come
+        first and in the same order for every preset and colour space)."""
         def uniform(lo: float, hi: float) -> torch.Tensor:
             return lo + (hi - lo) * torch.rand(n, generator=generator)
 
-        area = uniform(0.6, 1.0)
-        log_ratio = uniform(math.log(0.85), math.log(1.18))
+        r = PRESETS["strong" if self.augment == "strong" else "classic"]
+        area = uniform(*r["area"])
+        log_ratio = uniform(math.log(r["ratio"][0]), math.log(r["ratio"][1]))
         ratio = torch.exp(log_ratio)
         # crop side lengths as fractions of the image (clamped to fit, as RandomResizedCrop retries)
         w = torch.sqrt(area * ratio).clamp(max=1.0)
         h = torch.sqrt(area / ratio).clamp(max=1.0)
         p = {"w": w, "h": h, "cx": uniform(-1, 1) * (1 - w), "cy": uniform(-1, 1) * (1 - h),
              "flip_x": torch.rand(n, generator=generator) < 0.5, "flip_y": torch.rand(n, generator=generator) < 0.5,
-             "angle": uniform(-math.pi, math.pi), "brightness": uniform(0.85, 1.15),
-             "contrast": uniform(0.85, 1.15), "saturation": uniform(0.9, 1.1), "hue": uniform(-0.02, 0.02)}
+             "angle": uniform(-math.pi, math.pi), "brightness": uniform(*r["brightness"]),
+             "contrast": uniform(*r["contrast"]), "saturation": uniform(*r["saturation"]), "hue": uniform(*r["hue"])}
         if self.color == "lab":  # drawn after the RGB ones, so geometry draws stay those of "rgb"
             p.update({k: uniform(lo, hi) for k, (lo, hi) in self.LAB_RANGES.items()})
+        if self.augment == "strong":  # each extra transform on its share of the images; 1 / 0 = not applied
+            def chance(share: float) -> torch.Tensor:
+                return torch.rand(n, generator=generator) < share
+
+            p["zoom"] = torch.where(chance(r["zoom_p"]), uniform(*r["zoom"]), 1.0)
+            p["sharpness"] = torch.where(chance(r["sharpen_p"]), r["sharpness"], 1.0)
+            p["sigma"] = torch.where(chance(r["blur_p"]), uniform(*r["sigma"]), 0.0)
+            p["radius"] = torch.where(chance(r["scope_p"]), uniform(*r["radius"]), 0.0)
+            p["shift_y"], p["shift_x"] = uniform(*r["shift"]), uniform(*r["shift"])
         return p
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -121,8 +206,11 @@ class BatchAugment(torch.nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         else:  # parameters drawn on the CPU (repeatable with a CPU generator), used where the batch is
             p = {k: v.to(x.device) for k, v in (params or self.sample(len(x), generator)).items()}
-            x = self._geometry(x, p)
+            x = self._geometry(x, p) if self.augment == "classic" else self._geometry_zoom(x, p)
             x = self._colour(x, p) if self.color == "rgb" else self._colour_lab(x, p)
+            if self.augment == "strong":  # the per-image preset's order: sharpness, blur, field of view
+                x = gaussian_blur(sharpen(x, p["sharpness"]), p["sigma"])
+                x = x * microscope_mask(len(x), self.size, p["radius"], p["shift_y"], p["shift_x"], x.device)
         return (x - self.mean) / self.std
 
     def _geometry(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -140,6 +228,29 @@ class BatchAugment(torch.nn.Module):
                               align_corners=False)
         grid = F.affine_grid(theta.to(x.dtype), [n, 3, self.size, self.size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _geometry_zoom(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """strong's geometry: output pixel u (in [-1, 1]^2) is rotated and flipped (v = R F u; black
+        where v leaves the square: the rotation's corners), zoomed out (q = zoom * v, folded back into
+        the crop by reflection: RandomZoomOut's mirrored border), and sampled in the image at crop
+        centre + diag(crop half-sides) * q. One grid_sample for the whole batch."""
+        n, size = len(x), self.size
+        coords = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1
+        u = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), dim=-1).view(1, size * size, 2)
+        fx = torch.where(p["flip_x"], -1.0, 1.0).view(-1, 1)
+        fy = torch.where(p["flip_y"], -1.0, 1.0).view(-1, 1)
+        cos, sin = torch.cos(p["angle"]).view(-1, 1), torch.sin(p["angle"]).view(-1, 1)
+        ux, uy = u[..., 0] * fx, u[..., 1] * fy
+        vx, vy = cos * ux - sin * uy, sin * ux + cos * uy
+        inside = ((vx.abs() <= 1) & (vy.abs() <= 1)).to(x.dtype).view(n, 1, size, size)
+        zoom = p["zoom"].view(-1, 1)
+        qx, qy = reflect_unit(zoom * vx), reflect_unit(zoom * vy)
+        gx = p["cx"].view(-1, 1) + p["w"].view(-1, 1) * qx
+        gy = p["cy"].view(-1, 1) + p["h"].view(-1, 1) * qy
+        grid = torch.stack([gx, gy], dim=-1).view(n, size, size, 2).to(x.dtype)
+        if x.shape[-1] > 2 * size:  # downscale first, or bilinear sampling would alias
+            x = F.interpolate(x, size=(2 * size, 2 * size), mode="bilinear", antialias=True, align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False) * inside
 
     def _colour(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Brightness, contrast, saturation, hue in that order (ColorJitter draws a random order),

@@ -61,14 +61,17 @@ def test_levers_are_typed_and_checked_before_any_work():
         parse_levers(("tta=8", "tta=8"))
 
 
-def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(tmp_path, monkeypatch):
-    """Fakes for prepare/train/evaluate record what each variant asked for: a framing lever
-    re-prepares, a training lever retrains on the same data, TTA only re-evaluates the defaults' model."""
+N_REPORT = 60
+LABEL = np.r_[np.ones(20, int), np.zeros(N_REPORT - 20, int)]
+
+
+def _fake_pipeline(tmp_path, monkeypatch) -> dict:
+    """Fakes for prepare/train/evaluate/calibrate that record what each variant asked for; a model's
+    report scores are LABEL * skill plus noise seeded by its run folder; training on isic9 fails."""
     for folder in ("ham10000_224", "isic9_180", "derm7pt_384"):
         (tmp_path / "data" / folder).mkdir(parents=True)
     calls = {"prepare": [], "train": [], "evaluate": [], "calibrate": [], "cfg": []}
-    n = 60
-    label = np.r_[np.ones(20, int), np.zeros(n - 20, int)]
+    n, label = N_REPORT, LABEL
 
     def fake_prepare(sources, out, options, fractions=None, seed=0):
         calls["prepare"].append((Path(out).name, str(options.resize_mode), options.size))
@@ -109,6 +112,14 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     monkeypatch.setattr(tr, "train_classifier", fake_train)
     monkeypatch.setattr(ev, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
+    return calls
+
+
+def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(tmp_path, monkeypatch):
+    """Fakes for prepare/train/evaluate record what each variant asked for: a framing lever
+    re-prepares, a training lever retrains on the same data, TTA only re-evaluates the defaults' model."""
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    n, label = N_REPORT, LABEL
     result = travel.run(tmp_path, holdout=("derm7pt",), vary=("resize_mode=lesion", "augment=strong", "tta=8",
                                                               "ensemble=2", "color_augment=lab",
                                                               "style_augment=mixstyle"), batch_size=16)
@@ -183,3 +194,45 @@ def test_the_command_prints_the_table_and_keeps_the_json(tmp_path, monkeypatch):
         in result.output
     assert seen["args"][2] == ("isic9",) and seen["args"][8] == ("tta=8", "augment=strong")
     assert json.loads((tmp_path / "t.json").read_text()) == {"rows": [row]}
+
+
+def test_repeats_train_every_variant_per_seed_on_the_same_split_and_pool_the_comparison(tmp_path, monkeypatch):
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=strong", "ensemble=2"), batch_size=16,
+                        seed=3, repeats=2)
+    assert len(calls["prepare"]) == 2  # one split (train + site), shared by both seeds
+    # per seed: defaults, strong, the ensemble's two members
+    assert [c.seed for c in calls["cfg"]] == [3, 3, 3, 4, 1003, 1003, 1003, 1004]
+    assert result["train_seeds"] == [3, 1003]
+    rows = result["rows"]
+    assert [(r["variant"], r["train_seed"]) for r in rows] == [
+        ("defaults", 3), ("augment=strong", 3), ("ensemble=2", 3),
+        ("defaults", 1003), ("augment=strong", 1003), ("ensemble=2", 1003)]
+    combined = {c["variant"]: c for c in result["combined"]}
+    strong = combined["augment=strong"]
+    per_seed = [r["vs_defaults"]["difference"] for r in rows if r["variant"] == "augment=strong"]
+    assert strong["per_seed_differences"] == per_seed and per_seed[0] != per_seed[1]
+    assert strong["difference"] == pytest.approx(np.mean(per_seed), abs=1e-4)  # the mean of the seeds' differences
+    assert strong["difference"] > 0 and strong["p_holm"] >= strong["p_value"]
+    text = travel.table(result)
+    assert "| Derm7pt (60 images, 20 mel) | augment=strong (seed 1003) |" in text
+    assert f"| Derm7pt | augment=strong | {strong['difference']:+.3f} [" in text
+    assert f"| {per_seed[0]:+.3f}, {per_seed[1]:+.3f} |" in text
+    with pytest.raises(MelanoganError, match="--repeats 0"):
+        travel.run(tmp_path, holdout=("derm7pt",), repeats=0)
+
+
+def test_pooled_difference_is_the_mean_over_seeds_on_images_all_runs_scored():
+    rng = np.random.default_rng(1)
+    n = 120
+    label = np.r_[np.ones(30, int), np.zeros(n - 30, int)]
+    base = pd.DataFrame({"uid": [f"u{i}" for i in range(n)], "label": label, "group": [f"g{i}" for i in range(n)]})
+    runs = [base.assign(logit=rng.normal(size=n) + s * label) for s in (0.5, 0.8, 1.5, 1.0)]
+    pooled = _paired(runs[:2], [runs[2], runs[3].iloc[1:]])  # one image missing from one run
+    kept = base["uid"] != "u0"
+    def auc(i: int) -> float:
+        return roc_auc_score(label[kept], runs[i]["logit"][kept])
+
+    expected = np.mean([auc(2) - auc(0), auc(3) - auc(1)])
+    assert pooled["images"] == n - 1 and pooled["difference"] == pytest.approx(expected, abs=1e-4)
+    assert pooled["ci95"][0] < pooled["difference"] < pooled["ci95"][1]

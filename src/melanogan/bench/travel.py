@@ -10,7 +10,8 @@ the first part. The same command takes `--model efficientnet_b0 --weights imagen
 Levers (`--vary KEY=VALUE`, repeatable): each changes one setting of the defaults, is run under the
 same protocol and seed, and is compared with the defaults by a paired cluster bootstrap on the same
 report images, Holm-adjusted over every lever and held-out source. One factor at a time, so each
-difference is that lever's own effect."""
+difference is that lever's own effect. `--repeats N` trains everything with N training seeds and
+compares each lever over all of them, since one time-budgeted run moves by up to 0.03 of AUC."""
 
 from __future__ import annotations
 
@@ -88,10 +89,16 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
         model: str = "small-cnn", weights: str | None = None, image_size: int = 128, seed: int = 0,
         accelerator: str = "auto", vary: tuple[str, ...] = (), json_out: Path | None = None,
-        batch_size: int = 32) -> dict:
+        batch_size: int = 32, repeats: int = 1) -> dict:
     """`batch_size`: the training batch (raise it on a GPU, which 32 leaves mostly idle). `json_out`: also
     written after each held-out source (`"complete": false` until the last), so that
-    an hour-long comparison stopped midway keeps what it measured."""
+    an hour-long comparison stopped midway keeps what it measured.
+
+    `repeats` > 1 trains every variant again with training seeds seed + 1000 r (the splits, and so
+    the report images, stay those of `seed`): a time-budgeted run moves by up to 0.03 of AUC from
+    seed to seed, which one run's paired bootstrap (over images) does not see. Each lever is then
+    also compared over all repeats at once (`combined`: the mean of the per-seed differences, its
+    bootstrap over the same image resamples, and each seed's own difference)."""
     from melanogan.errors import MelanoganError
     from melanogan.fileio import write_json
 
@@ -101,47 +108,63 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     if unknown or not holdout or len(set(holdout)) != len(holdout):
         raise MelanoganError(f"--holdout {','.join(holdout) or '(none)'}: name each of {', '.join(SOURCES)} at most "
                              "once, at least one.")
+    if not 1 <= repeats <= 10:
+        raise MelanoganError(f"--repeats {repeats}: use 1 to 10 (each repeat trains every variant again).")
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
     if missing:
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
     defaults = {"minutes": minutes, "image_size": image_size, "tta": 1, "batch_size": batch_size, "ensemble": 1}
     variants = [("defaults", defaults)] + [(name, {**defaults, key: value}) for name, key, value in levers]
-    rows = []
+    train_seeds = [seed + 1000 * r for r in range(repeats)]
+    rows, combined = [], []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
         tmp = Path(tmp)
         for held in holdout:
             prepared, trained, report_preds = {}, {}, {}
-            for name, settings in variants:
-                row, report_preds[name] = _one(data, tmp, held, settings, model, weights, seed, accelerator,
-                                               prepared, trained)
-                rows.append({**row, "variant": name})
-                if name != "defaults":  # paired on the same report images: the lever's own effect
-                    rows[-1]["vs_defaults"] = _paired(report_preds["defaults"], report_preds[name])
-            result = _result(rows, model, weights, image_size, minutes, seed, variants, held == holdout[-1])
+            for r, train_seed in enumerate(train_seeds):  # every variant of one seed before the next seed
+                for name, settings in variants:
+                    row, report_preds[name, r] = _one(data, tmp, held, settings, model, weights, seed, accelerator,
+                                                      prepared, trained, train_seed)
+                    rows.append({**row, "variant": name, "repeat": r, "train_seed": train_seed})
+                    if name != "defaults":  # paired on the same report images: the lever's own effect
+                        rows[-1]["vs_defaults"] = _paired(report_preds["defaults", r], report_preds[name, r])
+            if repeats > 1:
+                for name, _ in variants[1:]:
+                    per_seed = [x["vs_defaults"]["difference"] for x in rows
+                                if x["held_out"] == held and x["variant"] == name]
+                    combined.append({"held_out": held, "variant": name, "repeats": repeats,
+                                     **_paired([report_preds["defaults", r] for r in range(repeats)],
+                                               [report_preds[name, r] for r in range(repeats)]),
+                                     "per_seed_differences": per_seed})
+            result = _result(rows, combined, model, weights, image_size, minutes, seed, train_seeds, variants,
+                             held == holdout[-1])
             if json_out:
                 write_json(json_out, result)
     return result
 
 
-def _result(rows: list[dict], model, weights, image_size, minutes, seed, variants, complete: bool) -> dict:
-    """The figures so far, p-values Holm-adjusted over every lever and held-out source compared so far."""
-    compared = [r for r in rows if "vs_defaults" in r]
-    for r, p in zip(compared, M.holm([r["vs_defaults"]["p_value"] for r in compared]), strict=True):
-        r["vs_defaults"]["p_holm"] = round(p, 4)
+def _result(rows: list[dict], combined: list[dict], model, weights, image_size, minutes, seed, train_seeds,
+            variants, complete: bool) -> dict:
+    """The figures so far, p-values Holm-adjusted over every lever and held-out source compared so far
+    (the per-seed comparisons and the combined ones each a family of their own)."""
+    for family in ([r["vs_defaults"] for r in rows if "vs_defaults" in r], combined):
+        for r, p in zip(family, M.holm([r["p_value"] for r in family]), strict=True):
+            r["p_holm"] = round(p, 4)
     return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
-            "batch_size": variants[0][1]["batch_size"], "levers": [name for name, _ in variants[1:]],
-            "complete": complete,
+            "train_seeds": train_seeds, "batch_size": variants[0][1]["batch_size"],
+            "levers": [name for name, _ in variants[1:]], "complete": complete,
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on; each "
                         "lever changes one setting of the defaults and is compared on the same report images",
-            "rows": rows}
+            "rows": rows, "combined": combined}
 
 
 def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: str | None, seed: int,
-         accelerator: str, prepared: dict, trained: dict) -> tuple[dict, pd.DataFrame]:
+         accelerator: str, prepared: dict, trained: dict, train_seed: int | None = None) -> tuple[dict, pd.DataFrame]:
     """Train on the two other sources, report on half of `held`, choose the site threshold on the other
     half. `prepared` and `trained` hold what earlier variants made, so that a lever reuses the data
-    (and the model) it does not change."""
+    (and the model) it does not change. `seed` splits the data; `train_seed` (default `seed`) trains."""
+    train_seed = seed if train_seed is None else train_seed
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import evaluate_run
     from melanogan.classify.train import TrainConfig
@@ -162,10 +185,10 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     train_dir, site_dir = prepared[options.key]
     cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"],
                       batch_size=settings["batch_size"], epochs=200, max_minutes=settings["minutes"], patience=1000,
-                      seed=seed, **{k: settings[k] for k in _CONFIG_LEVERS if k in settings})
+                      seed=train_seed, **{k: settings[k] for k in _CONFIG_LEVERS if k in settings})
     members = settings["ensemble"]
     if members > 1:  # the same budget split between members of different seeds
-        cfgs = [cfg.model_copy(update={"seed": seed + i, "max_minutes": settings["minutes"] / members})
+        cfgs = [cfg.model_copy(update={"seed": train_seed + i, "max_minutes": settings["minutes"] / members})
                 for i in range(members)]
     else:
         cfgs = [cfg]
@@ -249,17 +272,35 @@ def table(results: dict) -> str:
         diff = "-" if v is None else (f"{v['difference']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] "
                                       f"({v['p_value']:.3f}, {v.get('p_holm', float('nan')):.3f})")
         low, high = r["external_auc_ci95"]
+        several = len(results.get("train_seeds", [0])) > 1
+        setting = f"{r['variant']} (seed {r['train_seed']})" if several else r["variant"]
         lines.append(f"| {NAMES[r['held_out']]} ({r['report_images']:,} images, {r['report_melanoma']} mel) | "
-                     f"{r['variant']} | {r['epochs']} | {r['internal_test_auc']:.3f} | {r['external_auc']:.3f} "
+                     f"{setting} | {r['epochs']} | {r['internal_test_auc']:.3f} | {r['external_auc']:.3f} "
                      f"[{low:.3f}, {high:.3f}] | {diff} | {pair(r.get('validation_threshold'))} | "
                      f"{pair(r.get('site_threshold'))} |")
+    if results.get("combined"):
+        lines += ["", f"Over {len(results['train_seeds'])} training seeds (each lever against the defaults of its "
+                  "own seed, on the same report images):", "",
+                  "| held out | setting | mean difference vs defaults [95% CI] (p, Holm) | per seed |",
+                  "| --- | --- | --- | --- |"]
+        for c in results["combined"]:
+            lines.append(f"| {NAMES[c['held_out']]} | {c['variant']} | {c['difference']:+.3f} [{c['ci95'][0]:+.3f}, "
+                         f"{c['ci95'][1]:+.3f}] ({c['p_value']:.3f}, {c.get('p_holm', float('nan')):.3f}) | "
+                         f"{', '.join(f'{d:+.3f}' for d in c['per_seed_differences'])} |")
     return "\n".join(lines)
 
 
-def _paired(first: pd.DataFrame, other: pd.DataFrame) -> dict:
-    """AUC(other) - AUC(first) on the report images both runs scored, by a paired bootstrap over
-    patient/lesion groups."""
-    both = first[["uid", "label", "group", "logit"]].merge(other[["uid", "logit"]], on="uid", suffixes=("_a", "_b"))
-    r = M.paired_bootstrap_auc_difference(both["label"], [both["logit_b"]], [both["logit_a"]], both["group"], n=1000)
+def _paired(first: pd.DataFrame | list[pd.DataFrame], other: pd.DataFrame | list[pd.DataFrame]) -> dict:
+    """AUC(other) - AUC(first) on the report images every run scored, by a paired bootstrap over
+    patient/lesion groups; lists (one frame per seed, in the same order) give the mean over seeds of
+    the per-seed differences, each bootstrap replicate resampling the images once for all seeds."""
+    firsts = first if isinstance(first, list) else [first]
+    others = other if isinstance(other, list) else [other]
+    both = firsts[0][["uid", "label", "group"]]
+    for i, frame in enumerate(firsts + others):
+        both = both.merge(frame[["uid", "logit"]].rename(columns={"logit": f"logit_{i}"}), on="uid")
+    k = len(firsts)
+    r = M.paired_bootstrap_auc_difference(both["label"], [both[f"logit_{k + i}"] for i in range(k)],
+                                          [both[f"logit_{i}"] for i in range(k)], both["group"], n=1000)
     return {"images": len(both), "difference": round(r["difference"], 4),
             "ci95": [round(r["ci_low"], 4), round(r["ci_high"], 4)], "p_value": round(r["p_value"], 4)}

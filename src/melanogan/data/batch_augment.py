@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from melanogan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from melanogan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
 # The luminance weights torchvision's rgb_to_grayscale uses (ITU-R 601-2).
 _GREY = (0.2989, 0.587, 0.114)
@@ -68,19 +68,6 @@ def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
     return from_yiq @ rot @ to_yiq
-
-
-# The ranges of `train_preset`'s per-image transforms, per preset. strong adds a zoom-out (reflected
-# border, RandomZoomOut), sharpening (RandomAdjustSharpness), blur (GaussianBlur 5x5) and the
-# dermoscope's circular field of view (RandomMicroscope), each on a share p of the images.
-PRESETS: dict[str, dict[str, tuple[float, float] | float]] = {
-    "classic": {"area": (0.6, 1.0), "ratio": (0.85, 1.18), "brightness": (0.85, 1.15), "contrast": (0.85, 1.15),
-                "saturation": (0.9, 1.1), "hue": (-0.02, 0.02)},
-    "strong": {"area": (0.35, 1.0), "ratio": (0.75, 1.33), "brightness": (0.7, 1.3), "contrast": (0.7, 1.3),
-               "saturation": (0.7, 1.3), "hue": (-0.03, 0.03), "zoom_p": 0.5, "zoom": (1.0, 1.6),
-               "sharpen_p": 0.3, "sharpness": 2.0, "blur_p": 0.2, "sigma": (0.1, 1.5), "scope_p": 0.4,
-               "radius": (0.5, 0.72), "shift": (-0.05, 0.05)},
-}
 
 
 def reflect_unit(q: torch.Tensor) -> torch.Tensor:

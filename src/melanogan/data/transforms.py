@@ -15,6 +15,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Normalization = Literal["imagenet", "tanh", "none"]
 Augment = Literal["none", "classic", "strong"]
 
+# The augmentation presets' ranges, shared by `train_preset`'s per-image transforms and
+# data/batch_augment.py's batch version, so the two cannot drift apart. strong adds a zoom-out (reflected
+# border, RandomZoomOut), sharpening (RandomAdjustSharpness), blur (GaussianBlur 5x5) and the
+# dermoscope's circular field of view (RandomMicroscope), each on a share p of the images.
+PRESETS: dict[str, dict[str, tuple[float, float] | float]] = {
+    "classic": {"area": (0.6, 1.0), "ratio": (0.85, 1.18), "brightness": (0.85, 1.15), "contrast": (0.85, 1.15),
+                "saturation": (0.9, 1.1), "hue": (-0.02, 0.02)},
+    "strong": {"area": (0.35, 1.0), "ratio": (0.75, 1.33), "brightness": (0.7, 1.3), "contrast": (0.7, 1.3),
+               "saturation": (0.7, 1.3), "hue": (-0.03, 0.03), "zoom_p": 0.5, "zoom": (1.0, 1.6),
+               "sharpen_p": 0.3, "sharpness": 2.0, "blur_p": 0.2, "sigma": (0.1, 1.5), "scope_p": 0.4,
+               "radius": (0.5, 0.72), "shift": (-0.05, 0.05)},
+}
+
 
 class ToNormalizedFloat(torch.nn.Module):
     """uint8 (C, H, W) -> float32 (x / 255 - mean) / std in one conversion and two in-place passes
@@ -55,9 +68,9 @@ class RandomMicroscope(torch.nn.Module):
     """A dermoscope's circular field of view: black outside a circle of random radius (many archive
     images have it, many do not), so the model cannot use its presence as a clue."""
 
-    def __init__(self, p: float = 0.4, radius: tuple[float, float] = (0.5, 0.72)):
+    def __init__(self, p: float = 0.4, radius: tuple[float, float] = (0.5, 0.72), shift: float = 0.05):
         super().__init__()
-        self.p, self.radius = p, radius
+        self.p, self.radius, self.shift = p, radius, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float(torch.rand(())) >= self.p:
@@ -65,7 +78,7 @@ class RandomMicroscope(torch.nn.Module):
         h, w = x.shape[-2:]
         side = min(h, w)
         r = (self.radius[0] + float(torch.rand(())) * (self.radius[1] - self.radius[0])) * side
-        shift = (torch.rand(2) - 0.5) * 0.1  # the circle's centre moves up to 5% of the side
+        shift = (torch.rand(2) - 0.5) * 2 * self.shift  # the circle's centre moves up to `shift` of the side
         cy, cx = (h - 1) / 2 + float(shift[0]) * h, (w - 1) / 2 + float(shift[1]) * w
         yy = torch.arange(h, dtype=torch.float32)[:, None] - cy
         xx = torch.arange(w, dtype=torch.float32)[None, :] - cx
@@ -122,25 +135,29 @@ def train_preset(image_size: int, augment: Augment = "none", normalization: Norm
     if augment == "none":
         return eval_preset(image_size, normalization)
     if augment == "classic":
+        r = PRESETS["classic"]
         return v2.Compose([
-            v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(0.85, 1.18), antialias=True),
+            v2.RandomResizedCrop(image_size, scale=r["area"], ratio=r["ratio"], antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.RandomRotation(180),
-            v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
+            v2.ColorJitter(brightness=r["brightness"], contrast=r["contrast"], saturation=r["saturation"],
+                           hue=r["hue"]),
             _to_float(normalization),
         ])
     if augment == "strong":
+        r = PRESETS["strong"]
         return v2.Compose([
-            v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), ratio=(0.75, 1.33), antialias=True),
-            RandomZoomOut(),
+            v2.RandomResizedCrop(image_size, scale=r["area"], ratio=r["ratio"], antialias=True),
+            RandomZoomOut(p=r["zoom_p"], max_scale=r["zoom"][1]),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.RandomRotation(180),
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
-            v2.RandomAdjustSharpness(2.0, p=0.3),
-            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
-            RandomMicroscope(),
+            v2.ColorJitter(brightness=r["brightness"], contrast=r["contrast"], saturation=r["saturation"],
+                           hue=r["hue"]),
+            v2.RandomAdjustSharpness(r["sharpness"], p=r["sharpen_p"]),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=r["sigma"])], p=r["blur_p"]),
+            RandomMicroscope(p=r["scope_p"], radius=r["radius"], shift=r["shift"][1]),
             _to_float(normalization),
         ])
     raise ValueError(f"unknown augment {augment!r}; use 'none', 'classic' or 'strong'")

@@ -45,9 +45,9 @@ def test_hooks_mix_in_training_mode_only_and_come_off():
             return model(x)
 
     plain_eval, plain_train = run(False), run(True)
-    mix = MixStyle("small-cnn", model, torch.Generator().manual_seed(0), p=1.0)
+    mix = MixStyle("small-cnn", model, p=1.0)
     assert len(mix.handles) == 3
-    mix.next_batch(4)
+    mix.next_batch(4, torch.Generator().manual_seed(0))
     assert not torch.allclose(run(True), plain_train)
     assert torch.equal(run(False), plain_eval)  # inference untouched
     mix.remove()
@@ -56,13 +56,13 @@ def test_hooks_mix_in_training_mode_only_and_come_off():
 
 def test_draws_follow_p_and_repeat_with_the_generator():
     model = create_classifier("small-cnn", image_size=32)
-    off = MixStyle("small-cnn", model, torch.Generator().manual_seed(0), p=0.0)
-    off.next_batch(8)
+    off = MixStyle("small-cnn", model, p=0.0)
+    off.next_batch(8, torch.Generator().manual_seed(0))
     assert off.draw is None
-    mix = MixStyle("small-cnn", model, torch.Generator().manual_seed(3), p=0.5)
+    mix, gen = MixStyle("small-cnn", model, p=0.5), torch.Generator().manual_seed(3)
     draws = []
     for _ in range(400):
-        mix.next_batch(8)
+        mix.next_batch(8, gen)
         draws.append(mix.draw)
     applied = [d for d in draws if d is not None]
     assert 160 < len(applied) < 240  # about half the batches
@@ -70,8 +70,8 @@ def test_draws_follow_p_and_repeat_with_the_generator():
     lam = torch.cat([lam for _, lam in applied])
     # Beta(0.1, 0.1): mostly near 0 or 1
     assert float(((lam < 0.1) | (lam > 0.9)).float().mean()) > 0.6 and 0.4 < float(lam.mean()) < 0.6
-    again = MixStyle("small-cnn", model, torch.Generator().manual_seed(3), p=0.5)
-    again.next_batch(8)
+    again = MixStyle("small-cnn", model, p=0.5)
+    again.next_batch(8, torch.Generator().manual_seed(3))
     assert (again.draw is None) == (draws[0] is None)
     if draws[0] is not None:
         assert torch.equal(again.draw[0], draws[0][0]) and torch.equal(again.draw[1], draws[0][1])

@@ -443,8 +443,8 @@ def test_mixstyle_and_lab_colour_reach_the_training_loop(demo_prepared, tmp_path
     batches = []
 
     class Spy(MixStyle):
-        def next_batch(self, n):
-            super().next_batch(n)
+        def next_batch(self, n, g=None):
+            super().next_batch(n, g)
             batches.append(n)
 
     monkeypatch.setattr(train_module, "MixStyle", Spy)

@@ -160,11 +160,10 @@ def _result(rows: list[dict], combined: list[dict], model, weights, image_size, 
 
 
 def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: str | None, seed: int,
-         accelerator: str, prepared: dict, trained: dict, train_seed: int | None = None) -> tuple[dict, pd.DataFrame]:
+         accelerator: str, prepared: dict, trained: dict, train_seed: int) -> tuple[dict, pd.DataFrame]:
     """Train on the two other sources, report on half of `held`, choose the site threshold on the other
     half. `prepared` and `trained` hold what earlier variants made, so that a lever reuses the data
-    (and the model) it does not change. `seed` splits the data; `train_seed` (default `seed`) trains."""
-    train_seed = seed if train_seed is None else train_seed
+    (and the model) it does not change. `seed` splits the data; `train_seed` trains."""
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import evaluate_run
     from melanogan.classify.train import TrainConfig

@@ -55,21 +55,21 @@ def style_layers(name: str, model: nn.Module) -> list[nn.Module]:
 
 class MixStyle:
     """Forward hooks that mix styles after `style_layers(name, model)` while the model is in training
-    mode; `remove()` takes them off. Draws (apply or not, partner, lambda) come from `generator`, once
-    per batch, so that runs repeat on CPU; every hooked layer of one forward uses the same draws."""
+    mode; `remove()` takes them off. Draws (apply or not, partner, lambda) come from the generator
+    given to `next_batch`, once per batch, so that runs repeat on CPU; every hooked layer of one
+    forward uses the same draws."""
 
-    def __init__(self, name: str, model: nn.Module, generator: torch.Generator, p: float = 0.5,
-                 alpha: float = 0.1) -> None:
+    def __init__(self, name: str, model: nn.Module, p: float = 0.5, alpha: float = 0.1) -> None:
         if not 0.0 <= p <= 1.0 or not alpha > 0:
             raise ValueError(f"MixStyle p={p}, alpha={alpha}: use p in [0, 1] and alpha > 0")
-        self.p, self.alpha, self.generator = p, alpha, generator
+        self.p, self.alpha = p, alpha
         self.layers = style_layers(name, model)
         self.draw: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
 
-    def next_batch(self, n: int) -> None:
-        """Draw this batch's mixing (or none, with probability 1 - p); call before each training forward."""
-        g = self.generator
+    def next_batch(self, n: int, g: torch.Generator | None = None) -> None:
+        """Draw this batch's mixing (or none, with probability 1 - p) from `g`; call before each training
+        forward."""
         if n < 2 or float(torch.rand(1, generator=g)) >= self.p:
             self.draw = None
             return

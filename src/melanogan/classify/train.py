@@ -490,7 +490,7 @@ class _EpochRunner:
             if uses_batch_augment(cfg) else None
         self.style_aug = RandomConvolution() if cfg.style_augment == "randconv" else None
         # hooks on the unwrapped model's early stages; they act in training mode only
-        self.mixstyle = MixStyle(cfg.model, self.raw, torch.Generator()) if cfg.style_augment == "mixstyle" else None
+        self.mixstyle = MixStyle(cfg.model, self.raw) if cfg.style_augment == "mixstyle" else None
         self.val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -531,8 +531,7 @@ class _EpochRunner:
             if self.style_aug is not None:
                 x = self.style_aug(x, aug_gen)
             if self.mixstyle is not None:
-                self.mixstyle.generator = aug_gen
-                self.mixstyle.next_batch(len(x))
+                self.mixstyle.next_batch(len(x), aug_gen)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in self.optimizer.param_groups:

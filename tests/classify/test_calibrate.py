@@ -78,6 +78,11 @@ def test_a_calibrated_site_drives_predict_and_export(demo_raw, tmp_path):
         predict(tmp_path / "run", files, site="clinic-b")
     with pytest.raises(MelanoganError, match="no calibration for site 'elsewhere'"):
         predict(tmp_path / "run", files, site="elsewhere")
+    (tmp_path / "own").rename(tmp_path / "own-moved")  # a run folder calibrated where its data is not
+    notes = []
+    away = calibrate_site(tmp_path / "run", tmp_path / "sitedata", "away", log=notes.append)
+    assert away["excluded_overlap"] is None and away["n_images"] == 40
+    assert any("cannot be removed from the site sample" in n and str(tmp_path / "own") in n for n in notes)
     m = pd.read_parquet(tmp_path / "sitedata" / "manifest.parquet")
     pd.concat([m[m["label"] == 0], m[m["label"] == 1].head(3)]).to_parquet(tmp_path / "sitedata" / "manifest.parquet")
     with pytest.raises(MelanoganError, match=r"3 melanoma.*label at least 5"):

@@ -458,3 +458,21 @@ def test_mixstyle_and_lab_colour_reach_the_training_loop(demo_prepared, tmp_path
         TrainConfig(color_augment="lab", augment="strong")
     with pytest.raises(ValueError, match="classic batch augmentation"):
         TrainConfig(color_augment="lab", batch_augment=False)
+
+
+def _rows(uids, hashes, ids, phashes):
+    return pd.DataFrame({"uid": uids, "content_hash": hashes, "image_id": ids, "phash": phashes})
+
+
+def test_seen_in_training_finds_same_file_same_isic_id_and_near_phash(tmp_path):
+    from melanogan.classify.evaluate import seen_in_training
+
+    far, near = "f" * 64, "0" * 63 + "1"  # 256 bits from 0...0, and 1 bit from it
+    own = _rows(["o1", "o2", "o3"], ["h1", "h2", "h3"], ["ISIC_0000017", "x", "y"], ["0" * 64, "a" * 64, "5" * 64])
+    own.to_parquet(tmp_path / "manifest.parquet")
+    site = _rows(["same-file", "same-isic", "near", "new"], ["h1", "s2", "s3", "s4"],
+                 ["a", "ISIC_0000017_downsampled", "b", "c"], [far, far, near, far])
+    # "same-file" shares a content hash, "same-isic" the archive id, "near" is 1 bit from o1's hash
+    assert seen_in_training(tmp_path / "site", site, tmp_path) == {"same-file", "same-isic", "near"}
+    assert seen_in_training(tmp_path, own, tmp_path) == set()  # its own data: the splits keep them apart
+    assert seen_in_training(tmp_path / "site", site, tmp_path / "moved") is None  # cannot check: says so

@@ -65,7 +65,7 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
                    log: Callable[[str], None] | None = None) -> dict:
     """Score SITE_DATA_DIR's labelled sample with the run's preprocessing, choose the site's
     temperature and thresholds, estimate them by cross-fitting, and store them under `name`."""
-    from melanogan.classify.evaluate import overlapping_uids, predict_split, run_cache_options
+    from melanogan.classify.evaluate import predict_split, run_cache_options, seen_in_training
     from melanogan.classify.predict import checkpoint_sha256
     from melanogan.classify.train import load_model
     from melanogan.data.manifest import cache_for, load_manifest
@@ -76,10 +76,12 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         raise MelanoganError(f"--split {split!r}: use all, train, val or test.")
     model, cfg, _ = load_model(run_dir / "best")
     own = Path(read_json(run_dir / "run.json")["data_dir"])
-    exclude = set()
-    if data_dir.resolve() != own.resolve() and (own / "manifest.parquet").is_file():
-        exclude = overlapping_uids(load_manifest(data_dir), load_manifest(own))  # the model has seen them
-    sample = predict_split(model, cfg, data_dir, [split], exclude=exclude,
+    exclude = seen_in_training(data_dir, load_manifest(data_dir), own)  # the model has seen them
+    if exclude is None and log:
+        log(f"the run's training data ({own}) is not on this machine, so photographs of it in "
+            f"{data_dir} cannot be removed from the site sample; calibration.json records this "
+            "(excluded_overlap null). Copy the training data folder there to check.")
+    sample = predict_split(model, cfg, data_dir, [split], exclude=exclude or set(),
                            cache=cache_for(data_dir, run_cache_options(run_dir), log))
     y, z = sample["label"].to_numpy(), sample["logit"].to_numpy()
     n_mel, n_other = int(y.sum()), int(len(y) - y.sum())
@@ -90,7 +92,7 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
     p = M.sigmoid(z / temperature)
     result = {
         "site": name, "data_dir": str(data_dir.resolve()), "split": split, "n_images": len(y), "n_melanoma": n_mel,
-        "excluded_overlap": len(exclude), "checkpoint_sha256": checkpoint_sha256(run_dir / "best"),
+        "excluded_overlap": None if exclude is None else len(exclude), "checkpoint_sha256": checkpoint_sha256(run_dir / "best"),
         "temperature": temperature, "thresholds": M.validation_thresholds(y, p), "probabilities": "sigmoid(logit / "
         "temperature): thresholds apply to these", "roc_auc": M.roc_auc(y, p),
         "roc_auc_ci95": list(M.bootstrap_ci(y, p, sample["group"].to_numpy(), n=1000, seed=cfg.seed)),

@@ -51,8 +51,11 @@ def overlapping_uids(external: pd.DataFrame, own: pd.DataFrame, phash_distance: 
     """External rows that are photographs of the training data set: same file, same ISIC id, or a
     perceptual-hash match. An external test containing them would measure memory, not generalisation."""
     hits = set(external.loc[external["content_hash"].isin(set(own["content_hash"])), "uid"])
-    own_ids = {i for i in own["image_id"].astype(str).map(global_isic_id) if i}
-    ext_ids = external["image_id"].astype(str).map(global_isic_id)
+    # A comprehension, not Series.map: pandas 3 turns the None of an id without an ISIC number into
+    # NaN, NaN is truthy, and isin() matches NaN to NaN, so every non-ISIC external image would "overlap".
+    own_ids = {i for i in map(global_isic_id, own["image_id"].astype(str)) if i}
+    ext_ids = pd.Series([global_isic_id(i) for i in external["image_id"].astype(str)], index=external.index,
+                        dtype=object)
     hits |= set(external.loc[ext_ids.isin(own_ids), "uid"])
     both = pd.concat([external[["uid", "phash"]].assign(ext=True), own[["uid", "phash"]].assign(ext=False)],
                      ignore_index=True)
@@ -62,6 +65,17 @@ def overlapping_uids(external: pd.DataFrame, own: pd.DataFrame, phash_distance: 
         if is_ext[i] != is_ext[j]:
             hits.add(both["uid"].iat[i if is_ext[i] else j])
     return hits
+
+
+def seen_in_training(data_dir: Path, manifest: pd.DataFrame, own_data: Path) -> set | None:
+    """Uids of DATA_DIR's rows that are photographs of the run's own data set (`own_data`): none when
+    it is the run's own data set (its splits already keep them apart), None when `own_data` is not
+    on this machine (a run folder copied to a site), so the caller can say it could not check."""
+    if Path(data_dir).resolve() == Path(own_data).resolve():
+        return set()
+    if not (Path(own_data) / "manifest.parquet").is_file():
+        return None
+    return overlapping_uids(manifest, load_manifest(own_data))
 
 
 def run_cache_options(run_dir: Path) -> CacheOptions:
@@ -221,9 +235,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     options = run_cache_options(run_dir)
     data_manifest = load_manifest(data_dir)  # read once: overlap, subgroup metadata, hash
     val = predict_split(model, cfg, own_data, ["val"], cache=cache_for(own_data, options, log), tta=tta)
-    overlap: set = set()
-    if external:
-        overlap = overlapping_uids(data_manifest, load_manifest(own_data))
+    overlap = seen_in_training(data_dir, data_manifest, own_data) or set()  # own_data exists: val came from it
     test = predict_split(model, cfg, data_dir, ["all"] if split == "all" else [split], exclude=overlap,
                          cache=cache_for(data_dir, options, log), tta=tta)
     temperature = M.fit_temperature(val["logit"], val["label"]) if temperature_scaling else 1.0

@@ -92,7 +92,8 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
     p = M.sigmoid(z / temperature)
     result = {
         "site": name, "data_dir": str(data_dir.resolve()), "split": split, "n_images": len(y), "n_melanoma": n_mel,
-        "excluded_overlap": None if exclude is None else len(exclude), "checkpoint_sha256": checkpoint_sha256(run_dir / "best"),
+        "excluded_overlap": None if exclude is None else len(exclude),
+        "checkpoint_sha256": checkpoint_sha256(run_dir / "best"),
         "temperature": temperature, "thresholds": M.validation_thresholds(y, p), "probabilities": "sigmoid(logit / "
         "temperature): thresholds apply to these", "roc_auc": M.roc_auc(y, p),
         "roc_auc_ci95": list(M.bootstrap_ci(y, p, sample["group"].to_numpy(), n=1000, seed=cfg.seed)),

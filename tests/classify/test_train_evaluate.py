@@ -260,6 +260,9 @@ def test_diagnosis_classes_are_per_source_and_skip_unknown():
     rows = pd.DataFrame({"source": ["ham10000", "ham10000", "folder", "folder", "siim-isic-2020"],
                          "diagnosis": ["mel", "nv", "nevus", "Unknown", "unknown"]})
     assert diagnosis_classes(rows) == ["folder:nevus", "ham10000:mel", "ham10000:nv"]
+    # a missing diagnosis is unknown too, not a class (pandas 3 keeps None missing through astype(str))
+    rows.loc[3, "diagnosis"] = None
+    assert diagnosis_classes(rows) == ["folder:nevus", "ham10000:mel", "ham10000:nv"]
 
 
 def test_training_with_a_diagnosis_head_records_its_classes_and_rebuilds(demo_prepared, tmp_path):

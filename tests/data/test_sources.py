@@ -173,6 +173,19 @@ def test_derm7pt_layout_with_its_quirks(tmp_path):
     assert result.rejected["reason"].tolist() == ["missing-file"]
 
 
+def test_derm7pt_empty_cells_name_their_lines(tmp_path):
+    from melanogan.data.sources import read_derm7pt
+
+    (tmp_path / "meta").mkdir()
+    csv = tmp_path / "meta" / "meta.csv"
+    csv.write_text("diagnosis,derm\nclark nevus,Aal/Aal002.jpg\n,Aal/Aal003.jpg\nmelanoma,Aal/Aal004.jpg\n")
+    with pytest.raises(DataError, match=r"1 row\(s\) with an empty 'diagnosis' \(line\(s\) 3\)"):
+        read_derm7pt(tmp_path)
+    csv.write_text("diagnosis,derm\nclark nevus,Aal/Aal002.jpg\nmelanoma,  \n")
+    with pytest.raises(DataError, match=r"empty 'derm' \(line\(s\) 3\)"):
+        read_derm7pt(tmp_path)
+
+
 def test_derm7pt_real_meta(shared_data):
     from melanogan.data.sources import read_derm7pt
 

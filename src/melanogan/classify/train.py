@@ -136,13 +136,14 @@ IGNORE = -100  # diagnosis index of an image without a known diagnosis (syntheti
 
 
 def _diagnosis_keys(rows: pd.DataFrame) -> pd.Series:
-    return rows["source"].astype(str) + ":" + rows["diagnosis"].astype(str)
+    # fillna first: pandas 3 keeps a missing value missing through astype(str) (pandas 2 wrote "nan").
+    return rows["source"].fillna("").astype(str) + ":" + rows["diagnosis"].fillna("unknown").astype(str)
 
 
 def diagnosis_classes(train_rows: pd.DataFrame) -> list[str]:
     """`source:diagnosis` classes of the training rows (sources name diagnoses differently, so they
     are not merged); unknown diagnoses are not a class."""
-    known = train_rows[~train_rows["diagnosis"].astype(str).str.strip().str.lower().isin(UNKNOWN_DIAGNOSES)]
+    known = train_rows[~train_rows["diagnosis"].fillna("").astype(str).str.strip().str.lower().isin(UNKNOWN_DIAGNOSES)]
     return sorted(_diagnosis_keys(known).unique())
 
 

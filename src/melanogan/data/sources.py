@@ -57,6 +57,16 @@ def _check_unique(df: pd.DataFrame, column: str, path: Path) -> None:
                         "Each image must be listed once; remove or rename the duplicated rows.")
 
 
+def _require_values(df: pd.DataFrame, columns: list[str], path: Path) -> None:
+    """Refuse empty cells in columns every row needs, naming the CSV lines (header = line 1)."""
+    for column in columns:
+        empty = np.flatnonzero(df[column].isna().to_numpy() | (df[column].astype(str).str.strip() == "").to_numpy())
+        if len(empty):
+            lines = ", ".join(str(i + 2) for i in empty[:5]) + (" ..." if len(empty) > 5 else "")
+            raise DataError(f"{path}: {len(empty)} row(s) with an empty {column!r} (line(s) {lines}). Fill them in "
+                            "or delete those rows.")
+
+
 def _binary_labels(values: pd.Series, path: Path, column: str) -> np.ndarray:
     numeric = pd.to_numeric(values, errors="coerce")
     bad = values[numeric.isna() | ~numeric.isin([0, 1])]
@@ -253,6 +263,7 @@ def read_derm7pt(path: Path) -> pd.DataFrame:
             raise DataError(f"{root}: no meta/meta.csv found (expected the published Derm7pt layout: meta/meta.csv "
                             "and images/).")
     df = _read_csv(meta_file, ["diagnosis", "derm"], "Derm7pt meta.csv")
+    _require_values(df, ["diagnosis", "derm"], meta_file)
     _check_unique(df, "derm", meta_file)
     image_root = root / "images" if (root / "images").is_dir() else root
     by_lower: dict[str, str] = {}

@@ -173,6 +173,15 @@ def test_derm7pt_layout_with_its_quirks(tmp_path):
     assert result.rejected["reason"].tolist() == ["missing-file"]
 
 
+def test_derm7pt_case_without_a_number_is_its_own_group(tmp_path):
+    from melanogan.data.sources import read_derm7pt
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "meta.csv").write_text(
+        "case_num,diagnosis,derm\n1,nevus,a/1.jpg\n1,nevus,a/2.jpg\n,nevus,a/3.jpg\n,melanoma,a/4.jpg\n")
+    assert read_derm7pt(tmp_path)["group_id"].tolist() == ["case-1", "case-1", "a/3", "a/4"]
+
+
 def test_derm7pt_empty_cells_name_their_lines(tmp_path):
     from melanogan.data.sources import read_derm7pt
 

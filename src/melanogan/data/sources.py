@@ -104,6 +104,11 @@ def _frame(**columns) -> pd.DataFrame:
     for col in ("sex", "anatom_site", "patient_id", "lesion_id", "origin"):
         out[col] = out[col].astype("string")
     out["path"] = out["path"].fillna("").astype(str)
+    # An image without a patient/lesion/case id is its own group. Left missing, every such row would
+    # share the one group "nan" and so one split (pandas 3 also keeps it missing through string ops).
+    group = out["group_id"]
+    missing = group.isna() | (group.astype(str).str.strip() == "")
+    out["group_id"] = group.where(~missing, out["image_id"]).astype(str)
     return out
 
 

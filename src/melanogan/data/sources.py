@@ -104,8 +104,9 @@ def _frame(**columns) -> pd.DataFrame:
     for col in ("sex", "anatom_site", "patient_id", "lesion_id", "origin"):
         out[col] = out[col].astype("string")
     out["path"] = out["path"].fillna("").astype(str)
-    # An image without a patient/lesion/case id is its own group. Left missing, every such row would
-    # share the one group "nan" and so one split (pandas 3 also keeps it missing through string ops).
+    # An image without a patient/lesion/case id is its own group (for every reader, here once). Left
+    # missing, every such row would share the one group "nan" and so one split (pandas 3 also keeps
+    # it missing through string ops).
     group = out["group_id"]
     missing = group.isna() | (group.astype(str).str.strip() == "")
     out["group_id"] = group.where(~missing, out["image_id"]).astype(str)
@@ -169,10 +170,9 @@ def _siim_rows(df: pd.DataFrame, labels: np.ndarray, images: dict[str, str], unl
     if unlabeled:
         diagnosis = pd.Series(["unlabeled"] * len(df), index=df.index)
     patient = df["patient_id"].str.strip()
-    group = patient.where(patient.notna() & (patient != ""), ids)
     return _frame(
         image_id=ids.tolist(), path=[images.get(i, "") for i in ids], label=labels, diagnosis=diagnosis.tolist(),
-        group_id=group.tolist(), patient_id=patient.tolist(), lesion_id=None,
+        group_id=patient.tolist(), patient_id=patient.tolist(), lesion_id=None,
         sex=df.get("sex"), age=df.get("age_approx"), anatom_site=df.get("anatom_site_general_challenge"),
         source="siim-isic-2020", unlabeled=[unlabeled] * len(df), origin=[origin] * len(df),
     )
@@ -217,9 +217,8 @@ def read_isic_2019(path: Path) -> pd.DataFrame:
     # Files may be named with or without `_downsampled` independently of the CSV's id.
     paths = [images.get(i) or images.get(i.removesuffix("_downsampled")) or images.get(i + "_downsampled") or ""
              for i in ids]
-    group = lesion.where(lesion.notna() & (lesion != ""), ids.reset_index(drop=True))
     return _frame(image_id=ids.tolist(), path=paths, label=onehot[:, classes.index("MEL")],
-                  diagnosis=diagnosis, group_id=group.tolist(), patient_id=None, lesion_id=lesion.tolist(),
+                  diagnosis=diagnosis, group_id=lesion.tolist(), patient_id=None, lesion_id=lesion.tolist(),
                   sex=sex, age=age, anatom_site=site, source="isic-2019", unlabeled=None,
                   origin=[label_file.name] * len(df))
 
@@ -242,7 +241,7 @@ def read_ham10000(path: Path) -> pd.DataFrame:
     dx = df["dx"].str.strip().str.lower()
     lesion = df["lesion_id"].str.strip()
     return _frame(image_id=ids.tolist(), path=[images.get(i, "") for i in ids], label=(dx == "mel").astype(int),
-                  diagnosis=dx.tolist(), group_id=lesion.where(lesion.notna(), ids).tolist(), patient_id=None,
+                  diagnosis=dx.tolist(), group_id=lesion.tolist(), patient_id=None,
                   lesion_id=lesion.tolist(), sex=df.get("sex"), age=df.get("age"),
                   anatom_site=df.get("localization"), source="ham10000", unlabeled=None,
                   origin=[meta_file.name] * len(df))

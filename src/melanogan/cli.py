@@ -505,6 +505,10 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up then cosine).")] = 2e-3,
     patience: Annotated[int, typer.Option(help="Epochs without better validation AUC before stopping.")] = 8,
+    select: Annotated[str, typer.Option(
+        help="Validation figure that picks the best epoch: auc (over the whole validation split) or "
+             "worst_source_auc (the lowest among the training sources). Default: auc (see README, Models that "
+             "travel).")] = "auc",
     seed: Annotated[int, typer.Option(help="Seed (deterministic on CPU).")] = 0,
     workers: Annotated[int | None, typer.Option(
         help="DataLoader worker processes. Default: 0 with batch augmentation, 1 with --per-image-augment.")] =
@@ -535,12 +539,13 @@ def train(
                         loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
                         style_augment=style_augment,
                         diagnosis_weight=diagnosis_weight, epochs=epochs,
-                        max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                        workers=workers, batch_augment=batch_augment, precision=precision, metadata=metadata,
+                        max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
+                        seed=seed, workers=workers, batch_augment=batch_augment, precision=precision, metadata=metadata,
                         accelerator=accelerator, devices=devices, resume=resume, logger=logger).summary
     for note in summary.get("notes", []):
         console.print(f"note: {note}")
-    console.print(f"trained {summary['epochs']} epoch(s) ({summary['stopped_by']}), best validation AUC "
+    figure = "AUC" if summary.get("select", "auc") == "auc" else "worst-source AUC"
+    console.print(f"trained {summary['epochs']} epoch(s) ({summary['stopped_by']}), best validation {figure} "
                   f"{summary['best_val_auc']:.3f} at epoch {summary['best_epoch']}. Run: {out}")
 
 
@@ -799,7 +804,8 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
-        "color_augment, style_augment, diagnosis_weight, minutes, ensemble (N runs sharing the budget) or tta. "
+        "color_augment, style_augment, diagnosis_weight, select, minutes, epochs (an epoch count with train's "
+        "early stopping instead of the clock), ensemble (N runs sharing the budget) or tta. "
         "Each changes "
         "one setting of the defaults and is compared with them by a paired bootstrap on the same report images, "
         "Holm-adjusted."))] = None,

@@ -256,8 +256,9 @@ class TrainRun:
 
     def __repr__(self) -> str:
         s = self.summary
-        return (f"TrainRun({self.run_dir}: {s.get('epochs')} epoch(s), {s.get('stopped_by')}, best validation AUC "
-                f"{s.get('best_val_auc', float('nan')):.3f} at epoch {s.get('best_epoch')})")
+        figure = "AUC" if s.get("select", "auc") == "auc" else "worst-source AUC"
+        return (f"TrainRun({self.run_dir}: {s.get('epochs')} epoch(s), {s.get('stopped_by')}, best validation "
+                f"{figure} {s.get('best_val_auc', float('nan')):.3f} at epoch {s.get('best_epoch')})")
 
     def _repr_html_(self) -> str:
         return f"<p>{html.escape(repr(self))}</p>" + _png_tag(self.run_dir / "curves.png", 700)

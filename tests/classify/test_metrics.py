@@ -23,6 +23,20 @@ def test_aucs_match_sklearn():
     assert math.isnan(M.roc_auc([1, 1], [0.2, 0.3]))
 
 
+def test_worst_group_auc_by_hand():
+    # source a: 2 mel, 2 other, one pair misordered -> 3/4; source b: perfect -> 1; source c: one class
+    y = [1, 1, 0, 0, 1, 0, 0]
+    s = [0.9, 0.4, 0.5, 0.1, 0.2, 0.1, 0.8]
+    g = ["a", "a", "a", "a", "b", "b", "c"]
+    assert M.roc_auc_by_group(y, s, g) == {"a": 0.75, "b": 1.0}
+    assert M.worst_group_auc(y, s, g) == 0.75
+    # pooled, source b's melanoma (0.2) sits below two of a's others: the pooled AUC hides the worst source
+    assert M.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s)) and M.roc_auc(y, s) != 0.75
+    assert math.isnan(M.worst_group_auc([1, 0], [0.3, 0.2], ["a", "b"]))
+    with pytest.raises(ValueError, match="groups"):
+        M.roc_auc_by_group([1, 0], [0.3, 0.2], ["a"])
+
+
 def test_confusion_by_hand():
     c = M.confusion_at(Y, S, 0.5)
     # predicted positive: 0.5(0) 0.6(1) 0.7(1) 0.8(0) 0.9(1)

@@ -479,3 +479,50 @@ def test_seen_in_training_finds_same_file_same_isic_id_and_near_phash(tmp_path):
     assert seen_in_training(tmp_path / "site", site, tmp_path) == {"same-file", "same-isic", "near"}
     assert seen_in_training(tmp_path, own, tmp_path) == set()  # its own data: the splits keep them apart
     assert seen_in_training(tmp_path / "site", site, tmp_path / "moved") is None  # cannot check: says so
+
+
+def test_select_worst_source_auc_picks_the_epoch_where_the_weakest_source_ranks_best(demo_prepared, tmp_path,
+                                                                                   monkeypatch):
+    import melanogan.classify.train as train_module
+
+    y = pd.read_parquet(demo_prepared / "manifest.parquet").query("split == 'val'")["label"].to_numpy()
+    assert (y.sum(), len(y)) == (2, 9)  # the demo's validation split, which the scores below are built for
+    # two sources, each with one melanoma: the melanomas and the others alternate between them
+    groups = np.empty(len(y), dtype=object)
+    for cls in (0, 1):
+        idx = np.flatnonzero(y == cls)
+        groups[idx] = ["a" if i % 2 == 0 else "b" for i in range(len(idx))]
+    in_a = groups == "a"
+    # epoch 1: source a perfect, source b inverted but above a's others -> pooled 11/14, worst 0
+    epoch1 = np.where(in_a, np.where(y == 1, 11.0, 0.0), np.where(y == 1, 5.0, 6.0))
+    # epoch 2: melanomas at 1, others at 0 or 2 in turn -> pooled 8/14, worst (source a) 0.5
+    epoch2 = np.where(y == 1, 1.0, 0.0)
+    for g in ("a", "b"):
+        others = np.flatnonzero((groups == g) & (y == 0))
+        epoch2[others[:len(others) // 2]] = 2.0
+    assert (M.roc_auc(y, epoch1), M.worst_group_auc(y, epoch1, groups)) == (11 / 14, 0.0)
+    assert (M.roc_auc(y, epoch2), M.worst_group_auc(y, epoch2, groups)) == (8 / 14, 0.5)
+
+    for select, chosen in (("auc", 1), ("worst_source_auc", 2)):
+        scores = iter([epoch1, epoch2])
+        monkeypatch.setattr(train_module, "predict_logits", lambda *a, s=scores, **k: next(s).astype(np.float32))
+        monkeypatch.setattr(train_module, "val_sources", lambda val_set, cfg: groups.astype(str))
+        summary = train_classifier(demo_prepared, tmp_path / select, TrainConfig(**{**TINY, "select": select}),
+                                   progress=False)
+        best = json.loads((tmp_path / select / "best" / "state.json").read_text())
+        assert (summary["best_epoch"], best["epoch"], best["select"]) == (chosen, chosen, select)
+        assert best["selected_by"] == pytest.approx((11 / 14, 0.5)[chosen - 1] if select == "auc" else 0.5)
+        stats = [json.loads(x) for x in (tmp_path / select / "stats.jsonl").read_text().splitlines()]
+        assert [s["val_auc_by_source"] for s in stats] == [{"a": 1.0, "b": 0.0}, {"a": 0.5, "b": pytest.approx(2 / 3)}]
+
+
+def test_select_worst_source_auc_refuses_when_no_source_has_both_classes(demo_prepared, tmp_path):
+    from melanogan.classify.train import val_sources
+
+    class Val:  # one source whose validation images are all one class
+        rows = pd.DataFrame({"source": ["x", "x", "y"]})
+        labels = np.array([0, 0, 1])
+
+    with pytest.raises(MelanoganError, match=r"needs a training source.*select 'auc'"):
+        val_sources(Val(), TrainConfig(select="worst_source_auc"))
+    assert list(val_sources(Val(), TrainConfig())) == ["x", "x", "y"]  # auc needs no per-source classes

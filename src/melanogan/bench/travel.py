@@ -32,12 +32,12 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "diagnosis_weight": "train",
-          "minutes": "train", "ensemble": "train", "tta": "evaluate"}
+          "minutes": "train", "epochs": "train", "select": "train", "ensemble": "train", "tta": "evaluate"}
 
 
 # Training levers that are TrainConfig fields as they are (image_size is set for every variant;
-# minutes and ensemble become the budget and the members).
-_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight")
+# minutes, epochs and ensemble become the budget and the members).
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "select")
 
 
 def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
@@ -69,6 +69,10 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
                 value = int(raw)
                 if not 2 <= value <= 16:
                     raise ValueError("an ensemble has 2 to 16 members (the budget is split between them)")
+            elif key == "epochs":
+                value = int(raw)
+                if not 1 <= value <= 500:
+                    raise ValueError("use 1 to 500 epochs")
             elif key == "minutes":
                 value = float(raw)
                 if not value > 0:
@@ -113,7 +117,8 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
     if missing:
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
-    defaults = {"minutes": minutes, "image_size": image_size, "tta": 1, "batch_size": batch_size, "ensemble": 1}
+    defaults = {"minutes": minutes, "epochs": None, "image_size": image_size, "tta": 1, "batch_size": batch_size,
+                "ensemble": 1}
     variants = [("defaults", defaults)] + [(name, {**defaults, key: value}) for name, key, value in levers]
     train_seeds = [seed + 1000 * r for r in range(repeats)]
     rows, combined = [], []
@@ -186,8 +191,12 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         prepare([(kind, data / folder)], tmp / f"site-{tag}", options, SplitFractions(0.5, 0.0, 0.5), seed=seed)
         prepared[options.key] = (tmp / f"train-{tag}", tmp / f"site-{tag}", prepare_minutes)
     train_dir, site_dir, prepare_minutes = prepared[options.key]
+    if settings["epochs"]:  # `train`'s own kind of budget: an epoch count, its early stopping, no clock
+        budget = {"epochs": settings["epochs"], "max_minutes": None, "patience": TrainConfig().patience}
+    else:  # the clock alone ends the run
+        budget = {"epochs": 200, "max_minutes": settings["minutes"], "patience": 1000}
     cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"],
-                      batch_size=settings["batch_size"], epochs=200, max_minutes=settings["minutes"], patience=1000,
+                      batch_size=settings["batch_size"], **budget,
                       seed=train_seed, **{k: settings[k] for k in _CONFIG_LEVERS if k in settings})
     members = settings["ensemble"]
     if members > 1:  # the same budget split between members of different seeds

@@ -32,6 +32,26 @@ def roc_auc(y, s) -> float:
     return float(roc_auc_score(y, s)) if _both_classes(y) else float("nan")
 
 
+def roc_auc_by_group(y, s, groups) -> dict[str, float]:
+    """ROC-AUC within each group (e.g. each training source's validation images), for the groups that
+    hold both classes; a group with one class has no AUC and is left out, not scored NaN."""
+    y, s = _arrays(y, s)
+    groups = np.asarray(groups).astype(str).ravel()
+    if groups.shape != y.shape:
+        raise ValueError(f"labels ({y.shape}) and groups ({groups.shape}) differ in length")
+    return {g: float(roc_auc_score(y[groups == g], s[groups == g]))
+            for g in sorted(set(groups)) if _both_classes(y[groups == g])}
+
+
+def worst_group_auc(y, s, groups) -> float:
+    """The lowest per-group ROC-AUC (groups with both classes). Why: a pooled AUC over several sources
+    is dominated by the largest one and also rewards ranking the sources apart (one source's melanomas
+    above another's naevi); the worst source is a stand-in for "a source not trained on" that the
+    training sources themselves provide. NaN when no group holds both classes."""
+    by_group = roc_auc_by_group(y, s, groups)
+    return min(by_group.values()) if by_group else float("nan")
+
+
 def pr_auc(y, s) -> float:
     """Average precision (area under the precision-recall curve, step interpolation)."""
     y, s = _arrays(y, s)

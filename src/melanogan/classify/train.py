@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from melanogan import __version__
-from melanogan.classify.metrics import pr_auc, roc_auc
+from melanogan.classify.metrics import pr_auc, roc_auc, roc_auc_by_group
 from melanogan.classify.mixstyle import MixStyle
 from melanogan.classify.models import Classifier, create_classifier
 from melanogan.data.batch_augment import BatchAugment, RandomConvolution
@@ -78,6 +78,12 @@ class TrainConfig(BaseModel):
     style_augment: Literal["none", "randconv", "mixstyle"] = "none"
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
+    # Which validation figure picks the best epoch (and drives early stopping): "auc", the ROC-AUC
+    # over the whole validation split; "worst_source_auc", the lowest ROC-AUC among the training
+    # sources' validation images (each source with both classes), a stand-in for a source not
+    # trained on. auc by default until `bench travel --vary select=worst_source_auc` shows the other
+    # travels better (README, "Models that travel").
+    select: Literal["auc", "worst_source_auc"] = "auc"
     # Auxiliary target: each training image's own diagnosis (manifest `diagnosis`, per source),
     # weighted against the melanoma loss; 0 = off; None (default) = RECOMMENDED_DIAGNOSIS_WEIGHT when
     # the training split has at least 2 known diagnoses, else off (said in the run's notes). The
@@ -195,6 +201,19 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
         raise MelanoganError(f"{data_dir}: the validation split needs both classes to choose the best epoch "
                              "and thresholds; re-run `melanogan prepare` with a larger --val fraction.")
     return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata) for p in parts]), val, labels
+
+
+def val_sources(val_set, cfg: TrainConfig) -> np.ndarray:
+    """Each validation image's source (manifest `source`), for per-source AUCs; refuses
+    select='worst_source_auc' when no source's validation images hold both classes."""
+    rows = val_set.rows
+    sources = (rows["source"].fillna("").astype(str) if "source" in rows else pd.Series([""] * len(rows))).to_numpy()
+    if cfg.select == "worst_source_auc" and not roc_auc_by_group(val_set.labels, np.zeros(len(rows)), sources):
+        counts = pd.crosstab(sources, np.asarray(val_set.labels)).to_dict("index")
+        raise MelanoganError(f"select 'worst_source_auc' needs a training source whose validation images hold both "
+                             f"classes; per source (label: count): {counts}. Use select 'auc' or re-run "
+                             "`melanogan prepare` with a larger --val fraction.")
+    return sources
 
 
 def uses_batch_augment(cfg: TrainConfig) -> bool:
@@ -412,14 +431,14 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
         for epoch in range(state.epoch, last_epoch):
             out_of_time = run.train_one_epoch(epoch, bar)
             record = run.validate(epoch)
-            improved = record["val_auc"] > state.best_auc
+            improved = run.score(record) > state.best_auc
             state.epoch, state.seconds = epoch + 1, run.elapsed()
             if improved:
-                state.best_auc, state.best_epoch, state.bad_epochs = record["val_auc"], epoch + 1, 0
+                state.best_auc, state.best_epoch, state.bad_epochs = run.score(record), epoch + 1, 0
             else:
                 state.bad_epochs += 1
             if fabric.global_rank == 0:
-                run.save(improved, record["val_auc"])
+                run.save(improved, record)
                 log.write({**record, "best": improved}, epoch + 1)
                 plot_curves(run_dir)
                 if bar:
@@ -438,7 +457,8 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     fabric.barrier()
     shutdown_distributed(fabric)
     return {"run_dir": str(run_dir), "epochs": state.epoch, "best_epoch": state.best_epoch,
-            "best_val_auc": state.best_auc, "stopped_by": stopped_by, "seconds": round(state.seconds, 1)}
+            "best_val_auc": state.best_auc, "select": cfg.select, "stopped_by": stopped_by,
+            "seconds": round(state.seconds, 1)}
 
 
 def _build_or_resume(fabric, cfg: TrainConfig, run_dir: Path, resume: bool):
@@ -494,6 +514,7 @@ class _EpochRunner:
         # hooks on the unwrapped model's early stages; they act in training mode only
         self.mixstyle = MixStyle(cfg.model, self.raw) if cfg.style_augment == "mixstyle" else None
         self.val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
+        self.val_sources = val_sources(val_set, cfg)
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         self.t_start = time.perf_counter() - state.seconds
@@ -569,15 +590,27 @@ class _EpochRunner:
         val_y = self.val_set.labels
         val_loss = float(F.binary_cross_entropy_with_logits(torch.as_tensor(val_logits),
                                                             torch.as_tensor(val_y, dtype=torch.float32)))
-        return {"epoch": epoch + 1, "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
-                "val_loss": val_loss, "val_auc": roc_auc(val_y, val_logits), "val_pr_auc": pr_auc(val_y, val_logits),
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "img_per_s": round(self.seen / max(self.train_seconds, 1e-9), 1), "seconds": round(self.elapsed(), 1)}
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                  "val_loss": val_loss, "val_auc": roc_auc(val_y, val_logits), "val_pr_auc": pr_auc(val_y, val_logits),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "img_per_s": round(self.seen / max(self.train_seconds, 1e-9), 1), "seconds": round(self.elapsed(), 1)}
+        if len(set(self.val_sources)) > 1:  # recorded whatever selects the epoch: how each source fares
+            record["val_auc_by_source"] = roc_auc_by_group(val_y, val_logits, self.val_sources)
+            record["val_auc_worst_source"] = min(record["val_auc_by_source"].values())
+        else:  # one source: its AUC is the pooled one
+            record["val_auc_worst_source"] = record["val_auc"]
+        return record
 
-    def save(self, improved: bool, val_auc: float) -> None:
+    def score(self, record: dict) -> float:
+        """The figure the best epoch is chosen by (cfg.select)."""
+        return record["val_auc"] if self.cfg.select == "auc" else record["val_auc_worst_source"]
+
+    def save(self, improved: bool, record: dict) -> None:
         """best/ when validation improved; last/ (with the optimizer and loop state) every epoch."""
         if improved:
-            save_model(self.run_dir / "best", self.raw, self.cfg, {"epoch": self.state.epoch, "val_auc": val_auc})
+            save_model(self.run_dir / "best", self.raw, self.cfg,
+                       {"epoch": self.state.epoch, "val_auc": record["val_auc"], "select": self.cfg.select,
+                        "selected_by": self.score(record)})
         save_model(self.run_dir / "last", self.raw, self.cfg, {"loop": asdict(self.state)})
         with atomic_path(self.run_dir / "last" / "optimizer.pt", suffix=".pt") as tmp:
             torch.save(self.optimizer.state_dict(), tmp)

@@ -177,7 +177,8 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
           image_size: int = 128, synthetic: list[str | Path] | None = None, loss: str = "bce",
           sampler: str = "none", augment: str = "classic", color_augment: str = "rgb", style_augment: str = "none",
           diagnosis_weight: float | None = None, epochs: int = 30, max_minutes: float | None = None,
-          batch_size: int = 32, lr: float = 2e-3, patience: int = 8, select: str = "auc", seed: int = 0,
+          batch_size: int = 32, lr: float = 2e-3, patience: int = 8, select: str = "auc",
+          weight_average: str = "none", ema_decay: float = 0.998, seed: int = 0,
           workers: int | None = None,
           batch_augment: bool = True, precision: str = "bf16-mixed", metadata: str = "", accelerator: str = "auto",
           devices: int = 1, resume: bool = False, logger: str | None = None, progress: bool = True) -> TrainRun:
@@ -191,7 +192,8 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
                           color_augment=color_augment, style_augment=style_augment,
                           diagnosis_weight=diagnosis_weight,
                           synthetic=[str(s) for s in synthetic or []],
-                          patience=patience, select=select, seed=seed, workers=workers, precision=precision,
+                          patience=patience, select=select, weight_average=weight_average,
+                          ema_decay=ema_decay, seed=seed, workers=workers, precision=precision,
                           batch_augment=batch_augment, metadata=metadata)
     except ValueError as exc:
         raise MelanoganError(f"invalid training options: {exc}") from exc

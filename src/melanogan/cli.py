@@ -509,6 +509,10 @@ def train(
         help="Validation figure that picks the best epoch: auc (over the whole validation split) or "
              "worst_source_auc (the lowest among the training sources). Default: auc (see README, Models that "
              "travel).")] = "auc",
+    weight_average: Annotated[str, typer.Option(
+        help="none or ema (validate and keep an exponential moving average of the weights, decay --ema-decay). "
+             "Default: none (see README, Models that travel).")] = "none",
+    ema_decay: Annotated[float, typer.Option(help="Decay of the weight average (0.998: ~500 steps).")] = 0.998,
     seed: Annotated[int, typer.Option(help="Seed (deterministic on CPU).")] = 0,
     workers: Annotated[int | None, typer.Option(
         help="DataLoader worker processes. Default: 0 with batch augmentation, 1 with --per-image-augment.")] =
@@ -540,7 +544,8 @@ def train(
                         style_augment=style_augment,
                         diagnosis_weight=diagnosis_weight, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
-                        seed=seed, workers=workers, batch_augment=batch_augment, precision=precision, metadata=metadata,
+                        weight_average=weight_average, ema_decay=ema_decay, seed=seed, workers=workers,
+                        batch_augment=batch_augment, precision=precision, metadata=metadata,
                         accelerator=accelerator, devices=devices, resume=resume, logger=logger).summary
     for note in summary.get("notes", []):
         console.print(f"note: {note}")
@@ -804,7 +809,8 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
-        "color_augment, style_augment, diagnosis_weight, select, minutes, epochs (an epoch count with train's "
+        "color_augment, style_augment, diagnosis_weight, select, weight_average, minutes, epochs (an epoch count "
+        "with train's "
         "early stopping instead of the clock), ensemble (N runs sharing the budget) or tta. "
         "Each changes "
         "one setting of the defaults and is compared with them by a paired bootstrap on the same report images, "

@@ -46,17 +46,18 @@ def test_an_unknown_lever_value_fails_before_any_work(tmp_path):
 def test_levers_are_typed_and_checked_before_any_work():
     levers = parse_levers(("resize_mode=lesion", "augment=strong", "image-size=192", "tta=8",
                            "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
-                           "style_augment=mixstyle", "epochs=30", "select=worst_source_auc"))
+                           "style_augment=mixstyle", "epochs=30", "select=worst_source_auc", "weight_average=ema"))
     assert [(k, v) for _, k, v in levers] == [("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192),
                                              ("tta", 8), ("color_constancy", False), ("minutes", 2.5),
                                              ("ensemble", 3), ("color_augment", "lab"),
                                              ("style_augment", "mixstyle"), ("epochs", 30),
-                                             ("select", "worst_source_auc")]
+                                             ("select", "worst_source_auc"), ("weight_average", "ema")]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
                          ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
                          ("color_augment=hsv", "color_augment"), ("style_augment=mix", "style_augment"),
-                         ("epochs=0", "1 to 500"), ("epochs=2.5", "epochs"), ("select=pooled", "select")]:
+                         ("epochs=0", "1 to 500"), ("epochs=2.5", "epochs"), ("select=pooled", "select"),
+                         ("weight_average=swa", "weight_average")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
@@ -160,18 +161,20 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     assert partial["rows"][1]["vs_defaults"]["difference"] > 0
 
 
-def test_an_epoch_budget_trains_like_train_and_select_changes_only_the_selection(tmp_path, monkeypatch):
+def test_an_epoch_budget_trains_like_train_and_select_and_ema_change_only_their_own_setting(tmp_path, monkeypatch):
     from melanogan.classify.train import TrainConfig
 
     calls = _fake_pipeline(tmp_path, monkeypatch)
-    travel.run(tmp_path, holdout=("derm7pt",), vary=("epochs=30", "select=worst_source_auc"), batch_size=16)
-    defaults, epochs, select = (c.model_dump() for c in calls["cfg"])
+    travel.run(tmp_path, holdout=("derm7pt",), vary=("epochs=30", "select=worst_source_auc", "weight_average=ema"),
+               batch_size=16)
+    defaults, epochs, select, ema = (c.model_dump() for c in calls["cfg"])
     # the defaults: the clock alone ends the run
     assert (defaults["max_minutes"], defaults["epochs"], defaults["patience"]) == (8.0, 200, 1000)
     # epochs=30: `train`'s own budget, its early stopping included, and no clock
     assert {k: v for k, v in epochs.items() if defaults[k] != v} == {"max_minutes": None, "epochs": 30,
                                                                      "patience": TrainConfig().patience}
     assert {k: v for k, v in select.items() if defaults[k] != v} == {"select": "worst_source_auc"}
+    assert {k: v for k, v in ema.items() if defaults[k] != v} == {"weight_average": "ema"}
 
 
 def test_the_table_shows_each_row_with_its_paired_difference():

@@ -526,3 +526,44 @@ def test_select_worst_source_auc_refuses_when_no_source_has_both_classes(demo_pr
     with pytest.raises(MelanoganError, match=r"needs a training source.*select 'auc'"):
         val_sources(Val(), TrainConfig(select="worst_source_auc"))
     assert list(val_sources(Val(), TrainConfig())) == ["x", "x", "y"]  # auc needs no per-source classes
+
+
+def test_weight_average_is_what_is_validated_kept_and_resumed(demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+
+    def weights(path):
+        return {k: v.float() for k, v in load_file(path).items()}
+
+    cfg = TrainConfig(**{**TINY, "epochs": 2, "weight_average": "ema", "ema_decay": 0.9})
+    scored = []
+    real_predict = train_module.predict_logits
+
+    def spy(model, *a, **k):
+        scored.append({k2: v.detach().clone().float() for k2, v in model.state_dict().items()})
+        return real_predict(model, *a, **k)
+
+    monkeypatch.setattr(train_module, "predict_logits", spy)
+    train_classifier(demo_prepared, tmp_path / "a", cfg, progress=False)
+    monkeypatch.setattr(train_module, "predict_logits", real_predict)
+    ema = weights(tmp_path / "a" / "last" / "ema.safetensors")
+    raw = weights(tmp_path / "a" / "last" / "model.safetensors")
+    assert int(ema.pop("n_averaged")) == 2 * (int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"]
+                                                   == "train").sum()) // TINY["batch_size"])  # once a step
+    average = {k.removeprefix("module."): v for k, v in ema.items()}
+    assert average.keys() == raw.keys()
+    assert any(not torch.allclose(average[k], raw[k]) for k in raw if raw[k].is_floating_point())  # not the weights
+    # the last validation scored the average, not the trained weights
+    assert all(torch.equal(scored[-1][k], average[k]) for k in raw)
+    # best/ holds the average of its epoch, as that epoch's validation scored it
+    best = json.loads((tmp_path / "a" / "best" / "state.json").read_text())["epoch"]
+    kept = weights(tmp_path / "a" / "best" / "model.safetensors")
+    assert len(scored) == 2 and all(torch.equal(kept[k], scored[best - 1][k]) for k in raw)
+    # resuming goes on with the same average
+    train_classifier(demo_prepared, tmp_path / "b", cfg, progress=False, stop_after_epochs=1)
+    train_classifier(demo_prepared, tmp_path / "b", cfg, resume=True, progress=False)
+    resumed = weights(tmp_path / "b" / "last" / "ema.safetensors")
+    assert all(np.allclose(resumed[k].numpy(), ema[k].numpy(), atol=1e-6) for k in ema)
+    (tmp_path / "b" / "last" / "ema.safetensors").unlink()
+    with pytest.raises(MelanoganError, match=r"ema\.safetensors is missing"):
+        train_classifier(demo_prepared, tmp_path / "b", cfg.model_copy(update={"epochs": 3}), resume=True,
+                         progress=False)

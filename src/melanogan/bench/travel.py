@@ -32,12 +32,13 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "diagnosis_weight": "train",
-          "minutes": "train", "epochs": "train", "select": "train", "ensemble": "train", "tta": "evaluate"}
+          "select": "train", "weight_average": "train",
+          "minutes": "train", "epochs": "train", "ensemble": "train", "tta": "evaluate"}
 
 
 # Training levers that are TrainConfig fields as they are (image_size is set for every variant;
 # minutes, epochs and ensemble become the budget and the members).
-_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "select")
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "select", "weight_average")
 
 
 def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:

@@ -567,3 +567,19 @@ def test_weight_average_is_what_is_validated_kept_and_resumed(demo_prepared, tmp
     with pytest.raises(MelanoganError, match=r"ema\.safetensors is missing"):
         train_classifier(demo_prepared, tmp_path / "b", cfg.model_copy(update={"epochs": 3}), resume=True,
                          progress=False)
+
+
+def test_the_weight_average_is_the_bias_corrected_exponential_average_of_every_step():
+    from melanogan.classify.train import ema_decay_at, ema_update
+
+    # decay 0.5, weights 1, 2, 4 after three steps: (0.25 * 1 + 0.5 * 2 + 4) / 1.75 = 3
+    assert ema_decay_at(0.5, 1) == pytest.approx(1 / 3) and ema_decay_at(0.5, 2) == pytest.approx(3 / 7)
+    averaged, counter = [torch.tensor([1.0])], [torch.tensor([5])]
+    update = ema_update(0.5)
+    for n, w in ((1, 2.0), (2, 4.0)):
+        update(averaged, [torch.tensor([w])], torch.tensor(n))
+    assert averaged[0].item() == pytest.approx(3.0)
+    update(counter, [torch.tensor([9])], torch.tensor(1))  # an integer buffer takes the current value
+    assert counter[0].item() == 9
+    # a long run: the correction fades (within decay^n of the plain EMA's decay)
+    assert ema_decay_at(0.998, 3000) == pytest.approx(0.998, abs=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -583,3 +584,14 @@ def test_the_weight_average_is_the_bias_corrected_exponential_average_of_every_s
     assert counter[0].item() == 9
     # a long run: the correction fades (within decay^n of the plain EMA's decay)
     assert ema_decay_at(0.998, 3000) == pytest.approx(0.998, abs=1e-5)
+
+
+def test_sources_that_each_hold_one_class_leave_the_pooled_choice_running(demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+
+    # every validation melanoma from one source, every other image from another: no per-source AUC
+    monkeypatch.setattr(train_module, "val_sources", lambda val_set, cfg: np.where(val_set.labels == 1, "m", "o"))
+    summary = train_classifier(demo_prepared, tmp_path / "run", TrainConfig(**{**TINY, "epochs": 1}), progress=False)
+    record = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[0])
+    assert summary["best_epoch"] == 1 and record["val_auc_by_source"] == {}
+    assert math.isnan(record["val_auc_worst_source"]) and not math.isnan(record["val_auc"])

@@ -178,8 +178,7 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
           sampler: str = "none", augment: str = "classic", color_augment: str = "rgb", style_augment: str = "none",
           diagnosis_weight: float | None = None, epochs: int = 30, max_minutes: float | None = None,
           batch_size: int = 32, lr: float = 2e-3, patience: int = 8, select: str = "auc",
-          weight_average: str = "none", ema_decay: float = 0.998, seed: int = 0,
-          workers: int | None = None,
+          weight_average: str = "none", ema_decay: float = 0.998, seed: int = 0, workers: int | None = None,
           batch_augment: bool = True, precision: str = "bf16-mixed", metadata: str = "", accelerator: str = "auto",
           devices: int = 1, resume: bool = False, logger: str | None = None, progress: bool = True) -> TrainRun:
     """Train a melanoma classifier on DATA_DIR's training split (plus synthetic sets); the best epoch by

@@ -48,8 +48,7 @@ def worst_group_auc(y, s, groups) -> float:
     is dominated by the largest one and also rewards ranking the sources apart (one source's melanomas
     above another's naevi); the worst source is a stand-in for "a source not trained on" that the
     training sources themselves provide. NaN when no group holds both classes."""
-    by_group = roc_auc_by_group(y, s, groups)
-    return min(by_group.values()) if by_group else float("nan")
+    return min(roc_auc_by_group(y, s, groups).values(), default=float("nan"))
 
 
 def pr_auc(y, s) -> float:

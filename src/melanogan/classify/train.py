@@ -648,12 +648,10 @@ class _EpochRunner:
                   "val_loss": val_loss, "val_auc": roc_auc(val_y, val_logits), "val_pr_auc": pr_auc(val_y, val_logits),
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "img_per_s": round(self.seen / max(self.train_seconds, 1e-9), 1), "seconds": round(self.elapsed(), 1)}
-        if len(set(self.val_sources)) > 1:  # recorded whatever selects the epoch: how each source fares
-            record["val_auc_by_source"] = roc_auc_by_group(val_y, val_logits, self.val_sources)
-            # NaN when no source holds both classes (select 'worst_source_auc' refuses that at the start)
-            record["val_auc_worst_source"] = min(record["val_auc_by_source"].values(), default=float("nan"))
-        else:  # one source: its AUC is the pooled one
-            record["val_auc_worst_source"] = record["val_auc"]
+        # recorded whatever selects the epoch: how each source fares (one source: the pooled AUC);
+        # NaN when no source holds both classes (select 'worst_source_auc' refuses that at the start)
+        record["val_auc_by_source"] = roc_auc_by_group(val_y, val_logits, self.val_sources)
+        record["val_auc_worst_source"] = min(record["val_auc_by_source"].values(), default=float("nan"))
         return record
 
     def scored(self) -> nn.Module:

@@ -810,9 +810,10 @@ def bench_travel(
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
         "color_augment, style_augment, diagnosis_weight, select, weight_average, minutes, epochs (an epoch count "
-        "with train's early stopping instead of the clock), ensemble (N runs sharing the budget) or tta. "
-        "Each changes one setting of the defaults and is compared with them by a paired bootstrap on the same "
-        "report images, Holm-adjusted."))] = None,
+        "with train's early stopping instead of the clock), patience (with epochs: N or off), ensemble (N runs "
+        "sharing the budget) or tta; settings that belong together are joined by + (epochs=30+patience=off). "
+        "Each variant is compared with the defaults by a paired bootstrap on the same report images, "
+        "Holm-adjusted."))] = None,
     repeats: Annotated[int, typer.Option(help=(
         "Train every variant this many times (training seeds seed, seed+1000, ...; the same splits) and also "
         "compare each lever over all of them: a single run moves by up to 0.03 AUC."))] = 1,

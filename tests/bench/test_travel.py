@@ -47,21 +47,26 @@ def test_levers_are_typed_and_checked_before_any_work():
     levers = parse_levers(("resize_mode=lesion", "augment=strong", "image-size=192", "tta=8",
                            "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
                            "style_augment=mixstyle", "epochs=30", "select=worst_source_auc", "weight_average=ema"))
-    assert [(k, v) for _, k, v in levers] == [("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192),
-                                             ("tta", 8), ("color_constancy", False), ("minutes", 2.5),
-                                             ("ensemble", 3), ("color_augment", "lab"),
-                                             ("style_augment", "mixstyle"), ("epochs", 30),
-                                             ("select", "worst_source_auc"), ("weight_average", "ema")]
+    assert [(k, v) for _, settings in levers for k, v in settings.items()] == [
+        ("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192), ("tta", 8),
+        ("color_constancy", False), ("minutes", 2.5), ("ensemble", 3), ("color_augment", "lab"),
+        ("style_augment", "mixstyle"), ("epochs", 30), ("select", "worst_source_auc"), ("weight_average", "ema")]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
                          ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
                          ("color_augment=hsv", "color_augment"), ("style_augment=mix", "style_augment"),
                          ("epochs=0", "1 to 500"), ("epochs=2.5", "epochs"), ("select=pooled", "select"),
-                         ("weight_average=swa", "weight_average")]:
+                         ("weight_average=swa", "weight_average"), ("patience=off", "join it to one"),
+                         ("epochs=30+patience=0", "or off"), ("epochs=30+epochs=20", "epochs twice"),
+                         ("epochs=30+zoom=2", "KEY one of")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
         parse_levers(("tta=8", "tta=8"))
+    # settings that belong together form one variant
+    assert parse_levers(("epochs=30+patience=off", "epochs=30 + patience=4")) == [
+        ("epochs=30+patience=off", {"epochs": 30, "patience": 0}),
+        ("epochs=30 + patience=4", {"epochs": 30, "patience": 4})]
 
 
 N_REPORT = 60
@@ -165,9 +170,9 @@ def test_an_epoch_budget_trains_like_train_and_select_and_ema_change_only_their_
     from melanogan.classify.train import TrainConfig
 
     calls = _fake_pipeline(tmp_path, monkeypatch)
-    travel.run(tmp_path, holdout=("derm7pt",), vary=("epochs=30", "select=worst_source_auc", "weight_average=ema"),
-               batch_size=16)
-    defaults, epochs, select, ema = (c.model_dump() for c in calls["cfg"])
+    travel.run(tmp_path, holdout=("derm7pt",), vary=("epochs=30", "select=worst_source_auc", "weight_average=ema",
+                                                     "epochs=30+patience=off", "epochs=12+patience=3"), batch_size=16)
+    defaults, epochs, select, ema, no_stop, short = (c.model_dump() for c in calls["cfg"])
     # the defaults: the clock alone ends the run
     assert (defaults["max_minutes"], defaults["epochs"], defaults["patience"]) == (8.0, 200, 1000)
     # epochs=30: `train`'s own budget, its early stopping included, and no clock
@@ -175,6 +180,10 @@ def test_an_epoch_budget_trains_like_train_and_select_and_ema_change_only_their_
                                                                      "patience": TrainConfig().patience}
     assert {k: v for k, v in select.items() if defaults[k] != v} == {"select": "worst_source_auc"}
     assert {k: v for k, v in ema.items() if defaults[k] != v} == {"weight_average": "ema"}
+    # epochs joined to patience: off runs every epoch (the schedule anneals to the last), N stops after N
+    assert {k: v for k, v in no_stop.items() if defaults[k] != v} == {"max_minutes": None, "epochs": 30}
+    assert no_stop["patience"] >= 30
+    assert {k: v for k, v in short.items() if defaults[k] != v} == {"max_minutes": None, "epochs": 12, "patience": 3}
 
 
 def test_the_table_shows_each_row_with_its_paired_difference():

@@ -33,7 +33,7 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "diagnosis_weight": "train",
           "select": "train", "weight_average": "train",
-          "minutes": "train", "epochs": "train", "ensemble": "train", "tta": "evaluate"}
+          "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train", "tta": "evaluate"}
 
 
 # Training levers that are TrainConfig fields as they are (image_size is set for every variant;
@@ -41,8 +41,32 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
 _CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "select", "weight_average")
 
 
-def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
-    """["resize_mode=lesion", ...] -> [(name, key, typed value)], every value checked before any work."""
+def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
+    """["resize_mode=lesion", "epochs=30+patience=off", ...] -> [(name, {key: typed value})], every value
+    checked before any work. A variant joins settings with "+" when they only make sense together
+    (an epoch count without early stopping): it is still one variant, compared with the defaults."""
+    from melanogan.errors import MelanoganError
+
+    out = []
+    for item in vary:
+        settings: dict[str, object] = {}
+        for part in item.split("+"):
+            key, value = _parse_setting(item, part)
+            if key in settings:
+                raise MelanoganError(f"--vary {item!r} sets {key} twice.")
+            settings[key] = value
+        if "patience" in settings and "epochs" not in settings:
+            # the clock budget has no early stopping to change: patience only means something with epochs
+            raise MelanoganError(f"--vary {item!r}: patience applies to an epoch budget; join it to one, "
+                                 "e.g. epochs=30+patience=off.")
+        out.append((item.strip(), settings))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise MelanoganError(f"--vary names a lever twice: {names}.")
+    return out
+
+
+def _parse_setting(item: str, part: str) -> tuple[str, object]:
     from pydantic import ValidationError
 
     from melanogan.classify.train import TrainConfig
@@ -50,45 +74,44 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, str, object]]:
     from melanogan.data.cache import CacheOptions
     from melanogan.errors import MelanoganError
 
-    out = []
-    for item in vary:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in LEVERS:
-            raise MelanoganError(f"--vary {item!r}: use KEY=VALUE with KEY one of {', '.join(LEVERS)}.")
-        raw = raw.strip()
-        try:
-            if key in ("color_constancy", "hair_removal"):
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"{raw!r} is not true or false")
-                value = raw.lower() in ("true", "1", "yes")
-            elif key == "resize_mode":
-                value = str(CacheOptions(resize_mode=raw).resize_mode)
-            elif key == "tta":
-                value = check_tta(int(raw))
-            elif key == "ensemble":
-                value = int(raw)
-                if not 2 <= value <= 16:
-                    raise ValueError("an ensemble has 2 to 16 members (the budget is split between them)")
-            elif key == "epochs":
-                value = int(raw)
-                if not 1 <= value <= 500:
-                    raise ValueError("use 1 to 500 epochs")
-            elif key == "minutes":
-                value = float(raw)
-                if not value > 0:
-                    raise ValueError("the budget must be positive")
-            else:
-                value = getattr(TrainConfig(**{key: raw}), key)
-        except ValidationError as exc:
-            raise MelanoganError(f"--vary {item!r}: {exc.errors()[0]['msg']}") from None
-        except (ValueError, MelanoganError) as exc:
-            raise MelanoganError(f"--vary {item!r}: {exc}") from None
-        out.append((f"{key}={raw}", key, value))
-    names = [n for n, _, _ in out]
-    if len(set(names)) != len(names):
-        raise MelanoganError(f"--vary names a lever twice: {names}.")
-    return out
+    key, sep, raw = part.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or key not in LEVERS:
+        raise MelanoganError(f"--vary {item!r}: use KEY=VALUE (or several joined by +) with KEY one of "
+                             f"{', '.join(LEVERS)}.")
+    raw = raw.strip()
+    try:
+        if key in ("color_constancy", "hair_removal"):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{raw!r} is not true or false")
+            value: object = raw.lower() in ("true", "1", "yes")
+        elif key == "resize_mode":
+            value = str(CacheOptions(resize_mode=raw).resize_mode)
+        elif key == "tta":
+            value = check_tta(int(raw))
+        elif key == "ensemble":
+            value = int(raw)
+            if not 2 <= value <= 16:
+                raise ValueError("an ensemble has 2 to 16 members (the budget is split between them)")
+        elif key == "epochs":
+            value = int(raw)
+            if not 1 <= value <= 500:
+                raise ValueError("use 1 to 500 epochs")
+        elif key == "patience":  # "off" (0): every epoch runs, so the schedule anneals to the last one
+            value = 0 if raw.lower() == "off" else int(raw)
+            if value < 1 and raw.lower() != "off":
+                raise ValueError("patience is a number of epochs (1 or more) or off")
+        elif key == "minutes":
+            value = float(raw)
+            if not value > 0:
+                raise ValueError("the budget must be positive")
+        else:
+            value = getattr(TrainConfig(**{key: raw}), key)
+    except ValidationError as exc:
+        raise MelanoganError(f"--vary {item!r}: {exc.errors()[0]['msg']}") from None
+    except (ValueError, MelanoganError) as exc:
+        raise MelanoganError(f"--vary {item!r}: {exc}") from None
+    return key, value
 
 
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
@@ -104,6 +127,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     seed to seed, which one run's paired bootstrap (over images) does not see. Each lever is then
     also compared over all repeats at once (`combined`: the mean of the per-seed differences, its
     bootstrap over the same image resamples, and each seed's own difference)."""
+    from melanogan.classify.train import TrainConfig
     from melanogan.errors import MelanoganError
     from melanogan.fileio import write_json
 
@@ -118,9 +142,10 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
     if missing:
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
-    defaults = {"minutes": minutes, "epochs": None, "image_size": image_size, "tta": 1, "batch_size": batch_size,
-                "ensemble": 1}
-    variants = [("defaults", defaults)] + [(name, {**defaults, key: value}) for name, key, value in levers]
+    # patience: `train`'s early stopping, used only with an epoch budget (the clock has none)
+    defaults = {"minutes": minutes, "epochs": None, "patience": TrainConfig().patience, "image_size": image_size,
+                "tta": 1, "batch_size": batch_size, "ensemble": 1}
+    variants = [("defaults", defaults)] + [(name, {**defaults, **settings}) for name, settings in levers]
     train_seeds = [seed + 1000 * r for r in range(repeats)]
     rows, combined = [], []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
@@ -193,7 +218,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         prepared[options.key] = (tmp / f"train-{tag}", tmp / f"site-{tag}", prepare_minutes)
     train_dir, site_dir, prepare_minutes = prepared[options.key]
     if settings["epochs"]:  # `train`'s own kind of budget: an epoch count, its early stopping, no clock
-        budget = {"epochs": settings["epochs"], "max_minutes": None, "patience": TrainConfig().patience}
+        budget = {"epochs": settings["epochs"], "max_minutes": None, "patience": settings["patience"] or 1000}
     else:  # the clock alone ends the run
         budget = {"epochs": 200, "max_minutes": settings["minutes"], "patience": 1000}
     cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"],

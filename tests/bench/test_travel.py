@@ -153,6 +153,9 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     mean = (rng3.normal(size=n) + rng4.normal(size=n)) / 2 + label
     assert ensemble["external_auc"] == pytest.approx(roc_auc_score(label, mean), abs=1e-4)
     assert ensemble["members"] == 2 and ensemble["epochs"] == 6
+    assert rows["defaults"]["internal_test_auc_ci95"] == [0.4, 0.9]  # evaluate's own CI, kept beside the AUC
+    low, high = ensemble["internal_test_auc_ci95"]  # the ensemble's own bootstrap over its mean logits
+    assert low < ensemble["internal_test_auc"] < high
     assert ensemble["site_threshold"] is None and ensemble["validation_threshold"] is None
     assert all(r["vs_defaults"]["p_holm"] >= r["vs_defaults"]["p_value"] for r in result["rows"] if "vs_defaults" in r)
     assert result["complete"]
@@ -190,13 +193,13 @@ def test_the_table_shows_each_row_with_its_paired_difference():
     row = {"held_out": "derm7pt", "report_images": 1505, "report_melanoma": 126, "epochs": 16,
            "internal_test_auc": 0.8694, "external_auc": 0.7403, "external_auc_ci95": [0.6842, 0.7881],
            "validation_threshold": {"sensitivity": 0.94, "specificity": 0.176}, "site_threshold": None}
-    lever = {**row, "variant": "resize_mode=lesion", "external_auc": 0.7512,
+    lever = {**row, "variant": "resize_mode=lesion", "external_auc": 0.7512, "internal_test_auc_ci95": [0.8412, 0.8951],
              "vs_defaults": {"difference": 0.0109, "ci95": [-0.004, 0.0261], "p_value": 0.151, "p_holm": 0.453}}
     lines = travel.table({"rows": [{**row, "variant": "defaults"}, lever]}).splitlines()
     assert lines[2] == ("| Derm7pt (1,505 images, 126 mel) | defaults | 16 | 0.869 | 0.740 [0.684, 0.788] | - | "
                         "0.94 / 0.18 | - |")
-    assert "| resize_mode=lesion | 16 | 0.869 | 0.751 [0.684, 0.788] | +0.011 [-0.004, +0.026] (0.151, 0.453) |" \
-        in lines[3]
+    assert ("| resize_mode=lesion | 16 | 0.869 [0.841, 0.895] | 0.751 [0.684, 0.788] "
+            "| +0.011 [-0.004, +0.026] (0.151, 0.453) |") in lines[3]
     assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
 
 

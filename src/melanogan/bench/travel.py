@@ -248,14 +248,19 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     if members == 1:
         travelled = report[0]["thresholds"]["val_youden"]
         row.update({
-            "internal_test_auc": round(internal[0]["roc_auc"], 4), "external_auc": round(report[0]["roc_auc"], 4),
+            "internal_test_auc": round(internal[0]["roc_auc"], 4),
+            # the rule's "internal AUC does not fall by more than its CI" needs the CI beside it
+            "internal_test_auc_ci95": [round(x, 4) for x in internal[0]["roc_auc_ci95"]],
+            "external_auc": round(report[0]["roc_auc"], 4),
             "external_auc_ci95": [round(x, 4) for x in report[0]["roc_auc_ci95"]],
             "validation_threshold": {"sensitivity": travelled["sensitivity"],
                                      "specificity": travelled["specificity"]}})
     else:  # the ensemble's scores are the members' mean logits; its thresholds are not chosen here
         own = _mean_logits([pd.read_csv(Path(r["out"]) / "predictions.csv") for r in internal])
         low, high = M.bootstrap_ci(preds["label"], preds["logit"], preds["group"], n=300)
+        own_ci = M.bootstrap_ci(own["label"], own["logit"], own["group"], n=300)
         row.update({"internal_test_auc": round(M.roc_auc(own["label"], own["logit"]), 4),
+                    "internal_test_auc_ci95": [round(x, 4) for x in own_ci],
                     "external_auc": round(M.roc_auc(preds["label"], preds["logit"]), 4),
                     "external_auc_ci95": [round(low, 4), round(high, 4)], "validation_threshold": None})
     if tta == 1 and members == 1:
@@ -303,7 +308,7 @@ def table(results: dict) -> str:
     def pair(d: dict | None) -> str:
         return "-" if not d else f"{d['sensitivity']:.2f} / {d['specificity']:.2f}"
 
-    lines = ["| held out (report part) | setting | epochs | internal test AUC | external ROC-AUC [95% CI] | "
+    lines = ["| held out (report part) | setting | epochs | internal test AUC [95% CI] | external ROC-AUC [95% CI] | "
              "difference vs defaults [95% CI] (p, Holm) | validation threshold: sens / spec | "
              "site threshold: sens / spec |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["rows"]:
@@ -313,8 +318,11 @@ def table(results: dict) -> str:
         low, high = r["external_auc_ci95"]
         several = len(results.get("train_seeds", [0])) > 1
         setting = f"{r['variant']} (seed {r['train_seed']})" if several else r["variant"]
+        internal = f"{r['internal_test_auc']:.3f}"
+        if r.get("internal_test_auc_ci95"):  # rows of earlier runs have none
+            internal += " [{:.3f}, {:.3f}]".format(*r["internal_test_auc_ci95"])
         lines.append(f"| {NAMES[r['held_out']]} ({r['report_images']:,} images, {r['report_melanoma']} mel) | "
-                     f"{setting} | {r['epochs']} | {r['internal_test_auc']:.3f} | {r['external_auc']:.3f} "
+                     f"{setting} | {r['epochs']} | {internal} | {r['external_auc']:.3f} "
                      f"[{low:.3f}, {high:.3f}] | {diff} | {pair(r.get('validation_threshold'))} | "
                      f"{pair(r.get('site_threshold'))} |")
     if results.get("combined"):

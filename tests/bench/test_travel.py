@@ -58,7 +58,8 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("epochs=0", "1 to 500"), ("epochs=2.5", "epochs"), ("select=pooled", "select"),
                          ("weight_average=swa", "weight_average"), ("patience=off", "join it to one"),
                          ("epochs=30+patience=0", "or off"), ("epochs=30+epochs=20", "epochs twice"),
-                         ("epochs=30+zoom=2", "KEY one of")]:
+                         ("epochs=30+zoom=2", "KEY one of"), ("epochs=30+minutes=16", "two budgets"),
+                         ("ensemble=3+epochs=30", "two budgets")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):

@@ -55,6 +55,11 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
             if key in settings:
                 raise MelanoganError(f"--vary {item!r} sets {key} twice.")
             settings[key] = value
+        # joined settings that would silently override one another are refused: one budget per variant
+        if "epochs" in settings and ("minutes" in settings or "ensemble" in settings):
+            other = "minutes" if "minutes" in settings else "ensemble"
+            raise MelanoganError(f"--vary {item!r}: epochs and {other} are two budgets (an epoch count; the "
+                                 "clock, split between members for an ensemble); join one of them only.")
         if "patience" in settings and "epochs" not in settings:
             # the clock budget has no early stopping to change: patience only means something with epochs
             raise MelanoganError(f"--vary {item!r}: patience applies to an epoch budget; join it to one, "
@@ -217,7 +222,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         prepare([(kind, data / folder)], tmp / f"site-{tag}", options, SplitFractions(0.5, 0.0, 0.5), seed=seed)
         prepared[options.key] = (tmp / f"train-{tag}", tmp / f"site-{tag}", prepare_minutes)
     train_dir, site_dir, prepare_minutes = prepared[options.key]
-    if settings["epochs"]:  # `train`'s own kind of budget: an epoch count, its early stopping, no clock
+    if settings["epochs"]:  # `train`'s own kind of budget: an epoch count, early stopping (off: 0), no clock
         budget = {"epochs": settings["epochs"], "max_minutes": None, "patience": settings["patience"] or 1000}
     else:  # the clock alone ends the run
         budget = {"epochs": 200, "max_minutes": settings["minutes"], "patience": 1000}

@@ -38,6 +38,8 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
 
 # Training levers that are TrainConfig fields as they are (image_size is set for every variant;
 # minutes, epochs and ensemble become the budget and the members).
+# A patience no run reaches: early stopping off (the clock budget, or patience=off with epochs).
+_NEVER_STOP = 1000
 _CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "select", "weight_average")
 
 
@@ -103,9 +105,12 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             if not 1 <= value <= 500:
                 raise ValueError("use 1 to 500 epochs")
         elif key == "patience":  # "off" (0): every epoch runs, so the schedule anneals to the last one
-            value = 0 if raw.lower() == "off" else int(raw)
-            if value < 1 and raw.lower() != "off":
-                raise ValueError("patience is a number of epochs (1 or more) or off")
+            if raw.lower() == "off":
+                value = 0
+            else:
+                value = int(raw)
+                if value < 1:
+                    raise ValueError("patience is a number of epochs (1 or more) or off")
         elif key == "minutes":
             value = float(raw)
             if not value > 0:
@@ -223,9 +228,10 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         prepared[options.key] = (tmp / f"train-{tag}", tmp / f"site-{tag}", prepare_minutes)
     train_dir, site_dir, prepare_minutes = prepared[options.key]
     if settings["epochs"]:  # `train`'s own kind of budget: an epoch count, early stopping (off: 0), no clock
-        budget = {"epochs": settings["epochs"], "max_minutes": None, "patience": settings["patience"] or 1000}
+        budget = {"epochs": settings["epochs"], "max_minutes": None,
+                  "patience": settings["patience"] or _NEVER_STOP}
     else:  # the clock alone ends the run
-        budget = {"epochs": 200, "max_minutes": settings["minutes"], "patience": 1000}
+        budget = {"epochs": 200, "max_minutes": settings["minutes"], "patience": _NEVER_STOP}
     cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"],
                       batch_size=settings["batch_size"], **budget,
                       seed=train_seed, **{k: settings[k] for k in _CONFIG_LEVERS if k in settings})

@@ -475,8 +475,8 @@ def evaluate_gan_cmd(
 def train(
     data_dir: Annotated[Path, typer.Argument(help="A DATA_DIR written by `melanogan prepare`.")],
     out: Annotated[Path, typer.Option("--out", help="RUN_DIR for config, stats.jsonl, best/, last/, curves.png.")],
-    model: Annotated[str, typer.Option(help="original-cnn, small-cnn, efficientnet_b0, resnet18, resnet50, "
-                                       "vit_b_16.")] = "small-cnn",
+    model: Annotated[str, typer.Option(help="original-cnn, small-cnn, small-cnn-ibn (instance-batch "
+                                       "normalisation), efficientnet_b0, resnet18, resnet50, vit_b_16.")] = "small-cnn",
     weights: Annotated[str | None, typer.Option(
         help="imagenet (torchvision's weights; downloaded when online) or a local .pth/.safetensors file. "
              "Default: from scratch.")] = None,
@@ -484,7 +484,9 @@ def train(
     synthetic: Annotated[list[Path] | None, typer.Option(
         help="SYN_DIR from `melanogan generate`, repeatable: added to training only.")] = None,
     loss: Annotated[str, typer.Option(help="bce, weighted (pos_weight = negatives/positives) or focal.")] = "bce",
-    sampler: Annotated[str, typer.Option(help="none or balanced (half melanoma per batch on average).")] = "none",
+    sampler: Annotated[str, typer.Option(
+        help="none, balanced (half melanoma per batch on average) or source (every training source drawn "
+             "equally often).")] = "none",
     augment: Annotated[str, typer.Option(
         help="none, classic (flips, rotations, scale/crop, mild colour jitter) or strong (wider crops, "
              "strong colour/contrast/sharpness changes, blur: for images from other clinics). Default: classic "

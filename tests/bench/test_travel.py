@@ -59,11 +59,14 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("weight_average=swa", "weight_average"), ("patience=off", "join it to one"),
                          ("epochs=30+patience=0", "or off"), ("epochs=30+epochs=20", "epochs twice"),
                          ("epochs=30+zoom=2", "KEY one of"), ("epochs=30+minutes=16", "two budgets"),
-                         ("ensemble=3+epochs=30", "two budgets")]:
+                         ("ensemble=3+epochs=30", "two budgets"), ("model=resnet7", "unknown model"),
+                         ("sampler=sources", "sampler")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
         parse_levers(("tta=8", "tta=8"))
+    assert parse_levers(("model=small-cnn-ibn", "sampler=source")) == [
+        ("model=small-cnn-ibn", {"model": "small-cnn-ibn"}), ("sampler=source", {"sampler": "source"})]
     # settings that belong together form one variant
     assert parse_levers(("epochs=30+patience=off", "epochs=30 + patience=4")) == [
         ("epochs=30+patience=off", {"epochs": 30, "patience": 0}),
@@ -168,6 +171,20 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     partial = json.loads((tmp_path / "t.json").read_text())
     assert not partial["complete"] and [r["held_out"] for r in partial["rows"]] == ["derm7pt", "derm7pt"]
     assert partial["rows"][1]["vs_defaults"]["difference"] > 0
+
+
+def test_model_and_sampler_levers_change_only_their_own_setting(tmp_path, monkeypatch):
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    travel.run(tmp_path, holdout=("derm7pt",), vary=("model=small-cnn-ibn", "sampler=source"), batch_size=16)
+    defaults, ibn, sampler = (c.model_dump() for c in calls["cfg"])
+    assert defaults["model"] == "small-cnn" and defaults["sampler"] == "none"
+    assert {k: v for k, v in ibn.items() if defaults[k] != v} == {"model": "small-cnn-ibn"}
+    assert {k: v for k, v in sampler.items() if defaults[k] != v} == {"sampler": "source"}
+    # another architecture cannot take weights made for --model: refused before any work
+    with pytest.raises(MelanoganError, match="weights belong to --model"):
+        travel.run(tmp_path, holdout=("derm7pt",), weights="imagenet", model="efficientnet_b0",
+                   vary=("model=small-cnn-ibn",))
+    assert len(calls["cfg"]) == 3
 
 
 def test_an_epoch_budget_trains_like_train_and_select_and_ema_change_only_their_own_setting(tmp_path, monkeypatch):

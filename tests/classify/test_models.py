@@ -103,3 +103,45 @@ def test_the_pretrained_recipe_loads_a_local_efficientnet_b0_file(tmp_path):
     assert torch.equal(model.backbone.features[0][0].weight, reference.features[0][0].weight)
     assert torch.equal(model.backbone.features[7][0].block[1][0].weight, reference.features[7][0].block[1][0].weight)
     assert model(torch.zeros(1, 3, 256, 256)).shape == (1,)
+
+
+def test_instance_batch_norm_normalises_half_per_image_and_half_over_the_batch():
+    from melanogan.classify.models import InstanceBatchNorm
+
+    torch.manual_seed(0)
+    ibn = InstanceBatchNorm(4).train()
+    x = torch.randn(3, 4, 5, 5) * torch.tensor([1.0, 3.0, 2.0, 0.5]).view(1, 4, 1, 1) + 7.0
+    y = ibn(x)
+    # instance half (channels 0-1): each image's own map has mean 0 and variance 1 (weight 1, bias 0)
+    assert torch.allclose(y[:, :2].mean(dim=(2, 3)), torch.zeros(3, 2), atol=1e-5)
+    assert torch.allclose(y[:, :2].var(dim=(2, 3), unbiased=False), torch.ones(3, 2), atol=1e-3)
+    # batch half (channels 2-3): mean 0 over the batch, not per image
+    assert torch.allclose(y[:, 2:].mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5)
+    assert not torch.allclose(y[:, 2:].mean(dim=(2, 3)), torch.zeros(3, 2), atol=1e-2)
+    # changing another image changes the batch half of image 0, never its instance half
+    x2 = x.clone()
+    x2[1:] *= 5.0
+    y2 = ibn(x2)
+    assert torch.allclose(y2[0, :2], y[0, :2], atol=1e-5) and not torch.allclose(y2[0, 2:], y[0, 2:], atol=1e-2)
+    # an image's colour/contrast (a per-channel gain and offset) leaves the instance half unchanged
+    assert torch.allclose(ibn(x * 2.5 - 3.0)[:, :2], y[:, :2], atol=1e-4)
+    # the affine parameters act on the instance half: exact on a constant-free constructed map
+    with torch.no_grad():
+        ibn.weight.copy_(torch.tensor([2.0, 1.0]))
+        ibn.bias.copy_(torch.tensor([0.5, -1.0]))
+    z = torch.tensor([[-1.0, 1.0], [1.0, -1.0]]).view(1, 1, 2, 2).repeat(2, 4, 1, 1)  # mean 0, var 1
+    out = ibn.eval()(z)
+    assert torch.allclose(out[0, 0], z[0, 0] * 2.0 + 0.5, atol=1e-4)
+    assert torch.allclose(out[0, 1], z[0, 1] - 1.0, atol=1e-4)
+
+
+def test_small_cnn_ibn_puts_instance_batch_norm_in_stages_two_and_three_only():
+    from melanogan.classify.models import InstanceBatchNorm
+
+    body = create_classifier("small-cnn-ibn").backbone.body
+    ibn = [m for m in body if isinstance(m, InstanceBatchNorm)]
+    assert [m.half * 2 for m in ibn] == [64, 128]  # the first block of the 64- and 128-channel stages
+    plain = create_classifier("small-cnn").backbone.body
+    assert not any(isinstance(m, InstanceBatchNorm) for m in plain)
+    # same parameter count as small-cnn: the instance half's affine replaces the BatchNorm half's
+    assert sum(p.numel() for p in body.parameters()) == sum(p.numel() for p in plain.parameters())

@@ -440,6 +440,51 @@ def test_style_augment_filters_every_training_batch_and_nothing_else(demo_prepar
     assert load_model(tmp_path / "style" / "best")[1].style_augment == "randconv"  # the run records it
 
 
+def test_source_balanced_sampling_draws_every_real_source_equally_and_keeps_the_synthetic_share():
+    import torch
+
+    from melanogan.classify.train import SYNTHETIC_GROUP, source_balanced_indices
+
+    sources = np.array(["ham"] * 900 + ["derm"] * 100 + [SYNTHETIC_GROUP] * 250, dtype=object)
+    drawn = np.array(source_balanced_indices(sources, torch.Generator().manual_seed(5)))
+    assert len(drawn) == len(sources)
+    share = {g: (sources[drawn] == g).mean() for g in ("ham", "derm", SYNTHETIC_GROUP)}
+    # synthetic images keep their 20% of the training set; the 80% left is split evenly between sources
+    assert abs(share[SYNTHETIC_GROUP] - 0.2) < 0.03
+    assert abs(share["ham"] - 0.4) < 0.03 and abs(share["derm"] - 0.4) < 0.03  # uniform would give 0.72 / 0.08
+    # exact weights: the draw is torch.multinomial over them, reproducible from the generator
+    w = np.array([0.8 / (2 * 900)] * 900 + [0.8 / (2 * 100)] * 100 + [1 / 1250] * 250)
+    reference = torch.multinomial(torch.as_tensor(w, dtype=torch.double), len(w), replacement=True,
+                                  generator=torch.Generator().manual_seed(5)).tolist()
+    assert drawn.tolist() == reference
+    shares = [source_balanced_indices(sources, torch.Generator().manual_seed(5), r, 2) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(drawn.tolist())
+
+
+def test_the_source_sampler_reaches_the_training_loop_with_each_rows_source(demo_raw, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+
+    seen = []
+    real = train_module.source_balanced_indices
+
+    def spy(sources, *args, **kwargs):
+        seen.append(np.asarray(sources))
+        return real(sources, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "source_balanced_indices", spy)
+    data = tmp_path / "data"
+    prepare([("siim-isic-2020", demo_raw)], data, CacheOptions(size=32), seed=0)
+    manifest = pd.read_parquet(data / "manifest.parquet")
+    # the demo data is one source: its rows are given two sources, as two `--source` options would
+    manifest["source"] = np.where(np.arange(len(manifest)) % 3 == 0, "clinic-a", "clinic-b")
+    write_parquet(data / "manifest.parquet", manifest)
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "sampler": "source"})
+    train_classifier(data, tmp_path / "run", cfg, progress=False)
+    train_rows = manifest[manifest["split"] == "train"]
+    train_rows = train_rows[train_rows["label"].isin([0, 1])]
+    assert len(seen) == 1 and sorted(seen[0].tolist()) == sorted(train_rows["source"].tolist())
+
+
 def test_mixstyle_and_lab_colour_reach_the_training_loop(demo_prepared, tmp_path, monkeypatch):
     import melanogan.classify.train as train_module
     from melanogan.classify.mixstyle import MixStyle

@@ -31,7 +31,7 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
-          "style_augment": "train", "diagnosis_weight": "train",
+          "style_augment": "train", "diagnosis_weight": "train", "sampler": "train", "model": "train",
           "select": "train", "weight_average": "train",
           "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train", "tta": "evaluate"}
 
@@ -40,7 +40,8 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
 # minutes, epochs and ensemble become the budget and the members).
 # A patience no run reaches: early stopping off (the clock budget, or patience=off with epochs).
 _NEVER_STOP = 1000
-_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "select", "weight_average")
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "sampler", "select",
+                  "weight_average")
 
 
 def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
@@ -111,6 +112,12 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
                 value = int(raw)
                 if value < 1:
                     raise ValueError("patience is a number of epochs (1 or more) or off")
+        elif key == "model":  # another registered architecture, from scratch (weights belong to --model)
+            from melanogan.classify.models import list_classifiers
+
+            if raw not in list_classifiers():
+                raise ValueError(f"unknown model {raw!r}; registered: {', '.join(list_classifiers())}")
+            value = raw
         elif key == "minutes":
             value = float(raw)
             if not value > 0:
@@ -147,6 +154,9 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     if unknown or not holdout or len(set(holdout)) != len(holdout):
         raise MelanoganError(f"--holdout {','.join(holdout) or '(none)'}: name each of {', '.join(SOURCES)} at most "
                              "once, at least one.")
+    if weights and any("model" in settings for _, settings in levers):
+        raise MelanoganError(f"--vary model=... with --weights {weights}: the weights belong to --model {model}; "
+                             "compare architectures from scratch (no --weights), or run the bench once per model.")
     if not 1 <= repeats <= 10:
         raise MelanoganError(f"--repeats {repeats}: use 1 to 10 (each repeat trains every variant again).")
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
@@ -232,7 +242,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
                   "patience": settings["patience"] or _NEVER_STOP}
     else:  # the clock alone ends the run
         budget = {"epochs": 200, "max_minutes": settings["minutes"], "patience": _NEVER_STOP}
-    cfg = TrainConfig(model=model, weights=weights, image_size=settings["image_size"],
+    cfg = TrainConfig(model=settings.get("model", model), weights=weights, image_size=settings["image_size"],
                       batch_size=settings["batch_size"], **budget,
                       seed=train_seed, **{k: settings[k] for k in _CONFIG_LEVERS if k in settings})
     members = settings["ensemble"]

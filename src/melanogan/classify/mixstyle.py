@@ -41,7 +41,7 @@ def style_layers(name: str, model: nn.Module) -> list[nn.Module]:
     """The modules after which MixStyle mixes, per registered architecture: the early stages, never
     the last (its statistics carry the class more than the style)."""
     backbone = model.backbone
-    if name == "small-cnn":  # the pools closing stages 1-3 of 4
+    if name in ("small-cnn", "small-cnn-ibn"):  # the pools closing stages 1-3 of 4
         return [m for m in backbone.body if isinstance(m, nn.MaxPool2d)][:3]
     if name == "original-cnn":  # after the first two of three conv blocks
         return [m for m in backbone.convs if isinstance(m, nn.MaxPool2d)][:2]

@@ -61,7 +61,11 @@ class TrainConfig(BaseModel):
     loss: Literal["bce", "weighted", "focal"] = "bce"
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
-    sampler: Literal["none", "balanced"] = "none"
+    # "balanced": half melanoma per batch on average (an imbalance strategy of the study); "source":
+    # every training source drawn equally often (synthetic images keep their share), DomainBed's
+    # per-domain balanced batches, so that the largest source does not set what the model learns.
+    # none: under leave-one-source-out "source" is measured as a lever (README, "Models that travel").
+    sampler: Literal["none", "balanced", "source"] = "none"
     # classic by default: the recommended setting (README, "Models that travel").
     augment: Literal["none", "classic", "strong"] = "classic"
     # Augmentation of whole uint8 batches in the training process (BatchAugment, every preset) instead
@@ -357,6 +361,38 @@ def balanced_indices(labels: np.ndarray, generator: torch.Generator, rank: int =
     return drawn[rank::world_size].tolist()
 
 
+# The group of synthetic training images in a source-balanced draw (never a real source's name).
+SYNTHETIC_GROUP = "\0synthetic"
+
+
+def training_sources(train_set: ConcatDataset) -> np.ndarray:
+    """Each training item's source, in the order of `build_datasets`' parts: the real training split's
+    manifest `source` (a missing one counts as one unnamed source), then every synthetic set as
+    SYNTHETIC_GROUP."""
+    real, *synthetic = train_set.datasets
+    rows = real.dataset.rows
+    names = rows["source"].fillna("").astype(str).to_numpy() if "source" in rows else np.full(len(rows), "")
+    return np.concatenate([names.astype(object)] + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in synthetic])
+
+
+def source_balanced_indices(sources: np.ndarray, generator: torch.Generator, rank: int = 0,
+                            world_size: int = 1, synthetic: str = SYNTHETIC_GROUP) -> list[int]:
+    """One epoch of indices drawn with replacement so that every real training source is drawn equally
+    often on average, however many images each holds; synthetic images (group `synthetic`) keep their
+    share of the training set, so that balancing sources does not also change how much synthetic data
+    the model sees. One source only: a uniform draw. Under DDP every rank takes its share of one draw."""
+    sources = np.asarray(sources).astype(str)
+    is_syn = sources == synthetic
+    real_share = 1.0 - is_syn.mean()
+    names, counts = np.unique(sources[~is_syn], return_counts=True)
+    per_image = dict(zip(names, real_share / (len(names) * counts), strict=True))
+    per_image[synthetic] = 1.0 / len(sources)  # each synthetic image as likely as under a uniform draw
+    w = np.array([per_image[g] for g in sources])
+    drawn = torch.multinomial(torch.as_tensor(w, dtype=torch.double), len(sources), replacement=True,
+                              generator=generator)
+    return drawn[rank::world_size].tolist()
+
+
 def _lr_at(progress: float, cfg: TrainConfig) -> float:
     """Linear warm-up over the first `warmup_fraction` of training, then cosine decay to zero;
     `progress` is the fraction of the training budget used (0..1)."""
@@ -567,6 +603,7 @@ class _EpochRunner:
         self.mixstyle = MixStyle(cfg.model, self.raw) if cfg.style_augment == "mixstyle" else None
         self.val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
         self.val_sources = val_sources(val_set, cfg)
+        self.sources = training_sources(train_set) if cfg.sampler == "source" else None
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         self.t_start = time.perf_counter() - state.seconds
@@ -581,8 +618,10 @@ class _EpochRunner:
         cfg, fabric = self.cfg, self.fabric
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation randomness of this epoch
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        if cfg.sampler == "balanced":
-            sampler = balanced_indices(self.labels, gen, fabric.global_rank, fabric.world_size)
+        if cfg.sampler != "none":
+            sampler = balanced_indices(self.labels, gen, fabric.global_rank, fabric.world_size) \
+                if cfg.sampler == "balanced" else \
+                source_balanced_indices(self.sources, gen, fabric.global_rank, fabric.world_size)
             loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=loader_workers(cfg), generator=gen)
         else:

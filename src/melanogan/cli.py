@@ -811,7 +811,8 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
-        "color_augment, style_augment, diagnosis_weight, select, weight_average, minutes, epochs (an epoch count "
+        "color_augment, style_augment, diagnosis_weight, sampler, model (another architecture, from scratch), "
+        "select, weight_average, minutes, epochs (an epoch count "
         "with train's early stopping instead of the clock), patience (with epochs: N or off), ensemble (N runs "
         "sharing the budget) or tta; settings that belong together are joined by + (epochs=30+patience=off). "
         "Each variant is compared with the defaults by a paired bootstrap on the same report images, "

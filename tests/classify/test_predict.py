@@ -186,3 +186,24 @@ def test_evaluate_and_predict_with_tta_average_flipped_logits_and_choose_thresho
     assert flipped["logit"].iat[0] != plain["logit"].iat[0]
     with pytest.raises(MelanoganError, match=r"--site .* --tta 2"):
         predict(trained, [image], None, site="anywhere", tta=2)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_instance_batch_norm_model_exports_and_matches_pytorch(demo_prepared, tmp_path, fmt):
+    """small-cnn-ibn's per-image statistics (var_mean in float32) survive both exporters."""
+    import onnxruntime as ort
+
+    from melanogan.classify.export import export_model
+
+    cfg = TrainConfig(model="small-cnn-ibn", image_size=32, epochs=1, batch_size=8, workers=0)
+    train_classifier(demo_prepared, tmp_path / "run", cfg, progress=False)
+    meta = export_model(tmp_path / "run", fmt, tmp_path / f"model.{fmt}")
+    model, _, _ = load_model(tmp_path / "run" / "best")
+    batch = np.random.default_rng(1).normal(size=(4, 3, 32, 32)).astype(np.float32) * 3 + 1
+    with torch.no_grad():
+        reference = model.float().eval()(torch.from_numpy(batch)).numpy()
+    if fmt == "onnx":
+        exported = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"image": batch})[0]
+    else:
+        exported = torch.jit.load(str(tmp_path / "model.torchscript")).eval()(torch.from_numpy(batch)).detach().numpy()
+    assert np.abs(exported - reference).max() <= 1e-4 and meta["max_abs_difference_vs_pytorch"] <= 1e-4

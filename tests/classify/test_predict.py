@@ -111,11 +111,23 @@ def test_loading_is_safe(trained, tmp_path):
     assert not marker.exists()  # the payload never ran
 
 
+def _pytorch_and_exported(run_dir, exported_file, fmt: str, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The run's best model in PyTorch and the exported file run by its own runtime, on one batch."""
+    model, _, _ = load_model(run_dir / "best")
+    with torch.no_grad():
+        reference = model.float().eval()(torch.from_numpy(batch)).numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        exported = ort.InferenceSession(str(exported_file)).run(None, {"image": batch})[0]
+    else:
+        exported = torch.jit.load(str(exported_file)).eval()(torch.from_numpy(batch)).detach().numpy()
+    return reference, exported
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_matches_pytorch(trained, tmp_path, fmt):
     import json
-
-    import torch
 
     from melanogan.classify.export import export_model
     from melanogan.classify.predict import run_thresholds
@@ -126,16 +138,8 @@ def test_export_matches_pytorch(trained, tmp_path, fmt):
     assert saved["thresholds"] == pytest.approx(run_thresholds(trained))  # this checkpoint's thresholds
     # The exported file itself, run by its own runtime, against PyTorch on a batch of 5 real-looking inputs
     # (5: the export traced a batch of 2, so this also checks the dynamic batch size).
-    model, _, _ = load_model(trained / "best")
     batch = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
-    with torch.no_grad():
-        reference = model.float().eval()(torch.from_numpy(batch)).numpy()
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        exported = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"image": batch})[0]
-    else:
-        exported = torch.jit.load(str(tmp_path / "model.torchscript")).eval()(torch.from_numpy(batch)).detach().numpy()
+    reference, exported = _pytorch_and_exported(trained, tmp_path / f"model.{fmt}", fmt, batch)
     assert exported.shape == reference.shape == (5,)
     assert np.abs(exported - reference).max() <= 1e-4
     assert meta["max_abs_difference_vs_pytorch"] <= 1e-4
@@ -191,19 +195,11 @@ def test_evaluate_and_predict_with_tta_average_flipped_logits_and_choose_thresho
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_an_instance_batch_norm_model_exports_and_matches_pytorch(demo_prepared, tmp_path, fmt):
     """small-cnn-ibn's per-image statistics (var_mean in float32) survive both exporters."""
-    import onnxruntime as ort
-
     from melanogan.classify.export import export_model
 
     cfg = TrainConfig(model="small-cnn-ibn", image_size=32, epochs=1, batch_size=8, workers=0)
     train_classifier(demo_prepared, tmp_path / "run", cfg, progress=False)
     meta = export_model(tmp_path / "run", fmt, tmp_path / f"model.{fmt}")
-    model, _, _ = load_model(tmp_path / "run" / "best")
     batch = np.random.default_rng(1).normal(size=(4, 3, 32, 32)).astype(np.float32) * 3 + 1
-    with torch.no_grad():
-        reference = model.float().eval()(torch.from_numpy(batch)).numpy()
-    if fmt == "onnx":
-        exported = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"image": batch})[0]
-    else:
-        exported = torch.jit.load(str(tmp_path / "model.torchscript")).eval()(torch.from_numpy(batch)).detach().numpy()
+    reference, exported = _pytorch_and_exported(tmp_path / "run", tmp_path / f"model.{fmt}", fmt, batch)
     assert np.abs(exported - reference).max() <= 1e-4 and meta["max_abs_difference_vs_pytorch"] <= 1e-4

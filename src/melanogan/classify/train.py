@@ -217,11 +217,18 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata) for p in parts]), val, labels
 
 
+def row_sources(rows: pd.DataFrame) -> np.ndarray:
+    """Each manifest row's `source` as a string; a missing one (or no column) counts as one unnamed source."""
+    if "source" not in rows:
+        return np.full(len(rows), "", dtype=object)
+    return rows["source"].fillna("").astype(str).to_numpy(dtype=object)
+
+
 def val_sources(val_set, cfg: TrainConfig) -> np.ndarray:
     """Each validation image's source (manifest `source`), for per-source AUCs; refuses
     select='worst_source_auc' when no source's validation images hold both classes."""
     rows = val_set.rows
-    sources = (rows["source"].fillna("").astype(str) if "source" in rows else pd.Series([""] * len(rows))).to_numpy()
+    sources = row_sources(rows)
     if cfg.select == "worst_source_auc" and not roc_auc_by_group(val_set.labels, np.zeros(len(rows)), sources):
         counts = pd.crosstab(sources, np.asarray(val_set.labels)).to_dict("index")
         raise MelanoganError(f"select 'worst_source_auc' needs a training source whose validation images hold both "
@@ -368,26 +375,24 @@ SYNTHETIC_GROUP = "\0synthetic"
 
 def training_sources(train_set: ConcatDataset) -> np.ndarray:
     """Each training item's source, in the order of `build_datasets`' parts: the real training split's
-    manifest `source` (a missing one counts as one unnamed source), then every synthetic set as
-    SYNTHETIC_GROUP."""
+    manifest `source` (`row_sources`), then every synthetic set as SYNTHETIC_GROUP."""
     real, *synthetic = train_set.datasets
-    rows = real.dataset.rows
-    names = rows["source"].fillna("").astype(str).to_numpy() if "source" in rows else np.full(len(rows), "")
-    return np.concatenate([names.astype(object)] + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in synthetic])
+    return np.concatenate([row_sources(real.dataset.rows)]
+                          + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in synthetic])
 
 
 def source_balanced_indices(sources: np.ndarray, generator: torch.Generator, rank: int = 0,
-                            world_size: int = 1, synthetic: str = SYNTHETIC_GROUP) -> list[int]:
+                            world_size: int = 1) -> list[int]:
     """One epoch of indices drawn with replacement so that every real training source is drawn equally
-    often on average, however many images each holds; synthetic images (group `synthetic`) keep their
+    often on average, however many images each holds; synthetic images (SYNTHETIC_GROUP) keep their
     share of the training set, so that balancing sources does not also change how much synthetic data
     the model sees. One source only: a uniform draw. Under DDP every rank takes its share of one draw."""
     sources = np.asarray(sources).astype(str)
-    is_syn = sources == synthetic
+    is_syn = sources == SYNTHETIC_GROUP
     real_share = 1.0 - is_syn.mean()
     names, counts = np.unique(sources[~is_syn], return_counts=True)
     per_image = dict(zip(names, real_share / (len(names) * counts), strict=True))
-    per_image[synthetic] = 1.0 / len(sources)  # each synthetic image as likely as under a uniform draw
+    per_image[SYNTHETIC_GROUP] = 1.0 / len(sources)  # each synthetic image as likely as under a uniform draw
     w = np.array([per_image[g] for g in sources])
     drawn = torch.multinomial(torch.as_tensor(w, dtype=torch.double), len(sources), replacement=True,
                               generator=generator)
@@ -620,9 +625,10 @@ class _EpochRunner:
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation randomness of this epoch
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         if cfg.sampler != "none":
-            sampler = balanced_indices(self.labels, gen, fabric.global_rank, fabric.world_size) \
-                if cfg.sampler == "balanced" else \
-                source_balanced_indices(self.sources, gen, fabric.global_rank, fabric.world_size)
+            if cfg.sampler == "balanced":
+                sampler = balanced_indices(self.labels, gen, fabric.global_rank, fabric.world_size)
+            else:
+                sampler = source_balanced_indices(self.sources, gen, fabric.global_rank, fabric.world_size)
             loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=loader_workers(cfg), generator=gen)
         else:

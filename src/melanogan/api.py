@@ -257,12 +257,13 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
 
 
 def calibrate(run_dir: str | Path, data: str | Path, site: str, split: str = "all", folds: int = 5,
-              log: Callable[[str], None] | None = print) -> Calibration:
+              log: Callable[[str], None] | None = print, adapt_batchnorm: bool = False) -> Calibration:
     """An operating point for a new site, chosen on a labelled sample of its cases (RUN_DIR/sites/SITE/);
-    use it with `site=` in predict, explain and export."""
+    use it with `site=` in predict, explain and export. `adapt_batchnorm`: first adapt the model's
+    batch-normalisation statistics to the sample's images (AdaBN), stored with the site."""
     from melanogan.classify.calibrate import calibrate_site
 
-    result = calibrate_site(Path(run_dir), Path(data), site, split, folds, log=log)
+    result = calibrate_site(Path(run_dir), Path(data), site, split, folds, log=log, adapt_batchnorm=adapt_batchnorm)
     return Calibration(Path(run_dir) / "sites" / site, result)
 
 

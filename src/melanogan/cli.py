@@ -426,6 +426,10 @@ def calibrate(
     split: Annotated[str, typer.Option(help="Which of the site's images: all (default), train, val or test.")] =
         "all",
     folds: Annotated[int, typer.Option(help="Folds for the cross-fitted estimate of what the thresholds give.")] = 5,
+    adapt_batchnorm: Annotated[bool, typer.Option(
+        help="First replace the model's batch-normalisation statistics by those of the site's images (AdaBN; "
+             "labels not used; at least 32 images), stored with the site: --site NAME then scores with them.")] =
+        False,
 ) -> None:
     """An operating point for a new site: temperature and thresholds (Youden, 95% sensitivity) chosen
     on a labelled sample of its own cases, with the sensitivity/specificity they should give there
@@ -433,7 +437,10 @@ def calibrate(
     predict, explain, serve and export."""
     from melanogan import api
 
-    r = api.calibrate(run_dir, data, site, split=split, folds=folds, log=lambda m: console.print(f"note: {m}")).result
+    r = api.calibrate(run_dir, data, site, split=split, folds=folds, adapt_batchnorm=adapt_batchnorm,
+                      log=lambda m: console.print(f"note: {m}")).result
+    if r["batchnorm"]:
+        console.print(f"batch normalisation adapted to {r['batchnorm']['adapted_on_images']} images of site {site}")
     console.print(f"site {site}: {r['n_images']} images ({r['n_melanoma']} melanoma), ROC-AUC {r['roc_auc']:.3f} "
                   f"[{r['roc_auc_ci95'][0]:.3f}, {r['roc_auc_ci95'][1]:.3f}], temperature {r['temperature']:.2f}")
     for name, t in r["thresholds"].items():
@@ -814,7 +821,8 @@ def bench_travel(
         "color_augment, style_augment, diagnosis_weight, sampler, model (another architecture, from scratch), "
         "select, weight_average, minutes, epochs (an epoch count "
         "with train's early stopping instead of the clock), patience (with epochs: N or off), ensemble (N runs "
-        "sharing the budget) or tta; settings that belong together are joined by + (epochs=30+patience=off). "
+        "sharing the budget), tta, or adapt=batchnorm (the defaults' model adapted to the site's choose part, "
+        "as calibrate --adapt-batchnorm); settings that belong together are joined by + (epochs=30+patience=off). "
         "Each variant is compared with the defaults by a paired bootstrap on the same report images, "
         "Holm-adjusted."))] = None,
     repeats: Annotated[int, typer.Option(help=(

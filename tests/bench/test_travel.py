@@ -60,7 +60,9 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("epochs=30+patience=0", "or off"), ("epochs=30+epochs=20", "epochs twice"),
                          ("epochs=30+zoom=2", "KEY one of"), ("epochs=30+minutes=16", "two budgets"),
                          ("ensemble=3+epochs=30", "two budgets"), ("model=resnet7", "unknown model"),
-                         ("sampler=sources", "sampler")]:
+                         ("sampler=sources", "sampler"), ("adapt=bn", "none or batchnorm"),
+                         ("adapt=batchnorm+tta=8", "neither tta nor ensemble"),
+                         ("ensemble=2+adapt=batchnorm", "neither tta nor ensemble")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
@@ -205,6 +207,47 @@ def test_an_epoch_budget_trains_like_train_and_select_and_ema_change_only_their_
     assert {k: v for k, v in no_stop.items() if defaults[k] != v} == {"max_minutes": None, "epochs": 30}
     assert no_stop["patience"] >= 30
     assert {k: v for k, v in short.items() if defaults[k] != v} == {"max_minutes": None, "epochs": 12, "patience": 3}
+
+
+def test_the_adapt_lever_adapts_the_defaults_model_on_the_choose_part_and_reports_on_the_other(tmp_path,
+                                                                                              monkeypatch):
+    import melanogan.classify.calibrate as cal
+    from melanogan.classify import metrics as M
+
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    adapted = []
+
+    def fake_calibrate(run_dir, data_dir, name, split="all", adapt_batchnorm=False):
+        calls["calibrate"].append((Path(run_dir).name, Path(data_dir).name, name, split, adapt_batchnorm))
+        return {"n_images": 30, "temperature": 2.0, "thresholds": {"val-youden": 0.6}}
+
+    logits = np.random.default_rng(9).normal(size=N_REPORT) + 3.0 * LABEL  # better separated than the defaults
+
+    def fake_report(run_dir, site_dir, name):
+        adapted.append((Path(run_dir).name, Path(site_dir).name, name))
+        preds = pd.DataFrame({"uid": [f"u{i}" for i in range(N_REPORT)], "label": LABEL,
+                              "group": [f"g{i}" for i in range(N_REPORT)], "logit": logits})
+        return {"roc_auc": roc_auc_score(LABEL, logits), "roc_auc_ci95": [0.8, 1.0], "n_images": N_REPORT,
+                "n_melanoma": 20, "excluded_overlap": 0}, preds
+
+    monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
+    monkeypatch.setattr(travel, "_adapted_report", fake_report)
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("adapt=batchnorm",), batch_size=16)
+    assert len(calls["train"]) == 1  # the lever trains nothing: it adapts the defaults' model
+    run_dir = calls["evaluate"][0][0]
+    site = "site-derm7pt-" + calls["prepare"][1][0].removeprefix("site-derm7pt-")
+    # adapted on the choose part (split "train"), never on the report part it is scored on
+    assert calls["calibrate"] == [(run_dir, site, "choose", "train", False),
+                                  (run_dir, site, travel.ADAPTED_SITE, "train", True)]
+    assert adapted == [(run_dir, site, travel.ADAPTED_SITE)]
+    assert len(calls["evaluate"]) == 3  # defaults: internal + report; the lever: internal only
+    row = {r["variant"]: r for r in result["rows"]}["adapt=batchnorm"]
+    assert row["validation_threshold"] is None  # the unadapted model's threshold is not the adapted one's
+    expected = M.confusion_at(LABEL, M.sigmoid(logits / 2.0), 0.6)  # the adapted calibration's threshold
+    assert row["site_threshold"]["sensitivity"] == expected["sensitivity"]
+    assert row["site_threshold"]["specificity"] == expected["specificity"]
+    assert row["external_auc"] == pytest.approx(roc_auc_score(LABEL, logits), abs=1e-4)
+    assert row["vs_defaults"]["difference"] > 0 and row["epochs"] == 3
 
 
 def test_the_table_shows_each_row_with_its_paired_difference():

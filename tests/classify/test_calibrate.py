@@ -4,6 +4,7 @@ calibration used by predict and export (and refused for another checkpoint)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -101,3 +102,72 @@ def test_sample_size_curve_narrows_with_more_local_cases():
     spread = [r["sensitivity_2.5_97.5"][1] - r["sensitivity_2.5_97.5"][0] for r in rows]
     assert spread[1] < spread[0] and large["reported_ci_width_sensitivity"] < small["reported_ci_width_sensitivity"]
     assert 0.5 < large["sensitivity_median"] < 0.95 and 0.5 < large["specificity_median"] < 0.95
+
+
+def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_export(demo_raw, tmp_path):
+    import torch
+    from PIL import Image
+
+    from melanogan.classify.adapt import adapt_batchnorm, batchnorm_statistics, dataset_batches, even_batch_size
+    from melanogan.classify.evaluate import predict_split, run_cache_options, split_dataset
+    from melanogan.classify.export import export_model
+    from melanogan.classify.predict import Predictor, predict
+    from melanogan.classify.train import load_model
+    from melanogan.data.demo import render_phantom
+    from melanogan.data.manifest import cache_for
+
+    prepare([("siim-isic-2020", demo_raw)], tmp_path / "own", CacheOptions(size=32), seed=0)
+    cfg = TrainConfig(model="small-cnn", image_size=32, epochs=2, batch_size=8, workers=0)
+    train_classifier(tmp_path / "own", tmp_path / "run", cfg, progress=False)
+    rng = np.random.default_rng(5)
+    for k in range(40):  # the new site: much darker images, a quarter melanoma
+        cls = "melanoma" if k % 4 == 0 else "nevus"
+        (tmp_path / "site" / cls).mkdir(parents=True, exist_ok=True)
+        img = (render_phantom(rng, cls == "melanoma", 96, 80) * 0.4).astype(np.uint8)
+        Image.fromarray(img).save(tmp_path / "site" / cls / f"{k}.jpg")
+    prepare([("folder", tmp_path / "site")], tmp_path / "sitedata", CacheOptions(size=48), seed=0)
+    run, data = tmp_path / "run", tmp_path / "sitedata"
+    r = calibrate_site(run, data, "dark", adapt_batchnorm=True)
+    assert r["excluded_overlap"] == 0 and r["batchnorm"]["adapted_on_images"] == r["n_images"] == 40
+
+    # the same adaptation by hand, on the same images with the run's preprocessing
+    model, cfg, _ = load_model(run / "best")
+    cache = cache_for(data, run_cache_options(run))
+    ds, meta = split_dataset(cfg, data, ["all"], set(), cache)
+    adapt_batchnorm(model, dataset_batches(ds, meta, torch.device("cpu"), even_batch_size(len(ds))))
+    sample = predict_split(model, cfg, data, ["all"], cache=cache)  # temperature and thresholds are of these
+    assert r["roc_auc"] == pytest.approx(M.roc_auc(sample["label"], sample["logit"]))
+    assert r["temperature"] == pytest.approx(M.fit_temperature(sample["logit"], sample["label"]))
+
+    at_site, plain = Predictor(run, site="dark"), Predictor(run)
+    stats = batchnorm_statistics(model)
+    assert all(torch.equal(batchnorm_statistics(at_site.model)[k], stats[k]) for k in stats)
+    files = sorted((tmp_path / "site" / "nevus").glob("*.jpg"))[:4]
+    x = torch.stack([at_site.preprocess_file(f)[1] for f in files])
+    with torch.no_grad():
+        by_hand = model(x).numpy()
+    assert np.allclose(at_site.logits(x), by_hand, atol=1e-5)
+    assert np.abs(plain.logits(x) - by_hand).max() > 1e-3  # adapting changed the scores
+    scored = predict(run, files, site="dark")
+    assert np.allclose(scored["logit"], by_hand, atol=1e-4)
+
+    meta_out = export_model(run, "torchscript", tmp_path / "m.pt", site="dark")
+    assert meta_out["batchnorm"] == "adapted to site dark on 40 images"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # jit.load is deprecated; the export's format still
+        exported = torch.jit.load(str(tmp_path / "m.pt"))(x).detach().numpy()
+    assert np.allclose(exported, by_hand, atol=1e-4)
+    assert export_model(run, "torchscript", tmp_path / "p.pt")["batchnorm"] == "as trained"
+
+    bn_file = site_file(run, "dark").parent / "batchnorm.safetensors"
+    original = bn_file.read_bytes()
+    bn_file.write_bytes(original[:-4] + b"\0\0\0\0")  # not the file calibrated with
+    with pytest.raises(MelanoganError, match="not the file site 'dark' was calibrated with"):
+        predict(run, files, site="dark")
+    calibrate_site(run, data, "dark")  # again without adapting: no stale statistics are left to load
+    assert not bn_file.exists()
+    assert np.allclose(Predictor(run, site="dark").logits(x), plain.logits(x))
+    with pytest.raises(MelanoganError, match="at least 32 images"):
+        m = pd.read_parquet(data / "manifest.parquet")
+        m.head(20).to_parquet(data / "manifest.parquet")
+        calibrate_site(run, data, "few", adapt_batchnorm=True)

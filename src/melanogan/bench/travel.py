@@ -33,7 +33,11 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "diagnosis_weight": "train", "sampler": "train", "model": "train",
           "select": "train", "weight_average": "train",
-          "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train", "tta": "evaluate"}
+          "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train", "tta": "evaluate",
+          "adapt": "evaluate"}
+# The site name under which the `adapt` lever's calibration (with its batch-normalisation statistics)
+# is stored beside the run, apart from the plain "choose" calibration of the site threshold.
+ADAPTED_SITE = "choose-batchnorm"
 
 
 # Training levers that are TrainConfig fields as they are (image_size is set for every variant;
@@ -63,6 +67,10 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
             other = "minutes" if "minutes" in settings else "ensemble"
             raise MelanoganError(f"--vary {item!r}: epochs and {other} are two budgets (an epoch count; the "
                                  "clock, split between members for an ensemble); join one of them only.")
+        if settings.get("adapt", "none") != "none" and (settings.get("tta", 1) > 1 or settings.get("ensemble", 1) > 1):
+            # the adapted statistics belong to one model's single views (as `predict --site` refuses TTA)
+            raise MelanoganError(f"--vary {item!r}: adapt applies to one model scored without TTA; join it to "
+                                 "neither tta nor ensemble.")
         if "patience" in settings and "epochs" not in settings:
             # the clock budget has no early stopping to change: patience only means something with epochs
             raise MelanoganError(f"--vary {item!r}: patience applies to an epoch budget; join it to one, "
@@ -97,6 +105,10 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             value = str(CacheOptions(resize_mode=raw).resize_mode)
         elif key == "tta":
             value = check_tta(int(raw))
+        elif key == "adapt":  # batchnorm: AdaBN on the choose part's images (calibrate --adapt-batchnorm)
+            if raw not in ("none", "batchnorm"):
+                raise ValueError(f"{raw!r}: use none or batchnorm")
+            value = raw
         elif key == "ensemble":
             value = int(raw)
             if not 2 <= value <= 16:
@@ -164,7 +176,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
     # patience: `train`'s early stopping, used only with an epoch budget (the clock has none)
     defaults = {"minutes": minutes, "epochs": None, "patience": TrainConfig().patience, "image_size": image_size,
-                "tta": 1, "batch_size": batch_size, "ensemble": 1}
+                "tta": 1, "adapt": "none", "batch_size": batch_size, "ensemble": 1}
     variants = [("defaults", defaults)] + [(name, {**defaults, **settings}) for name, settings in levers]
     train_seeds = [seed + 1000 * r for r in range(repeats)]
     rows, combined = [], []
@@ -252,12 +264,17 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     else:
         cfgs = [cfg]
     runs = [_train(train_dir, tmp, held, options.key, c, accelerator, trained) for c in cfgs]
-    tta = settings["tta"]
+    tta, adapted = settings["tta"], settings["adapt"] == "batchnorm"
     internal = [evaluate_run(r["run_dir"], bootstrap=300, tta=tta, out=tmp / f"eval-{held}-{time.monotonic_ns()}")
                 for r in runs]
-    report = [evaluate_run(r["run_dir"], data_dir=site_dir, split="test", bootstrap=300, tta=tta,
-                           out=tmp / f"eval-{held}-{time.monotonic_ns()}") for r in runs]
-    preds = _mean_logits([pd.read_csv(Path(r["out"]) / "predictions.csv") for r in report])
+    if adapted:  # the run's batch normalisation adapted to the choose part's images (no labels), then reported
+        site = calibrate_site(runs[0]["run_dir"], site_dir, ADAPTED_SITE, split="train", adapt_batchnorm=True)
+        adapted_report, preds = _adapted_report(runs[0]["run_dir"], site_dir, ADAPTED_SITE)
+        report = [adapted_report]
+    else:
+        report = [evaluate_run(r["run_dir"], data_dir=site_dir, split="test", bootstrap=300, tta=tta,
+                               out=tmp / f"eval-{held}-{time.monotonic_ns()}") for r in runs]
+        preds = _mean_logits([pd.read_csv(Path(r["out"]) / "predictions.csv") for r in report])
     row = {
         "held_out": held, "trained_on": [n for n in SOURCES if n != held], "members": members,
         "epochs": sum(r["epochs"] for r in runs), "train_minutes": round(sum(r["minutes"] for r in runs), 1),
@@ -267,15 +284,16 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         "excluded_overlap": report[0]["excluded_overlap"],
     }
     if members == 1:
-        travelled = report[0]["thresholds"]["val_youden"]
+        # an adapted model's validation threshold would be the unadapted model's: none is reported
+        travelled = report[0]["thresholds"]["val_youden"] if not adapted else None
         row.update({
             "internal_test_auc": round(internal[0]["roc_auc"], 4),
             # the rule's "internal AUC does not fall by more than its CI" needs the CI beside it
             "internal_test_auc_ci95": [round(x, 4) for x in internal[0]["roc_auc_ci95"]],
             "external_auc": round(report[0]["roc_auc"], 4),
             "external_auc_ci95": [round(x, 4) for x in report[0]["roc_auc_ci95"]],
-            "validation_threshold": {"sensitivity": travelled["sensitivity"],
-                                     "specificity": travelled["specificity"]}})
+            "validation_threshold": travelled and {"sensitivity": travelled["sensitivity"],
+                                                   "specificity": travelled["specificity"]}})
     else:  # the ensemble's scores are the members' mean logits; its thresholds are not chosen here
         own = _mean_logits([pd.read_csv(Path(r["out"]) / "predictions.csv") for r in internal])
         low, high = M.bootstrap_ci(preds["label"], preds["logit"], preds["group"], n=300)
@@ -285,7 +303,8 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
                     "external_auc": round(M.roc_auc(preds["label"], preds["logit"]), 4),
                     "external_auc_ci95": [round(low, 4), round(high, 4)], "validation_threshold": None})
     if tta == 1 and members == 1:
-        site = calibrate_site(runs[0]["run_dir"], site_dir, "choose", split="train")
+        if not adapted:  # (the adapted model's calibration was made above, on the same choose part)
+            site = calibrate_site(runs[0]["run_dir"], site_dir, "choose", split="train")
         y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy() / site["temperature"])
         at_site = M.confusion_at(y, p, site["thresholds"]["val-youden"])
         row["site_threshold"] = {"chosen_on_images": site["n_images"], "sensitivity": at_site["sensitivity"],
@@ -293,6 +312,26 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     else:  # calibrate scores one model's single views; its threshold would not fit averaged logits
         row["site_threshold"] = None
     return row, preds
+
+
+def _adapted_report(run_dir: Path, site_dir: Path, name: str) -> tuple[dict, pd.DataFrame]:
+    """The report part ("test") scored by the run's model with site `name`'s adapted batch
+    normalisation; photographs shared with the training data removed, as `evaluate` removes them."""
+    from melanogan.classify.calibrate import apply_site, site_calibration
+    from melanogan.classify.evaluate import predict_split, run_cache_options, seen_in_training
+    from melanogan.classify.train import load_model
+    from melanogan.data.manifest import cache_for, load_manifest
+    from melanogan.fileio import read_json
+
+    model, cfg, _ = load_model(run_dir / "best")
+    apply_site(model, run_dir, name, site_calibration(run_dir, name))
+    own = Path(read_json(run_dir / "run.json")["data_dir"])
+    overlap = seen_in_training(site_dir, load_manifest(site_dir), own) or set()
+    preds = predict_split(model, cfg, site_dir, ["test"], exclude=overlap,
+                          cache=cache_for(site_dir, run_cache_options(run_dir)))
+    y, z, g = preds["label"].to_numpy(), preds["logit"].to_numpy(), preds["group"].to_numpy()
+    return {"roc_auc": M.roc_auc(y, z), "roc_auc_ci95": list(M.bootstrap_ci(y, z, g, n=300, seed=cfg.seed)),
+            "n_images": len(preds), "n_melanoma": int(y.sum()), "excluded_overlap": len(overlap)}, preds
 
 
 def _train(train_dir: Path, tmp: Path, held: str, data_key: str, cfg, accelerator: str, trained: dict) -> dict:

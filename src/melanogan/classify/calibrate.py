@@ -8,7 +8,10 @@ folds, applied to the held-out one, counts pooled, exact binomial CIs. Choosing 
 the same cases would be optimistic; the CIs are as wide as the sample is small.
 
 RUN_DIR/sites/NAME/calibration.json holds the thresholds, the temperature, the estimates and the
-hash of the checkpoint they belong to; `predict`, `serve` and `export` take `--site NAME`.
+hash of the checkpoint they belong to; `predict`, `serve` and `export` take `--site NAME`. With
+`adapt_batchnorm` the model's batch-normalisation statistics are first replaced by the site sample's
+own (classify/adapt.py; no labels used) and stored beside it (batchnorm.safetensors, its hash in
+calibration.json); the temperature and thresholds are then those of the adapted model.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from melanogan.classify import metrics as M
 from melanogan.errors import MelanoganError
-from melanogan.fileio import read_json, write_json
+from melanogan.fileio import file_sha256, read_json, write_json
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_PER_CLASS = 5  # fewer melanomas (or others) than this cannot place a threshold
@@ -61,14 +65,23 @@ def cross_fitted_operating_points(y: np.ndarray, p: np.ndarray, groups: np.ndarr
     return out
 
 
+BATCHNORM_FILE = "batchnorm.safetensors"
+
+
 def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all", folds: int = 5,
-                   log: Callable[[str], None] | None = None) -> dict:
+                   log: Callable[[str], None] | None = None, adapt_batchnorm: bool = False) -> dict:
     """Score SITE_DATA_DIR's labelled sample with the run's preprocessing, choose the site's
-    temperature and thresholds, estimate them by cross-fitting, and store them under `name`."""
-    from melanogan.classify.evaluate import predict_split, run_cache_options, seen_in_training
+    temperature and thresholds, estimate them by cross-fitting, and store them under `name`.
+    `adapt_batchnorm`: first adapt the model's batch normalisation to the sample's images (AdaBN)."""
+    from safetensors.torch import save_file
+
+    from melanogan.classify.adapt import MIN_IMAGES, batchnorm_statistics, dataset_batches, even_batch_size
+    from melanogan.classify.adapt import adapt_batchnorm as adapt
+    from melanogan.classify.evaluate import predict_split, run_cache_options, seen_in_training, split_dataset
     from melanogan.classify.predict import checkpoint_sha256
     from melanogan.classify.train import load_model
     from melanogan.data.manifest import cache_for, load_manifest
+    from melanogan.fileio import atomic_path
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     path = site_file(run_dir, name)
@@ -81,8 +94,19 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         log(f"the run's training data ({own}) is not on this machine, so photographs of it in "
             f"{data_dir} cannot be removed from the site sample; calibration.json records this "
             "(excluded_overlap null). Copy the training data folder there to check.")
-    sample = predict_split(model, cfg, data_dir, [split], exclude=exclude or set(),
-                           cache=cache_for(data_dir, run_cache_options(run_dir), log))
+    cache = cache_for(data_dir, run_cache_options(run_dir), log)
+    batchnorm = None
+    if adapt_batchnorm:
+        ds, metadata = split_dataset(cfg, data_dir, [split], exclude or set(), cache)
+        if len(ds) < MIN_IMAGES:
+            raise MelanoganError(f"{data_dir}: adapting batch normalisation needs at least {MIN_IMAGES} images of the "
+                                 f"site (labels not needed); the sample has {len(ds)}. Add images, or calibrate "
+                                 "without --adapt-batchnorm.")
+        images = adapt(model, dataset_batches(ds, metadata, torch.device("cpu"), even_batch_size(len(ds))))
+        with atomic_path(path.parent / BATCHNORM_FILE, suffix=".safetensors") as tmp:
+            save_file(batchnorm_statistics(model), tmp, metadata={"site": name})
+        batchnorm = {"adapted_on_images": images, "sha256": file_sha256(path.parent / BATCHNORM_FILE)}
+    sample = predict_split(model, cfg, data_dir, [split], exclude=exclude or set(), cache=cache)
     y, z = sample["label"].to_numpy(), sample["logit"].to_numpy()
     n_mel, n_other = int(y.sum()), int(len(y) - y.sum())
     if min(n_mel, n_other) < MIN_PER_CLASS:
@@ -94,6 +118,8 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         "site": name, "data_dir": str(data_dir.resolve()), "split": split, "n_images": len(y), "n_melanoma": n_mel,
         "excluded_overlap": None if exclude is None else len(exclude),
         "checkpoint_sha256": checkpoint_sha256(run_dir / "best"),
+        # null: the run's own statistics; else those of the site sample, in batchnorm.safetensors
+        "batchnorm": batchnorm,
         "temperature": temperature, "thresholds": M.validation_thresholds(y, p), "probabilities": "sigmoid(logit / "
         "temperature): thresholds apply to these", "roc_auc": M.roc_auc(y, p),
         "roc_auc_ci95": list(M.bootstrap_ci(y, p, sample["group"].to_numpy(), n=1000, seed=cfg.seed)),
@@ -103,7 +129,25 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
+    if batchnorm is None:  # a calibration without adaptation leaves no earlier site statistics behind
+        (path.parent / BATCHNORM_FILE).unlink(missing_ok=True)
     return result
+
+
+def apply_site(model, run_dir: Path, name: str, calibration: dict) -> None:
+    """Give `model` the site's adapted batch-normalisation statistics when its calibration has them
+    (refused when the file is missing or is not the one calibrated)."""
+    from safetensors.torch import load_file
+
+    from melanogan.classify.adapt import load_statistics
+
+    if not calibration.get("batchnorm"):
+        return
+    path = site_file(run_dir, name).parent / BATCHNORM_FILE
+    if not path.is_file() or file_sha256(path) != calibration["batchnorm"]["sha256"]:
+        raise MelanoganError(f"{path}: missing or not the file site {name!r} was calibrated with; run `melanogan "
+                             f"calibrate --adapt-batchnorm` for site {name!r} again.")
+    load_statistics(model, load_file(path), str(path))
 
 
 def site_calibration(run_dir: Path, name: str) -> dict:

@@ -112,6 +112,20 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
     `cache`: the pixels to read (the run's preprocessing; default DATA_DIR's own cache). Scored in
     fp32, as `predict`, `serve` and exports score: thresholds chosen here hold there. `tta`: views
     averaged (classify/tta.py)."""
+    ds, metadata = split_dataset(cfg, data_dir, splits, exclude, cache)
+    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False, tta=tta,
+                            metadata=metadata)
+    rows = ds.rows
+    return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "source": rows["source"].astype(str),
+                         "label": rows["label"].astype(int),
+                         "group": rows["source"].astype(str) + ":" + rows["cluster_id"].astype(str),
+                         "logit": logits, "probability": M.sigmoid(logits)})
+
+
+def split_dataset(cfg, data_dir: Path, splits: list[str], exclude: set | None = None,
+                  cache: Cache | None = None) -> tuple[CachedImageDataset, np.ndarray | None]:
+    """The real, labeled rows of `splits` minus `exclude`, with the evaluation preprocessing of `cfg`,
+    and their encoded metadata for a model trained with it."""
     manifest = load_manifest(data_dir)
     manifest = manifest[(manifest["label"].isin([0, 1])) & (manifest["source"] != "synthetic")]
     if exclude:
@@ -121,14 +135,7 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
     if manifest.empty:
         raise MelanoganError(f"{data_dir}: no labeled real images in split {'/'.join(splits)}.")
     ds = CachedImageDataset(data_dir, "all", transform=eval_preset(cfg.image_size), manifest=manifest, cache=cache)
-    metadata = encode_metadata(ds.rows, cfg.metadata) if cfg.metadata else None
-    logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False, tta=tta,
-                            metadata=metadata)
-    rows = ds.rows
-    return pd.DataFrame({"uid": rows["uid"], "split": rows["split"], "source": rows["source"].astype(str),
-                         "label": rows["label"].astype(int),
-                         "group": rows["source"].astype(str) + ":" + rows["cluster_id"].astype(str),
-                         "logit": logits, "probability": M.sigmoid(logits)})
+    return ds, (encode_metadata(ds.rows, cfg.metadata) if cfg.metadata else None)
 
 
 def auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: int) -> dict:

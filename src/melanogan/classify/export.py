@@ -43,6 +43,12 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
         raise MelanoganError(f"--format {fmt!r}: use onnx or torchscript.")
     run_dir = Path(run_dir)
     model, cfg, state = load_model(run_dir / "best")
+    calibration = None
+    if site:
+        from melanogan.classify.calibrate import apply_site, site_calibration
+
+        calibration = site_calibration(run_dir, site)  # refused if it belongs to another checkpoint
+        apply_site(model, run_dir, site, calibration)  # the exported graph carries the site's statistics
     model = model.float().eval()
     out = Path(out) if out else run_dir / "export" / f"model{FORMATS[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,10 +87,7 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
         max_diff = _check(reference, exported, atol)
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     temperature = 1.0
-    if site:
-        from melanogan.classify.calibrate import site_calibration
-
-        calibration = site_calibration(run_dir, site)  # refused if it belongs to another checkpoint
+    if calibration:
         thresholds, temperature = calibration["thresholds"], calibration["temperature"]
     else:
         try:  # the thresholds of this very checkpoint (recomputed if the stored ones are of another)
@@ -98,6 +101,8 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
                                                        "dtype": "float32", "layout": "NCHW RGB"},
             "output": {"name": "logit", "meaning": f"melanoma logit; probability = sigmoid(logit / {temperature:g})"},
             "temperature": temperature, "thresholds_chosen_on": f"site {site}" if site else "validation",
+            "batchnorm": (f"adapted to site {site} on {calibration['batchnorm']['adapted_on_images']} images"
+                          if calibration and calibration.get("batchnorm") else "as trained"),
             "preprocessing": {"decode": info.get("cache_options"), "resize_to": cfg.image_size,
                               "scale": "x / 255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
             "thresholds": thresholds,

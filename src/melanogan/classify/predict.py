@@ -7,7 +7,6 @@ thresholds are the ones chosen on validation, stored in RUN_DIR/best/thresholds.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -30,11 +29,9 @@ THRESHOLD_NAMES = ("val-youden", "val-sens95")
 
 def checkpoint_sha256(folder: Path) -> str:
     """Hash of a checkpoint's weights: what stored thresholds are tied to."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from melanogan.fileio import file_sha256
+
+    return file_sha256(Path(folder) / "model.safetensors")
 
 
 def run_thresholds(run_dir: Path, log=None, tta: int = 1) -> dict[str, float]:
@@ -114,10 +111,12 @@ class Predictor:
         self.model, self.cfg, _ = load_model(self.run_dir / "best", device)
         # A calibrated site's probabilities are sigmoid(logit / T), T fitted on its sample.
         self.temperature = 1.0
-        if site:
-            from melanogan.classify.calibrate import site_calibration
+        if site:  # and, when calibrated with --adapt-batchnorm, the site's batch-normalisation statistics
+            from melanogan.classify.calibrate import apply_site, site_calibration
 
-            self.temperature = float(site_calibration(self.run_dir, site)["temperature"])
+            calibration = site_calibration(self.run_dir, site)
+            self.temperature = float(calibration["temperature"])
+            apply_site(self.model, self.run_dir, site, calibration)
         from melanogan.classify.evaluate import run_cache_options
 
         self.options = run_cache_options(self.run_dir)

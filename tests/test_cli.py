@@ -233,7 +233,7 @@ def test_recommended_settings_are_the_defaults():
     assert CacheOptions().color_constancy is True and DEFAULT_PHASH_DISTANCE == 22
     assert TrainConfig().augment == ClassifierOptions().augment == "classic"
     assert TrainConfig().diagnosis_weight is None and ClassifierOptions().diagnosis_weight is None  # 0.5 when possible
-    assert GanOptions().precision == TrainConfig().precision == "bf16-mixed"
+    assert GanOptions().precision == TrainConfig().precision == "auto"
 
 
 def test_declared_lower_bounds_support_what_the_code_uses():

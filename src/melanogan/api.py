@@ -129,7 +129,7 @@ def train_gan(data_dir: str | Path, out: str | Path, preset: str = "default", co
               lr: float | None = None, seed: int | None = None, checkpoint_every: int | None = None,
               sample_every: int | None = None, log_every: int | None = None, kid_every: int | None = None,
               kid_features: str | None = None, resume: bool = False, accelerator: str = "auto", devices: int = 1,
-              num_nodes: int = 1, precision: str = "bf16-mixed", max_steps: int | None = None,
+              num_nodes: int = 1, precision: str = "auto", max_steps: int | None = None,
               logger: str | None = None, progress: bool = True) -> GanRun:
     """Train the conditional WGAN-GP on the training split of DATA_DIR (None = the preset's value)."""
     from melanogan.gan.config import load_config
@@ -179,7 +179,7 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
           diagnosis_weight: float | None = None, epochs: int = 30, max_minutes: float | None = None,
           batch_size: int = 32, lr: float = 2e-3, patience: int = 8, select: str = "auc",
           weight_average: str = "none", ema_decay: float = 0.998, seed: int = 0, workers: int | None = None,
-          batch_augment: bool = True, precision: str = "bf16-mixed", metadata: str = "", accelerator: str = "auto",
+          batch_augment: bool = True, precision: str = "auto", metadata: str = "", accelerator: str = "auto",
           devices: int = 1, resume: bool = False, logger: str | None = None, progress: bool = True) -> TrainRun:
     """Train a melanoma classifier on DATA_DIR's training split (plus synthetic sets); the best epoch by
     validation ROC-AUC is kept in OUT/best."""

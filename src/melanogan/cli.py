@@ -275,8 +275,8 @@ def train_gan_cmd(
     devices: Annotated[int, typer.Option(help="Devices per node; more than one trains with DDP.")] = 1,
     num_nodes: Annotated[int, typer.Option(help="Machines (launch with torchrun or SLURM).")] = 1,
     precision: Annotated[str, typer.Option(
-        help="bf16-mixed (default, as `train`; the gradient penalty is always fp32), 32, or 16-mixed on GPUs "
-             "without bf16.")] = "bf16-mixed",
+        help="auto (default, as `train`: bf16-mixed where the GPU or CPU runs bf16 natively, else 32), "
+             "bf16-mixed, 32, or 16-mixed on GPUs without bf16; the gradient penalty is always fp32.")] = "auto",
     max_steps: Annotated[int | None, typer.Option(
         help="Stop this invocation after N steps (resumable), e.g. to time-box CPU sessions.")] = None,
     logger: Annotated[str | None, typer.Option(
@@ -530,7 +530,8 @@ def train(
         "--batch-augment/--per-image-augment",
         help="Augment whole uint8 batches in the training process (default) or each image in "
              "the DataLoader (the torchvision presets).")] = True,
-    precision: Annotated[str, typer.Option(help="bf16-mixed or 32.")] = "bf16-mixed",
+    precision: Annotated[str, typer.Option(help="auto (bf16-mixed where the GPU or CPU runs bf16 natively, else "
+                                                "32), bf16-mixed, 32 or 16-mixed.")] = "auto",
     metadata: Annotated[str, typer.Option(
         help="Patient metadata joined to the image features: any of age,sex,site (from the manifest; missing "
              "values get their own code). Off by default; predict/serve then take it or use 'missing'.")] = "",
@@ -790,7 +791,8 @@ def bench_augment(
     batch: Annotated[int, typer.Option(help="Batch size.")] = 32,
     model: Annotated[str, typer.Option(help="Registered classifier.")] = "small-cnn",
     epochs: Annotated[int, typer.Option(help="Epochs per training run (the best after the first counts).")] = 3,
-    precision: Annotated[str, typer.Option(help="bf16-mixed or 32.")] = "bf16-mixed",
+    precision: Annotated[str, typer.Option(help="auto (bf16-mixed where the CPU runs bf16 natively, else 32), "
+                                                "bf16-mixed or 32.")] = "auto",
     augment: Annotated[str, typer.Option(help="The preset both paths apply: classic or strong.")] = "classic",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:

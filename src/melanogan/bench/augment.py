@@ -41,7 +41,7 @@ def model_only(model_name: str, image_size: int, batch: int, steps: int, precisi
 
 
 def run(n_images: int = 1536, image_size: int = 128, cache_size: int = 256, batch: int = 32,
-        model: str = "small-cnn", epochs: int = 3, precision: str = "bf16-mixed", augment: str = "classic") -> dict:
+        model: str = "small-cnn", epochs: int = 3, precision: str = "auto", augment: str = "classic") -> dict:
     from melanogan.classify.train import TrainConfig, loader_workers, train_classifier
     from melanogan.data.cache import CacheOptions
     from melanogan.data.demo import generate_demo_dataset

@@ -3,7 +3,9 @@
 Trains the default classifier on HAM10000 for a time budget, scores Derm7pt (another clinic and
 dermoscope, never trained on) with it, shows what the validation-chosen threshold gives there, and
 resamples site samples of several sizes to measure the operating point's uncertainty after
-`melanogan calibrate` (`sample_size_curve`)."""
+`melanogan calibrate` (`sample_size_curve`). It also measures how many of the site's images
+`calibrate --adapt-batchnorm` needs: Derm7pt split by lesion into a pool to adapt on and a part to
+report on, the model adapted on n images drawn from the pool (`adaptation_curve`)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,53 @@ import pandas as pd
 
 from melanogan.classify import metrics as M
 
+ADAPT_SIZES = (16, 32, 64, 128, 256)
+
+
+def adaptation_curve(model, pool, report, y_report, sizes: tuple[int, ...] = ADAPT_SIZES, repeats: int = 5,
+                     seed: int = 0) -> list[dict]:
+    """ROC-AUC on `report` (a dataset of (image, label) items, labels `y_report`) after adapting the
+    model's batch normalisation on n images drawn from `pool`, `repeats` draws per n (one for all of
+    the pool, listed last), each from the model's own statistics; the model keeps them afterwards."""
+    import numpy as np
+    import torch
+    from torch.utils.data import Subset
+
+    from melanogan.classify.adapt import (
+        adapt_batchnorm,
+        batchnorm_statistics,
+        dataset_batches,
+        even_batch_size,
+        load_statistics,
+    )
+    from melanogan.classify.train import predict_logits
+
+    own = batchnorm_statistics(model)
+    rng = np.random.default_rng(seed)
+    rows = []
+    try:
+        for n in [n for n in sizes if n < len(pool)] + [len(pool)]:
+            aucs = []
+            for _ in range(repeats if n < len(pool) else 1):
+                load_statistics(model, own, "the model's own statistics")
+                take = np.sort(rng.choice(len(pool), n, replace=False))
+                adapt_batchnorm(model, dataset_batches(Subset(pool, take.tolist()), None, torch.device("cpu"),
+                                                       even_batch_size(n)))
+                aucs.append(M.roc_auc(y_report, predict_logits(model, report)))
+            rows.append({"n": n, "draws": len(aucs), "auc_median": round(float(np.median(aucs)), 4),
+                         "auc_min": round(float(np.min(aucs)), 4), "auc_max": round(float(np.max(aucs)), 4)})
+    finally:
+        load_statistics(model, own, "the model's own statistics")
+    return rows
+
 
 def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[int, ...] = (25, 50, 100, 200, 400),
         repeats: int = 200) -> dict:
     from melanogan.classify.calibrate import sample_size_curve
-    from melanogan.classify.evaluate import evaluate_run
-    from melanogan.classify.train import TrainConfig, train_classifier
-    from melanogan.data.manifest import prepare
+    from melanogan.classify.evaluate import evaluate_run, predict_split, run_cache_options, split_dataset
+    from melanogan.classify.train import TrainConfig, load_model, train_classifier
+    from melanogan.data.manifest import cache_for, prepare
+    from melanogan.data.splits import SplitFractions
     from melanogan.errors import MelanoganError
 
     data = Path(shared) / "data"
@@ -30,7 +72,8 @@ def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[in
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-calibrate-") as tmp:
         tmp = Path(tmp)
         prepare([("ham10000", data / "ham10000_224")], tmp / "ham", seed=0)  # the defaults throughout
-        prepare([("derm7pt", data / "derm7pt_384")], tmp / "site", seed=0)
+        # split by lesion: "train" is the pool adaptation draws from, "test" the part it is reported on
+        prepare([("derm7pt", data / "derm7pt_384")], tmp / "site", SplitFractions(0.5, 0.0, 0.5), seed=0)
         t0 = time.perf_counter()
         summary = train_classifier(tmp / "ham", tmp / "run", TrainConfig(epochs=200, max_minutes=minutes,
                                                                          patience=1000), progress=False)
@@ -38,6 +81,15 @@ def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[in
         internal = evaluate_run(tmp / "run", bootstrap=500)
         site = evaluate_run(tmp / "run", data_dir=tmp / "site", bootstrap=500)
         preds = pd.read_csv(Path(site["out"]) / "predictions.csv")
+        model, cfg, _ = load_model(tmp / "run" / "best")
+        cache = cache_for(tmp / "site", run_cache_options(tmp / "run"))
+        pool, _ = split_dataset(cfg, tmp / "site", ["train"], cache=cache)
+        report, _ = split_dataset(cfg, tmp / "site", ["test"], cache=cache)
+        y_report = report.rows["label"].to_numpy().astype(int)
+        unadapted = predict_split(model, cfg, tmp / "site", ["test"], cache=cache)
+        adaptation = {"pool_images": len(pool), "report_images": len(report), "report_melanoma": int(y_report.sum()),
+                      "unadapted_auc": round(M.roc_auc(unadapted["label"], unadapted["logit"]), 4),
+                      "adapted": adaptation_curve(model, pool, report, y_report)}
     y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy())
     travelled = site["thresholds"]["val_youden"]
     return {"train_minutes": round(train_minutes, 1), "epochs": summary["epochs"],
@@ -45,4 +97,5 @@ def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[in
             "derm7pt_images": site["n_images"], "derm7pt_melanoma": site["n_melanoma"],
             "derm7pt_auc": round(site["roc_auc"], 4), "derm7pt_auc_ci95": site["roc_auc_ci95"],
             "validation_youden_at_derm7pt": {k: travelled[k] for k in ("threshold", "sensitivity", "specificity")},
-            "site_sample_sizes": sample_size_curve(y, p, preds["group"].to_numpy(), list(sizes), repeats)}
+            "site_sample_sizes": sample_size_curve(y, p, preds["group"].to_numpy(), list(sizes), repeats),
+            "adapt_batchnorm": adaptation}

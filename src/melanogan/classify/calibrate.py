@@ -95,17 +95,14 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
             f"{data_dir} cannot be removed from the site sample; calibration.json records this "
             "(excluded_overlap null). Copy the training data folder there to check.")
     cache = cache_for(data_dir, run_cache_options(run_dir), log)
-    batchnorm = None
+    adapted_on = 0
     if adapt_batchnorm:
         ds, metadata = split_dataset(cfg, data_dir, [split], exclude or set(), cache)
         if len(ds) < MIN_IMAGES:
             raise MelanoganError(f"{data_dir}: adapting batch normalisation needs at least {MIN_IMAGES} images of the "
                                  f"site (labels not needed); the sample has {len(ds)}. Add images, or calibrate "
                                  "without --adapt-batchnorm.")
-        images = adapt(model, dataset_batches(ds, metadata, torch.device("cpu"), even_batch_size(len(ds))))
-        with atomic_path(path.parent / BATCHNORM_FILE, suffix=".safetensors") as tmp:
-            save_file(batchnorm_statistics(model), tmp, metadata={"site": name})
-        batchnorm = {"adapted_on_images": images, "sha256": file_sha256(path.parent / BATCHNORM_FILE)}
+        adapted_on = adapt(model, dataset_batches(ds, metadata, torch.device("cpu"), even_batch_size(len(ds))))
     sample = predict_split(model, cfg, data_dir, [split], exclude=exclude or set(), cache=cache)
     y, z = sample["label"].to_numpy(), sample["logit"].to_numpy()
     n_mel, n_other = int(y.sum()), int(len(y) - y.sum())
@@ -118,8 +115,7 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         "site": name, "data_dir": str(data_dir.resolve()), "split": split, "n_images": len(y), "n_melanoma": n_mel,
         "excluded_overlap": None if exclude is None else len(exclude),
         "checkpoint_sha256": checkpoint_sha256(run_dir / "best"),
-        # null: the run's own statistics; else those of the site sample, in batchnorm.safetensors
-        "batchnorm": batchnorm,
+        "batchnorm": None,  # the run's own statistics; or those of the site sample (below)
         "temperature": temperature, "thresholds": M.validation_thresholds(y, p), "probabilities": "sigmoid(logit / "
         "temperature): thresholds apply to these", "roc_auc": M.roc_auc(y, p),
         "roc_auc_ci95": list(M.bootstrap_ci(y, p, sample["group"].to_numpy(), n=1000, seed=cfg.seed)),
@@ -127,9 +123,15 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         "expected_note": f"{folds}-fold cross-fitted on the site sample (threshold chosen on the other folds), exact "
                          "binomial 95% CIs: what these thresholds should give on this site's next cases",
     }
+    # written only now that every check has passed, the statistics before the calibration that names
+    # their hash (a crash in between leaves a mismatch that `--site` refuses, never a silent mix)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if adapted_on:
+        with atomic_path(path.parent / BATCHNORM_FILE, suffix=".safetensors") as tmp:
+            save_file(batchnorm_statistics(model), tmp, metadata={"site": name})
+        result["batchnorm"] = {"adapted_on_images": adapted_on, "sha256": file_sha256(path.parent / BATCHNORM_FILE)}
     write_json(path, result)
-    if batchnorm is None:  # a calibration without adaptation leaves no earlier site statistics behind
+    if not adapted_on:  # a calibration without adaptation leaves no earlier site statistics behind
         (path.parent / BATCHNORM_FILE).unlink(missing_ok=True)
     return result
 

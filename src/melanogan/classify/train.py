@@ -114,7 +114,7 @@ class TrainConfig(BaseModel):
     # uint8 images, and a worker would take a core from the model: measured 0.82 -> 0.93 of the
     # model-only throughput on 2 cores), 1 with per-image transforms.
     workers: int | None = Field(None, ge=0)
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # bf16 where the hardware runs it natively, else fp32 (runtime.auto_precision)
     # Patient metadata joined to the image features (data/metadata.py): any of age, sex, site.
     # Off by default: measured on ../shared/data in the README before anyone relies on it.
     metadata: list[str] = Field(default_factory=list)
@@ -447,7 +447,6 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     `logger`: csv or tensorboard beside stats.jsonl (runtime.fabric_loggers)."""
     from lightning_fabric import Fabric
 
-    fabric_prec = fabric_precision(cfg.precision, accelerator)
     run_dir = Path(run_dir)
     if resume:
         if not (run_dir / "last" / "state.json").is_file():
@@ -455,6 +454,10 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
         cfg = TrainConfig(**read_json(run_dir / "last" / "state.json")["config"])
     elif (run_dir / "stats.jsonl").is_file():
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
+    fabric_prec = fabric_precision(cfg.precision, accelerator)
+    # "auto" is stored as what it chose on this machine: the run's config, its validation scoring and
+    # its model card say which precision trained it
+    cfg = cfg.model_copy(update={"precision": fabric_prec})
     train_set, _, _ = build_datasets(data_dir, cfg)  # fail early with a clear message
     cfg, notes = resolve_diagnosis_head(cfg, train_set.datasets[0].dataset.rows, data_dir)  # real training rows
     if cfg.metadata:

@@ -235,7 +235,7 @@ def train_gan(
     accelerator: str = "auto",
     devices: int = 1,
     num_nodes: int = 1,
-    precision: str = "bf16-mixed",
+    precision: str = "auto",
     progress: bool = True,
     stop_after: int | None = None,
     resume_steps: int | None = None,

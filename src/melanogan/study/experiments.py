@@ -75,7 +75,7 @@ class GanOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     preset: str = "default"
     overrides: dict = Field(default_factory=dict)  # any GanConfig field, e.g. resolution, steps
-    precision: str = "bf16-mixed"
+    precision: str = "auto"
     # Time-box a long GAN on a CPU: at most this many steps per `melanogan study` invocation; the arms
     # that need synthetic images wait (the others run) and the next invocation resumes the GAN.
     max_steps_per_invocation: int | None = Field(None, ge=1)

@@ -112,3 +112,15 @@ def test_summarize_over_seeds():
     s = M.summarize([0.8, 0.82, 0.84])
     assert s["mean"] == pytest.approx(0.82) and s["ci_low"] < 0.82 < s["ci_high"] and s["n"] == 3
     assert math.isnan(M.summarize([0.8])["ci_low"])
+
+
+def test_roc_auc_counts_ties_as_half_and_matches_sklearn():
+    # pairs: 0.9 beats all three others (3); 0.5 ties two (0.5 each) and beats 0.1 (1): 5 of 6
+    assert M.roc_auc([1, 1, 0, 0, 0], [0.9, 0.5, 0.5, 0.1, 0.5]) == pytest.approx(5 / 6, abs=1e-15)
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 500)
+    s = np.round(rng.normal(size=500) + y, 1)  # many ties
+    assert M.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert np.isnan(M.roc_auc([1, 1], [0.2, 0.3]))
+    with pytest.raises(ValueError, match="NaN"):
+        M.roc_auc([1, 0], [0.2, float("nan")])

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 from scipy import optimize, stats
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score
 
 
 def _arrays(y, s) -> tuple[np.ndarray, np.ndarray]:
@@ -28,8 +28,19 @@ def _both_classes(y: np.ndarray) -> bool:
 
 
 def roc_auc(y, s) -> float:
+    """ROC-AUC as the Mann-Whitney statistic: the chance that a random melanoma scores above a random
+    other image, ties counting half; the value sklearn's roc_auc_score gives, from average ranks.
+    Why not sklearn's: the grouped bootstraps call this thousands of times, and its input checks made
+    a replicate cost ~10 ms against ~0.2 ms here. NaN when `y` holds one class."""
     y, s = _arrays(y, s)
-    return float(roc_auc_score(y, s)) if _both_classes(y) else float("nan")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    if not _both_classes(y):
+        return float("nan")
+    pos = y == 1
+    n_pos = int(pos.sum())
+    rank_sum = float(stats.rankdata(s)[pos].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos))
 
 
 def roc_auc_by_group(y, s, groups) -> dict[str, float]:
@@ -39,7 +50,7 @@ def roc_auc_by_group(y, s, groups) -> dict[str, float]:
     groups = np.asarray(groups).astype(str).ravel()
     if groups.shape != y.shape:
         raise ValueError(f"labels ({y.shape}) and groups ({groups.shape}) differ in length")
-    return {g: float(roc_auc_score(y[groups == g], s[groups == g]))
+    return {g: roc_auc(y[groups == g], s[groups == g])
             for g in sorted(set(groups)) if _both_classes(y[groups == g])}
 
 
@@ -259,7 +270,7 @@ def paired_bootstrap_auc_difference(y, scores_a, scores_b, groups, n: int = 1000
     if len(a) != len(b) or not a or any(len(s) != len(y) for s in a + b):
         raise ValueError("scores_a and scores_b need one score array per run, each as long as y")
     observed = float(np.mean([roc_auc(y, sa) - roc_auc(y, sb) for sa, sb in zip(a, b, strict=True)]))
-    values = [np.mean([roc_auc_score(y[idx], sa[idx]) - roc_auc_score(y[idx], sb[idx])
+    values = [np.mean([roc_auc(y[idx], sa[idx]) - roc_auc(y[idx], sb[idx])
                        for sa, sb in zip(a, b, strict=True)]) for idx in _group_resamples(y, groups, n, seed)]
     if len(values) < n // 2:
         return {"difference": observed, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),

@@ -113,7 +113,8 @@ def _fake_pipeline(tmp_path, monkeypatch) -> dict:
                 "n_melanoma": 20, "excluded_overlap": 0,
                 "thresholds": {"val_youden": {"sensitivity": 0.5, "specificity": 0.5}}}
 
-    def fake_calibrate(run_dir, data_dir, name, split="all"):
+    def fake_calibrate(run_dir, data_dir, name, split="all", adapt_batchnorm=True):
+        assert adapt_batchnorm is False  # the plain site threshold is for the unadapted model's scores
         calls["calibrate"].append(Path(run_dir).name)
         return {"n_images": 30, "temperature": 1.0, "thresholds": {"val-youden": 0.5}}
 

@@ -60,8 +60,8 @@ def adaptation_curve(model, pool, report, y_report, sizes: tuple[int, ...] = ADA
 def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[int, ...] = (25, 50, 100, 200, 400),
         repeats: int = 200) -> dict:
     from melanogan.classify.calibrate import sample_size_curve
-    from melanogan.classify.evaluate import evaluate_run, predict_split, run_cache_options, split_dataset
-    from melanogan.classify.train import TrainConfig, load_model, train_classifier
+    from melanogan.classify.evaluate import evaluate_run, run_cache_options, split_dataset
+    from melanogan.classify.train import TrainConfig, load_model, predict_logits, train_classifier
     from melanogan.data.manifest import cache_for, prepare
     from melanogan.data.splits import SplitFractions
     from melanogan.errors import MelanoganError
@@ -73,7 +73,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[in
         tmp = Path(tmp)
         prepare([("ham10000", data / "ham10000_224")], tmp / "ham", seed=0)  # the defaults throughout
         # split by lesion: "train" is the pool adaptation draws from, "test" the part it is reported on
-        prepare([("derm7pt", data / "derm7pt_384")], tmp / "site", SplitFractions(0.5, 0.0, 0.5), seed=0)
+        prepare([("derm7pt", data / "derm7pt_384")], tmp / "site", fractions=SplitFractions(0.5, 0.0, 0.5), seed=0)
         t0 = time.perf_counter()
         summary = train_classifier(tmp / "ham", tmp / "run", TrainConfig(epochs=200, max_minutes=minutes,
                                                                          patience=1000), progress=False)
@@ -86,9 +86,8 @@ def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[in
         pool, _ = split_dataset(cfg, tmp / "site", ["train"], cache=cache)
         report, _ = split_dataset(cfg, tmp / "site", ["test"], cache=cache)
         y_report = report.rows["label"].to_numpy().astype(int)
-        unadapted = predict_split(model, cfg, tmp / "site", ["test"], cache=cache)
         adaptation = {"pool_images": len(pool), "report_images": len(report), "report_melanoma": int(y_report.sum()),
-                      "unadapted_auc": round(M.roc_auc(unadapted["label"], unadapted["logit"]), 4),
+                      "unadapted_auc": round(M.roc_auc(y_report, predict_logits(model, report)), 4),
                       "adapted": adaptation_curve(model, pool, report, y_report)}
     y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy())
     travelled = site["thresholds"]["val_youden"]

@@ -430,6 +430,9 @@ def calibrate(
         help="First replace the model's batch-normalisation statistics by those of the site's images (AdaBN; "
              "labels not used; at least 32 images), stored with the site: --site NAME then scores with them.")] =
         False,
+    adapt_layers: Annotated[int | None, typer.Option(
+        help="With --adapt-batchnorm: adapt only the first N batch-normalisation layers the forward pass reaches "
+             "(the shallow ones, which see the dermoscope's colour and illumination); default: all.")] = None,
 ) -> None:
     """An operating point for a new site: temperature and thresholds (Youden, 95% sensitivity) chosen
     on a labelled sample of its own cases, with the sensitivity/specificity they should give there
@@ -438,9 +441,11 @@ def calibrate(
     from melanogan import api
 
     r = api.calibrate(run_dir, data, site, split=split, folds=folds, adapt_batchnorm=adapt_batchnorm,
-                      log=lambda m: console.print(f"note: {m}")).result
+                      adapt_layers=adapt_layers, log=lambda m: console.print(f"note: {m}")).result
     if r["batchnorm"]:
-        console.print(f"batch normalisation adapted to {r['batchnorm']['adapted_on_images']} images of site {site}")
+        b = r["batchnorm"]
+        console.print(f"batch normalisation adapted to {b['adapted_on_images']} images of site {site} "
+                      f"({len(b['adapted_layers'])} of {b['layers_of_model']} layers)")
     console.print(f"site {site}: {r['n_images']} images ({r['n_melanoma']} melanoma), ROC-AUC {r['roc_auc']:.3f} "
                   f"[{r['roc_auc_ci95'][0]:.3f}, {r['roc_auc_ci95'][1]:.3f}], temperature {r['temperature']:.2f}")
     for name, t in r["thresholds"].items():
@@ -824,7 +829,8 @@ def bench_travel(
         "select, weight_average, minutes, epochs (an epoch count "
         "with train's early stopping instead of the clock), patience (with epochs: N or off), ensemble (N runs "
         "sharing the budget), tta, or adapt=batchnorm (the defaults' model adapted to the site's choose part, "
-        "as calibrate --adapt-batchnorm); settings that belong together are joined by + (epochs=30+patience=off). "
+        "as calibrate --adapt-batchnorm; +adapt_layers=N only its first N layers); settings that belong together "
+        "are joined by + (epochs=30+patience=off). "
         "Each variant is compared with the defaults by a paired bootstrap on the same report images, "
         "Holm-adjusted."))] = None,
     repeats: Annotated[int, typer.Option(help=(

@@ -27,7 +27,7 @@ def test_statistics_are_pooled_over_every_image_exactly_whatever_the_batch_sizes
     second = torch.full((1, 1, 2, 2), 100.0)  # one very different image in a batch of its own
     model = _two_channel_bn().eval()
     before = copy.deepcopy(model.state_dict())
-    assert adapt_batchnorm(model, [(first, None), (second, None)]) == 4
+    assert adapt_batchnorm(model, [(first, None), (second, None)]) == (4, ["1"])
     pixels = torch.cat([first.flatten(), second.flatten()]).double()  # 16 values per channel
     bn = model[1]
     # a per-batch average (BatchNorm's momentum=None) would give (5.5 + 100) / 2 = 52.75
@@ -76,6 +76,57 @@ def test_instance_batch_norm_adapts_its_batch_half():
     adapt_batchnorm(model, [(torch.rand(8, 3, 32, 32) * 4, None)])
     assert all(not torch.equal(batchnorm_statistics(model)[k], torch.zeros_like(batchnorm_statistics(model)[k]))
                for k in names if k.endswith("running_mean"))
+
+
+class _DeclaredBackwards(nn.Module):
+    """Declares its BatchNorm layers in another order than the forward pass reaches them, and one
+    (an unused head's) that the forward pass never reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.BatchNorm2d(2)
+        self.late = nn.BatchNorm2d(2)
+        self.early = nn.BatchNorm2d(2)
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 5.0]]).view(2, 2, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.late(self.conv(self.early(x)))
+
+
+def test_adapting_the_first_layers_follows_the_forward_order_and_leaves_the_rest_as_trained():
+    torch.manual_seed(1)
+    x = torch.randn(6, 2, 3, 3) * torch.tensor([2.0, 0.5]).view(1, 2, 1, 1) + torch.tensor([4.0, -1.0]).view(1, 2, 1, 1)
+    shallow, full = _DeclaredBackwards().eval(), _DeclaredBackwards().eval()
+    for m in (shallow, full):  # trained-looking statistics
+        for bn, v in ((m.unused, 7.0), (m.late, 9.0), (m.early, 11.0)):
+            bn.running_mean.fill_(v)
+            bn.running_var.fill_(v)
+    trained = copy.deepcopy(shallow.state_dict())
+    assert adapt_batchnorm(shallow, [(x, None)], layers=1) == (6, ["early"])
+    # the first layer reached is `early` though `late` is declared first: its statistics are the images'
+    pixels = x.transpose(0, 1).reshape(2, -1).double()
+    assert shallow.early.running_mean.tolist() == pytest.approx(pixels.mean(1).tolist(), rel=1e-6)
+    assert shallow.early.running_var.tolist() == pytest.approx(pixels.var(1, unbiased=True).tolist(), rel=1e-6)
+    for name in ("late", "unused"):  # not adapted: exactly as trained
+        for buf in ("running_mean", "running_var"):
+            assert torch.equal(shallow.state_dict()[f"{name}.{buf}"], trained[f"{name}.{buf}"])
+    # a shallow layer's statistics are those a full adaptation gives it; the full one also moves `late`
+    # (whose input, normalised by the batch, has mean 0 per channel) and never the unreached layer
+    assert adapt_batchnorm(full, [(x[:4], None), (x[4:], None)]) == (6, ["early", "late"])
+    assert torch.allclose(full.early.running_mean, shallow.early.running_mean)
+    assert torch.allclose(full.early.running_var, shallow.early.running_var)
+    assert full.late.running_mean.abs().max() < 1e-5
+    assert torch.equal(full.unused.running_var, trained["unused.running_var"])
+
+
+def test_a_number_of_layers_the_model_does_not_have_is_refused():
+    model = _DeclaredBackwards()
+    for layers, message in ((0, "has 3; use 1 to 3"), (4, "has 3; use 1 to 3"), (3, "reaches only 2")):
+        with pytest.raises(MelanoganError, match=message):
+            adapt_batchnorm(model, [(torch.randn(4, 2, 3, 3), None)], layers=layers)
+    assert torch.equal(model.early.running_mean, torch.zeros(2))  # a refused adaptation changes nothing
 
 
 def test_even_batch_sizes():

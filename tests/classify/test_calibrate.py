@@ -167,6 +167,25 @@ def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_
     calibrate_site(run, data, "dark")  # again without adapting: no stale statistics are left to load
     assert not bn_file.exists()
     assert np.allclose(Predictor(run, site="dark").logits(x), plain.logits(x))
+
+    # only the first 3 layers the forward pass reaches: theirs are the full adaptation's statistics, the
+    # rest the run's own, and so are the scores
+    shallow = calibrate_site(run, data, "shallow", adapt_batchnorm=True, adapt_layers=3)
+    first = ["backbone.body.1", "backbone.body.4", "backbone.body.7"]  # stem BN, stage 1's two blocks
+    assert shallow["batchnorm"]["adapted_layers"] == first and shallow["batchnorm"]["layers_of_model"] == 9
+    at_shallow, own = batchnorm_statistics(Predictor(run, site="shallow").model), batchnorm_statistics(plain.model)
+    for key in stats:
+        expected = stats[key] if key.rsplit(".", 1)[0] in first else own[key]
+        assert torch.equal(at_shallow[key], expected), key
+    assert any(not torch.equal(stats[k], own[k]) for k in stats if k.rsplit(".", 1)[0] not in first)
+    assert export_model(run, "torchscript", tmp_path / "s.pt", site="shallow")["batchnorm"] == (
+        "adapted to site shallow on 40 images (first 3 of 9 layers)")
+    with pytest.raises(MelanoganError, match="has 9; use 1 to 9"):
+        calibrate_site(run, data, "deep", adapt_batchnorm=True, adapt_layers=10)
+    with pytest.raises(MelanoganError, match="applies to --adapt-batchnorm"):
+        calibrate_site(run, data, "deep", adapt_layers=3)
+    assert not site_file(run, "deep").exists()
+
     with pytest.raises(MelanoganError, match="at least 32 images"):
         m = pd.read_parquet(data / "manifest.parquet")
         m.head(20).to_parquet(data / "manifest.parquet")

@@ -34,9 +34,10 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
           "style_augment": "train", "diagnosis_weight": "train", "sampler": "train", "model": "train",
           "select": "train", "weight_average": "train",
           "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train", "tta": "evaluate",
-          "adapt": "evaluate"}
+          "adapt": "evaluate", "adapt_layers": "evaluate"}
 # The site name under which the `adapt` lever's calibration (with its batch-normalisation statistics)
-# is stored beside the run, apart from the plain "choose" calibration of the site threshold.
+# is stored beside the run, apart from the plain "choose" calibration of the site threshold; a variant
+# adapting only the first N layers gets "-N", so two adapt variants of one run never share a site.
 ADAPTED_SITE = "choose-batchnorm"
 
 
@@ -71,6 +72,9 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
             # the adapted statistics belong to one model's single views (as `predict --site` refuses TTA)
             raise MelanoganError(f"--vary {item!r}: adapt applies to one model scored without TTA; join it to "
                                  "neither tta nor ensemble.")
+        if "adapt_layers" in settings and settings.get("adapt") != "batchnorm":
+            raise MelanoganError(f"--vary {item!r}: adapt_layers says how many layers adapt=batchnorm adapts; join "
+                                 "them, e.g. adapt=batchnorm+adapt_layers=3.")
         if "patience" in settings and "epochs" not in settings:
             # the clock budget has no early stopping to change: patience only means something with epochs
             raise MelanoganError(f"--vary {item!r}: patience applies to an epoch budget; join it to one, "
@@ -109,6 +113,10 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             if raw not in ("none", "batchnorm"):
                 raise ValueError(f"{raw!r}: use none or batchnorm")
             value = raw
+        elif key == "adapt_layers":  # the first N batch-normalisation layers in forward order (checked at the model)
+            value = int(raw)
+            if value < 1:
+                raise ValueError("adapt at least 1 layer")
         elif key == "ensemble":
             value = int(raw)
             if not 2 <= value <= 16:
@@ -176,7 +184,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
     # patience: `train`'s early stopping, used only with an epoch budget (the clock has none)
     defaults = {"minutes": minutes, "epochs": None, "patience": TrainConfig().patience, "image_size": image_size,
-                "tta": 1, "adapt": "none", "batch_size": batch_size, "ensemble": 1}
+                "tta": 1, "adapt": "none", "adapt_layers": None, "batch_size": batch_size, "ensemble": 1}
     variants = [("defaults", defaults)] + [(name, {**defaults, **settings}) for name, settings in levers]
     train_seeds = [seed + 1000 * r for r in range(repeats)]
     rows, combined = [], []
@@ -268,8 +276,11 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     internal = [evaluate_run(r["run_dir"], bootstrap=300, tta=tta, out=tmp / f"eval-{held}-{time.monotonic_ns()}")
                 for r in runs]
     if adapted:  # the run's batch normalisation adapted to the choose part's images (no labels), then reported
-        site = calibrate_site(runs[0]["run_dir"], site_dir, ADAPTED_SITE, split="train", adapt_batchnorm=True)
-        adapted_report, preds = _adapted_report(runs[0]["run_dir"], site_dir, ADAPTED_SITE)
+        layers = settings["adapt_layers"]
+        name = ADAPTED_SITE if layers is None else f"{ADAPTED_SITE}-{layers}"
+        site = calibrate_site(runs[0]["run_dir"], site_dir, name, split="train", adapt_batchnorm=True,
+                              adapt_layers=layers)
+        adapted_report, preds = _adapted_report(runs[0]["run_dir"], site_dir, name)
         report = [adapted_report]
     else:
         report = [evaluate_run(r["run_dir"], data_dir=site_dir, split="test", bootstrap=300, tta=tta,

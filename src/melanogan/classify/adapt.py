@@ -12,6 +12,12 @@ sample and stores the statistics beside the site's thresholds (RUN_DIR/sites/NAM
 The statistics are pooled over every image exactly (sums in float64, each image counted once,
 whatever the batch sizes); the forward pass that produces each layer's input normalises the layers
 before it by the batch's own statistics, as in training, which is what AdaBN prescribes.
+
+`layers=N` adapts only the first N layers in the order the forward pass reaches them (the shallow
+ones). Why: a site's statistics carry its dermoscope (illumination, colour, contrast), which the first
+layers see, and also its own mix of lesions, which the deep layers' features separate; re-centring
+those on the site's mix can move the melanoma-vs-rest direction itself. A shallow layer's statistics
+do not depend on the layers after it, so they are exactly those of a full adaptation.
 """
 
 from __future__ import annotations
@@ -49,19 +55,32 @@ def even_batch_size(n: int, largest: int = BATCH) -> int:
     return math.ceil(n / batches)
 
 
+def check_layers(layers: int | None, available: int, model_name: str) -> None:
+    """`layers` (None: all) must name between 1 and the model's number of BatchNorm layers."""
+    if layers is not None and not 1 <= layers <= available:
+        raise MelanoganError(f"adapting the first {layers} batch-normalisation layer(s): {model_name} has "
+                             f"{available}; use 1 to {available}, or leave the number out to adapt all.")
+
+
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
-    """Replace the running mean and variance of every BatchNorm layer of `model` by those of the
+def adapt_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                    layers: int | None = None) -> tuple[int, list[str]]:
+    """Replace the running mean and variance of the BatchNorm layers of `model` by those of the
     features the images of `batches` (items: images, metadata or None) produce at that layer; the
-    variance unbiased, as BatchNorm stores it. Everything else of the model is left as it was.
-    Returns the number of images."""
-    layers = batchnorm_layers(model)
-    if not layers:
+    variance unbiased, as BatchNorm stores it. `layers`: only the first N layers the forward pass
+    reaches (None: every layer it reaches). Everything else of the model is left as it was.
+    Returns the number of images and the adapted layers' names, in forward order."""
+    found = batchnorm_layers(model)
+    if not found:
         raise MelanoganError(f"{type(model).__name__} has no batch normalisation to adapt.")
-    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in layers}
+    check_layers(layers, len(found), type(model).__name__)
+    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in found}
+    order: list[str] = []  # the forward pass's order, which the declaration order need not be
 
     def recorder(name: str):
         def hook(_module, inputs):
+            if name not in order:
+                order.append(name)
             x = inputs[0].detach().double()
             dims = [0, *range(2, x.dim())]
             s = sums[name]
@@ -71,10 +90,10 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         return hook
 
     was_training = model.training
-    saved = {name: (m.momentum, m.num_batches_tracked.clone()) for name, m in layers.items()}
-    hooks = [m.register_forward_pre_hook(recorder(name)) for name, m in layers.items()]
+    saved = {name: (m.momentum, m.num_batches_tracked.clone()) for name, m in found.items()}
+    hooks = [m.register_forward_pre_hook(recorder(name)) for name, m in found.items()]
     model.eval()
-    for m in layers.values():
+    for m in found.values():
         m.train()  # batch statistics normalise the forward pass, as in training ...
         m.momentum = 0.0  # ... and leave the running ones untouched until they are replaced below
     images = 0
@@ -88,19 +107,25 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     finally:
         for h in hooks:
             h.remove()
-        for name, m in layers.items():
+        for name, m in found.items():
             m.momentum, tracked = saved[name]
             m.num_batches_tracked.copy_(tracked)
         model.train(was_training)
     if images < 2:
         raise MelanoganError(f"adapting batch normalisation needs at least 2 images; got {images}.")
-    for name, m in layers.items():
+    # a layer the forward pass never reaches (an unused head) has no site statistics: it stays as trained
+    chosen = order if layers is None else order[:layers]
+    if layers is not None and len(chosen) < layers:
+        raise MelanoganError(f"adapting the first {layers} batch-normalisation layer(s): the forward pass of "
+                             f"{type(model).__name__} reaches only {len(order)}.")
+    for name in chosen:
+        m = found[name]
         n, s1, s2 = sums[name]
         mean = s1 / n
         var = (s2 / n - mean * mean).clamp_min(0) * (n / (n - 1))
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
-    return images
+    return images, chosen
 
 
 def dataset_batches(dataset, metadata: np.ndarray | None, device: torch.device, batch_size: int):

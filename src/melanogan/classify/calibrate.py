@@ -69,13 +69,22 @@ BATCHNORM_FILE = "batchnorm.safetensors"
 
 
 def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all", folds: int = 5,
-                   log: Callable[[str], None] | None = None, adapt_batchnorm: bool = False) -> dict:
+                   log: Callable[[str], None] | None = None, adapt_batchnorm: bool = False,
+                   adapt_layers: int | None = None) -> dict:
     """Score SITE_DATA_DIR's labelled sample with the run's preprocessing, choose the site's
     temperature and thresholds, estimate them by cross-fitting, and store them under `name`.
-    `adapt_batchnorm`: first adapt the model's batch normalisation to the sample's images (AdaBN)."""
+    `adapt_batchnorm`: first adapt the model's batch normalisation to the sample's images (AdaBN);
+    `adapt_layers`: only its first N batch-normalisation layers in forward order (None: all)."""
     from safetensors.torch import save_file
 
-    from melanogan.classify.adapt import MIN_IMAGES, batchnorm_statistics, dataset_batches, even_batch_size
+    from melanogan.classify.adapt import (
+        MIN_IMAGES,
+        batchnorm_layers,
+        batchnorm_statistics,
+        check_layers,
+        dataset_batches,
+        even_batch_size,
+    )
     from melanogan.classify.adapt import adapt_batchnorm as adapt
     from melanogan.classify.evaluate import predict_split, run_cache_options, seen_in_training, split_dataset
     from melanogan.classify.predict import checkpoint_sha256
@@ -87,7 +96,11 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
     path = site_file(run_dir, name)
     if split not in ("all", "train", "val", "test"):
         raise MelanoganError(f"--split {split!r}: use all, train, val or test.")
+    if adapt_layers is not None and not adapt_batchnorm:
+        raise MelanoganError(f"--adapt-layers {adapt_layers} applies to --adapt-batchnorm; add that flag, or leave "
+                             "the number out.")
     model, cfg, _ = load_model(run_dir / "best")
+    check_layers(adapt_layers, len(batchnorm_layers(model)), cfg.model)  # before any image is read
     own = Path(read_json(run_dir / "run.json")["data_dir"])
     exclude = seen_in_training(data_dir, load_manifest(data_dir), own)  # the model has seen them
     if exclude is None and log:
@@ -95,14 +108,15 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
             f"{data_dir} cannot be removed from the site sample; calibration.json records this "
             "(excluded_overlap null). Copy the training data folder there to check.")
     cache = cache_for(data_dir, run_cache_options(run_dir), log)
-    adapted_on = 0
+    adapted_on, adapted_layers = 0, []
     if adapt_batchnorm:
         ds, metadata = split_dataset(cfg, data_dir, [split], exclude or set(), cache)
         if len(ds) < MIN_IMAGES:
             raise MelanoganError(f"{data_dir}: adapting batch normalisation needs at least {MIN_IMAGES} images of the "
                                  f"site (labels not needed); the sample has {len(ds)}. Add images, or calibrate "
                                  "without --adapt-batchnorm.")
-        adapted_on = adapt(model, dataset_batches(ds, metadata, torch.device("cpu"), even_batch_size(len(ds))))
+        adapted_on, adapted_layers = adapt(model, dataset_batches(ds, metadata, torch.device("cpu"),
+                                                                  even_batch_size(len(ds))), adapt_layers)
     sample = predict_split(model, cfg, data_dir, [split], exclude=exclude or set(), cache=cache)
     y, z = sample["label"].to_numpy(), sample["logit"].to_numpy()
     n_mel, n_other = int(y.sum()), int(len(y) - y.sum())
@@ -129,7 +143,10 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
     if adapted_on:
         with atomic_path(path.parent / BATCHNORM_FILE, suffix=".safetensors") as tmp:
             save_file(batchnorm_statistics(model), tmp, metadata={"site": name})
-        result["batchnorm"] = {"adapted_on_images": adapted_on, "sha256": file_sha256(path.parent / BATCHNORM_FILE)}
+        # the file holds every layer's statistics (the ones not adapted as trained); the names say which moved
+        result["batchnorm"] = {"adapted_on_images": adapted_on, "adapted_layers": adapted_layers,
+                               "layers_of_model": len(batchnorm_layers(model)),
+                               "sha256": file_sha256(path.parent / BATCHNORM_FILE)}
     write_json(path, result)
     if not adapted_on:  # a calibration without adaptation leaves no earlier site statistics behind
         (path.parent / BATCHNORM_FILE).unlink(missing_ok=True)

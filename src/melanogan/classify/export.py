@@ -101,8 +101,7 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
                                                        "dtype": "float32", "layout": "NCHW RGB"},
             "output": {"name": "logit", "meaning": f"melanoma logit; probability = sigmoid(logit / {temperature:g})"},
             "temperature": temperature, "thresholds_chosen_on": f"site {site}" if site else "validation",
-            "batchnorm": (f"adapted to site {site} on {calibration['batchnorm']['adapted_on_images']} images"
-                          if calibration and calibration.get("batchnorm") else "as trained"),
+            "batchnorm": _batchnorm_note(site, calibration),
             "preprocessing": {"decode": info.get("cache_options"), "resize_to": cfg.image_size,
                               "scale": "x / 255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
             "thresholds": thresholds,
@@ -116,3 +115,15 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
                                   "all_missing": missing_vector(cfg.metadata).tolist()}
     write_json(out.with_suffix(out.suffix + ".json"), meta)
     return meta
+
+
+def _batchnorm_note(site: str | None, calibration: dict | None) -> str:
+    """What the exported graph's batch normalisation is: as trained, or adapted to the site (all its
+    layers, or the first N; calibrations made before `--adapt-layers` adapted all)."""
+    b = calibration and calibration.get("batchnorm")
+    if not b:
+        return "as trained"
+    layers = b.get("adapted_layers")
+    part = (f" (first {len(layers)} of {b['layers_of_model']} layers)"
+            if layers is not None and len(layers) < b["layers_of_model"] else "")
+    return f"adapted to site {site} on {b['adapted_on_images']} images{part}"

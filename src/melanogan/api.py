@@ -174,7 +174,7 @@ def evaluate_gan(syn_dir: str | Path, real: str | Path, out: str | Path, split: 
 
 
 def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weights: str | None = None,
-          image_size: int = 128, synthetic: list[str | Path] | None = None, loss: str = "bce",
+          image_size: int = 96, synthetic: list[str | Path] | None = None, loss: str = "bce",
           sampler: str = "none", augment: str = "classic", color_augment: str = "rgb", style_augment: str = "none",
           diagnosis_weight: float | None = None, epochs: int = 30, max_minutes: float | None = None,
           batch_size: int = 32, lr: float = 2e-3, patience: int = 8, select: str = "auc",

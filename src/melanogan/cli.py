@@ -492,7 +492,7 @@ def train(
     weights: Annotated[str | None, typer.Option(
         help="imagenet (torchvision's weights; downloaded when online) or a local .pth/.safetensors file. "
              "Default: from scratch.")] = None,
-    image_size: Annotated[int, typer.Option(help="Model input size (resized from the cache).")] = 128,
+    image_size: Annotated[int, typer.Option(help="Model input size (resized from the cache).")] = 96,
     synthetic: Annotated[list[Path] | None, typer.Option(
         help="SYN_DIR from `melanogan generate`, repeatable: added to training only.")] = None,
     loss: Annotated[str, typer.Option(help="bce, weighted (pos_weight = negatives/positives) or focal.")] = "bce",
@@ -819,7 +819,7 @@ def bench_travel(
     model: Annotated[str, typer.Option(help="Registered classifier.")] = "small-cnn",
     weights: Annotated[str | None, typer.Option(help="imagenet or a local weights file (pretrained recipe).")] =
         None,
-    image_size: Annotated[int, typer.Option(help="Model input size.")] = 128,
+    image_size: Annotated[int, typer.Option(help="Model input size.")] = 96,
     batch_size: Annotated[int, typer.Option(help="Training batch size (raise it on a GPU).")] = 32,
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",

@@ -141,10 +141,10 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
                                                               "style_augment=mixstyle"), batch_size=16)
 
     assert [p[1] for p in calls["prepare"]] == ["crop", "crop", "lesion", "lesion"]  # train + site, per framing
-    assert [t[1:] for t in calls["train"]] == [("classic", 128, 0, 8.0), ("classic", 128, 0, 8.0),
-                                               ("strong", 128, 0, 8.0), ("classic", 128, 0, 4.0),
-                                               ("classic", 128, 1, 4.0), ("classic", 128, 0, 8.0),
-                                               ("classic", 128, 0, 8.0)]  # the ensemble splits the budget
+    assert [t[1:] for t in calls["train"]] == [("classic", 96, 0, 8.0), ("classic", 96, 0, 8.0),
+                                               ("strong", 96, 0, 8.0), ("classic", 96, 0, 4.0),
+                                               ("classic", 96, 1, 4.0), ("classic", 96, 0, 8.0),
+                                               ("classic", 96, 0, 8.0)]  # the ensemble splits the budget
     base = calls["cfg"][0].model_dump()
     for cfg, changed in zip(calls["cfg"][-2:], ({"color_augment": "lab"}, {"style_augment": "mixstyle"}), strict=True):
         assert {k: v for k, v in cfg.model_dump().items() if base[k] != v} == changed  # its own setting only

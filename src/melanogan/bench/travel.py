@@ -152,7 +152,7 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
 
 
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
-        model: str = "small-cnn", weights: str | None = None, image_size: int = 128, seed: int = 0,
+        model: str = "small-cnn", weights: str | None = None, image_size: int = 96, seed: int = 0,
         accelerator: str = "auto", vary: tuple[str, ...] = (), json_out: Path | None = None,
         batch_size: int = 32, repeats: int = 1) -> dict:
     """`batch_size`: the training batch (raise it on a GPU, which 32 leaves mostly idle). `json_out`: also

@@ -51,7 +51,9 @@ class TrainConfig(BaseModel):
 
     model: str = "small-cnn"
     weights: str | None = None  # None, "imagenet" or a file path
-    image_size: int = 128
+    # 96, not 128: under leave-one-source-out (README, split seed 8000) the 1.4x throughput bought 1.6x
+    # the epochs in the same CPU budget and travelled at least as well from every held-out source
+    image_size: int = 96
     epochs: int = 30
     max_minutes: float | None = None
     batch_size: int = 32

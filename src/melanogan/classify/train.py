@@ -51,7 +51,7 @@ class TrainConfig(BaseModel):
 
     model: str = "small-cnn"
     weights: str | None = None  # None, "imagenet" or a file path
-    # 96, not 128: under leave-one-source-out (README, split seed 8000) the 1.4x throughput bought 1.6x
+    # 96, not 128: under leave-one-source-out (README, split seed 8000) the 1.7x throughput bought 1.6x
     # the epochs in the same CPU budget and travelled at least as well from every held-out source
     image_size: int = 96
     epochs: int = 30

@@ -100,7 +100,8 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         raise MelanoganError(f"--adapt-layers {adapt_layers} applies to --adapt-batchnorm; add that flag, or leave "
                              "the number out.")
     model, cfg, _ = load_model(run_dir / "best")
-    check_layers(adapt_layers, len(batchnorm_layers(model)), cfg.model)  # before any image is read
+    n_layers = len(batchnorm_layers(model))
+    check_layers(adapt_layers, n_layers, cfg.model)  # before any image is read
     own = Path(read_json(run_dir / "run.json")["data_dir"])
     exclude = seen_in_training(data_dir, load_manifest(data_dir), own)  # the model has seen them
     if exclude is None and log:
@@ -145,7 +146,7 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
             save_file(batchnorm_statistics(model), tmp, metadata={"site": name})
         # the file holds every layer's statistics (the ones not adapted as trained); the names say which moved
         result["batchnorm"] = {"adapted_on_images": adapted_on, "adapted_layers": adapted_layers,
-                               "layers_of_model": len(batchnorm_layers(model)),
+                               "layers_of_model": n_layers,
                                "sha256": file_sha256(path.parent / BATCHNORM_FILE)}
     write_json(path, result)
     if not adapted_on:  # a calibration without adaptation leaves no earlier site statistics behind

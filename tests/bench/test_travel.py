@@ -68,6 +68,18 @@ def test_levers_are_typed_and_checked_before_any_work():
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
         parse_levers(("tta=8", "tta=8"))
+    # the GAN arm: a count per class, and how its GAN trains only joined to it
+    assert parse_levers(("gan=1000", "gan=500+gan_steps=20000+gan_resolution=128+gan_preset=default")) == [
+        ("gan=1000", {"gan": 1000}),
+        ("gan=500+gan_steps=20000+gan_resolution=128+gan_preset=default",
+         {"gan": 500, "gan_steps": 20000, "gan_resolution": 128, "gan_preset": "default"})]
+    for bad, message in [("gan=0", "1 to 100000"), ("gan=many", "gan"), ("gan=10+gan_steps=0", "at least 1"),
+                         ("gan=10+gan_resolution=96", "32, 64, 128 or 256"),
+                         ("gan=10+gan_preset=gpu", "cpu or default"),
+                         ("gan_steps=2000", "join them to it"), ("gan_resolution=128+gan_preset=default",
+                                                                 "gan_preset, gan_resolution")]:
+        with pytest.raises(MelanoganError, match=message):
+            parse_levers((bad,))
     assert parse_levers(("model=small-cnn-ibn", "sampler=source")) == [
         ("model=small-cnn-ibn", {"model": "small-cnn-ibn"}), ("sampler=source", {"sampler": "source"})]
     # settings that belong together form one variant
@@ -335,3 +347,65 @@ def test_pooled_difference_is_the_mean_over_seeds_on_images_all_runs_scored():
     expected = np.mean([auc(2) - auc(0), auc(3) - auc(1)])
     assert pooled["images"] == n - 1 and pooled["difference"] == pytest.approx(expected, abs=1e-4)
     assert pooled["ci95"][0] < pooled["difference"] < pooled["ci95"][1]
+
+
+def test_the_gan_lever_trains_one_gan_on_the_training_sources_and_adds_both_classes(tmp_path, monkeypatch):
+    """The GAN sees the training sources' data dir (never the held-out site's), each class gets N
+    synthetic images, the classifier differs from the defaults by its synthetic set only, and two
+    counts from one GAN train it once."""
+    import melanogan.gan.sample as sample
+    import melanogan.gan.train as gan_train
+
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    gans, generated = [], []
+
+    def fake_train_gan(data_dir, run_dir, cfg, accelerator="auto", progress=True):
+        gans.append((Path(data_dir).name, cfg))
+        Path(run_dir).mkdir(parents=True)
+        return {"step": cfg.steps, "training_images": {"melanoma": 5, "other": 20}}
+
+    def fake_generate(run_dir, n, label, out, seed=0):
+        generated.append((Path(run_dir).name, n, label, Path(out).name, seed))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "prepare.json").write_text('{"generator": "ema"}')
+
+    monkeypatch.setattr(gan_train, "train_gan", fake_train_gan)
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    result = travel.run(tmp_path, holdout=("derm7pt",),
+                        vary=("gan=10", "gan=20", "gan=10+gan_steps=5+gan_preset=default"), batch_size=16, seed=3)
+    train_dir = calls["train"][0][0]
+    assert [(d, c.steps, c.resolution, c.generator_channels, c.critic_channels, c.lr, c.ema_decay, c.seed)
+            for d, c in gans] == [(train_dir, 600, 64, 128, 32, 2e-4, 0.995, 3),  # the cpu preset, the defaults' data
+                                  (train_dir, 5, 64, 256, 64, 1e-4, 0.999, 3)]  # the shipped preset as it is
+    first, second = (f"gan-derm7pt-{i}" for i in (1, 4))  # named by how many runs the held-out source had made
+    assert generated == [(gan, n, label, f"{gan}-synthetic-{n}", 3)
+                         for gan, n in ((first, 10), (first, 20), (second, 10)) for label in ("melanoma", "other")]
+    defaults = calls["cfg"][0].model_dump()
+    for cfg, syn in zip(calls["cfg"][1:], (f"{first}-synthetic-10", f"{first}-synthetic-20", f"{second}-synthetic-10"),
+                        strict=True):
+        changed = {k: v for k, v in cfg.model_dump().items() if defaults[k] != v}
+        assert list(changed) == ["synthetic"] and [Path(x).name for x in changed["synthetic"]] == [syn]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert "gan" not in rows["defaults"]
+    assert rows["gan=20"]["gan"]["synthetic_per_class"] == 20 and rows["gan=20"]["gan"]["steps"] == 600
+    assert rows["gan=10+gan_steps=5+gan_preset=default"]["gan"]["preset"] == "default"
+    assert "(GAN: 600 steps at 64 px" in travel.table(result)
+
+
+def test_the_gan_lever_makes_a_synthetic_set_the_classifier_accepts(demo_prepared, tmp_path):
+    """The real GAN and generator, a few steps: N images of each class, training rows only, in the
+    training data's preprocessing (what train_classifier checks before it uses them)."""
+    from melanogan.classify.train import check_synthetic_manifest
+    from melanogan.data.manifest import default_cache
+    from melanogan.data.synthetic import check_synthetic_space
+
+    settings = {**travel.GAN_DEFAULTS, "gan": 3, "gan_steps": 2, "gan_resolution": 32}
+    trained: dict = {}
+    made = travel._synthetic(demo_prepared, tmp_path, "derm7pt", "key", settings, 7, "cpu", trained)
+    manifest = check_synthetic_manifest(Path(made["syn_dir"]))
+    assert manifest["label"].value_counts().to_dict() == {1: 3, 0: 3}
+    check_synthetic_space(Path(made["syn_dir"]), default_cache(demo_prepared).options)
+    assert made["steps"] == 2 and made["resolution"] == 32 and made["synthetic_per_class"] == 3
+    again = travel._synthetic(demo_prepared, tmp_path, "derm7pt", "key", {**settings, "gan": 2}, 7, "cpu", trained)
+    assert len(trained) == 1 and again["syn_dir"] != made["syn_dir"]  # the same GAN, another set
+    assert check_synthetic_manifest(Path(again["syn_dir"]))["label"].value_counts().to_dict() == {1: 2, 0: 2}

@@ -10,8 +10,11 @@ the first part. The same command takes `--model efficientnet_b0 --weights imagen
 Levers (`--vary KEY=VALUE`, repeatable): each changes one setting of the defaults, is run under the
 same protocol and seed, and is compared with the defaults by a paired cluster bootstrap on the same
 report images, Holm-adjusted over every lever and held-out source. One factor at a time, so each
-difference is that lever's own effect. `--repeats N` trains everything with N training seeds and
-compares each lever over all of them, since one time-budgeted run moves by up to 0.03 of AUC."""
+difference is that lever's own effect. `gan=N` is the GAN arm under the same protocol: a cWGAN-GP
+trained on the training sources only, N synthetic images of each class added to the classifier's
+training set, the GAN's minutes reported beside the classifier's. `--repeats N` trains everything
+with N training seeds and compares each lever over all of them, since one time-budgeted run moves by
+up to 0.03 of AUC."""
 
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "diagnosis_weight": "train", "sampler": "train", "model": "train",
           "select": "train", "weight_average": "train",
-          "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train", "tta": "evaluate",
-          "adapt": "evaluate", "adapt_layers": "evaluate"}
+          "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train",
+          "gan": "train", "gan_steps": "train", "gan_resolution": "train", "gan_preset": "train",
+          "tta": "evaluate", "adapt": "evaluate", "adapt_layers": "evaluate"}
 # The site name under which the `adapt` lever's calibration (with its batch-normalisation statistics)
 # is stored beside the run, apart from the plain "choose" calibration of the site threshold; a variant
 # adapting only the first N layers gets "-N", so two adapt variants of one run never share a site.
@@ -47,6 +51,20 @@ ADAPTED_SITE = "choose-batchnorm"
 _NEVER_STOP = 1000
 _CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "diagnosis_weight", "sampler", "select",
                   "weight_average")
+
+# The GAN arm (`gan=N`): a cWGAN-GP trained on the training sources' train split only (never on the
+# held-out source), N synthetic melanomas and N synthetic non-melanomas added to the classifier's
+# training set (both classes, so that "synthetic" cannot stand for the label), the classifier's own
+# budget unchanged. What the other gan_* keys default to:
+# - gan_steps 600: ~1.4 s per generator step on 2 cores in fp32 at 64 px with the cpu preset (about
+#   14 minutes), so that prepare (<= 2) + GAN + the 8-minute classifier stay within #15's 25
+#   CPU-minutes. A GPU affords the study's 20,000 (`--vary gan=1000+gan_steps=20000+gan_preset=default`).
+# - gan_preset cpu: the 2-core study's GAN (studies/shared-data-cpu.yaml): the default preset at half
+#   width with a faster learning rate and a shorter EMA, for runs of a few hundred to a few thousand
+#   steps; default: the shipped preset as it is.
+GAN_DEFAULTS = {"gan": 0, "gan_steps": 600, "gan_resolution": 64, "gan_preset": "cpu"}
+GAN_PRESETS = {"cpu": ("default", {"generator_channels": 128, "critic_channels": 32, "lr": 2e-4, "ema_decay": 0.995}),
+               "default": ("default", {})}
 
 
 def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
@@ -75,6 +93,10 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
         if "adapt_layers" in settings and settings.get("adapt") != "batchnorm":
             raise MelanoganError(f"--vary {item!r}: adapt_layers says how many layers adapt=batchnorm adapts; join "
                                  "them, e.g. adapt=batchnorm+adapt_layers=3.")
+        gan_keys = sorted(k for k in settings if k.startswith("gan_"))
+        if gan_keys and "gan" not in settings:  # a GAN setting without the GAN arm would change nothing
+            raise MelanoganError(f"--vary {item!r}: {', '.join(gan_keys)} set how the gan lever's GAN is trained; "
+                                 "join them to it, e.g. gan=1000+gan_steps=2000.")
         if "patience" in settings and "epochs" not in settings:
             # the clock budget has no early stopping to change: patience only means something with epochs
             raise MelanoganError(f"--vary {item!r}: patience applies to an epoch budget; join it to one, "
@@ -138,6 +160,22 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             if raw not in list_classifiers():
                 raise ValueError(f"unknown model {raw!r}; registered: {', '.join(list_classifiers())}")
             value = raw
+        elif key == "gan":  # synthetic images of each class
+            value = int(raw)
+            if not 1 <= value <= 100_000:
+                raise ValueError("gan is the number of synthetic images of each class: 1 to 100000")
+        elif key == "gan_steps":
+            value = int(raw)
+            if value < 1:
+                raise ValueError("train the GAN for at least 1 generator step")
+        elif key == "gan_resolution":
+            value = int(raw)
+            if value not in (32, 64, 128, 256):
+                raise ValueError("the GAN's resolution is 32, 64, 128 or 256")
+        elif key == "gan_preset":
+            if raw not in GAN_PRESETS:
+                raise ValueError(f"{raw!r}: use {' or '.join(GAN_PRESETS)}")
+            value = raw
         elif key == "minutes":
             value = float(raw)
             if not value > 0:
@@ -184,7 +222,8 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
         raise MelanoganError(f"{data}: bench travel needs {', '.join(missing)} (../shared/data).")
     # patience: `train`'s early stopping, used only with an epoch budget (the clock has none)
     defaults = {"minutes": minutes, "epochs": None, "patience": TrainConfig().patience, "image_size": image_size,
-                "tta": 1, "adapt": "none", "adapt_layers": None, "batch_size": batch_size, "ensemble": 1}
+                "tta": 1, "adapt": "none", "adapt_layers": None, "batch_size": batch_size, "ensemble": 1,
+                **GAN_DEFAULTS}
     variants = [("defaults", defaults)] + [(name, {**defaults, **settings}) for name, settings in levers]
     train_seeds = [seed + 1000 * r for r in range(repeats)]
     rows, combined = [], []
@@ -265,6 +304,10 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     cfg = TrainConfig(model=settings.get("model", model), weights=weights, image_size=settings["image_size"],
                       batch_size=settings["batch_size"], **budget,
                       seed=train_seed, **{k: settings[k] for k in _CONFIG_LEVERS if k in settings})
+    gan = _synthetic(train_dir, tmp, held, options.key, settings, train_seed, accelerator, trained) \
+        if settings["gan"] else None
+    if gan:
+        cfg = cfg.model_copy(update={"synthetic": [gan["syn_dir"]]})
     members = settings["ensemble"]
     if members > 1:  # the same budget split between members of different seeds
         cfgs = [cfg.model_copy(update={"seed": train_seed + i, "max_minutes": settings["minutes"] / members})
@@ -294,6 +337,9 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         "report_images": report[0]["n_images"], "report_melanoma": report[0]["n_melanoma"],
         "excluded_overlap": report[0]["excluded_overlap"],
     }
+    if gan:  # the GAN's cost beside the classifier's: prepare + GAN + train is the pipeline's budget
+        row["gan"] = {k: gan[k] for k in ("steps", "resolution", "preset", "minutes", "synthetic_per_class",
+                                          "training_images", "generator")}
     if members == 1:
         # an adapted model's validation threshold would be the unadapted model's: none is reported
         travelled = report[0]["thresholds"]["val_youden"] if not adapted else None
@@ -362,6 +408,42 @@ def _train(train_dir: Path, tmp: Path, held: str, data_key: str, cfg, accelerato
     return trained[key]
 
 
+def _synthetic(train_dir: Path, tmp: Path, held: str, data_key: str, settings: dict, seed: int, accelerator: str,
+               trained: dict) -> dict:
+    """Train the gan lever's GAN on `train_dir`'s train split (the held-out source is not in it) and
+    generate settings["gan"] images of each class; a later variant with the same GAN settings reuses
+    the GAN (and, asking for as many images, the synthetic set)."""
+    from melanogan.fileio import read_json
+    from melanogan.gan.config import load_config
+    from melanogan.gan.sample import generate
+    from melanogan.gan.train import train_gan
+
+    spec = {k: settings[k] for k in ("gan_steps", "gan_resolution", "gan_preset")}
+    gan_key = json.dumps(["gan", data_key, spec, seed], sort_keys=True)
+    if gan_key not in trained:
+        gan_dir = tmp / f"gan-{held}-{len(trained)}"
+        preset, overrides = GAN_PRESETS[settings["gan_preset"]]
+        steps = settings["gan_steps"]
+        cfg = load_config(preset, **{**overrides, "resolution": settings["gan_resolution"], "steps": steps,
+                                     "seed": seed, "kid_every": 0, "sample_every": steps,
+                                     # a divergence near the end keeps most of the run (the error names it)
+                                     "checkpoint_every": max(1, steps // 4), "log_every": min(25, steps)})
+        t0 = time.perf_counter()
+        summary = train_gan(train_dir, gan_dir, cfg, accelerator=accelerator, progress=False)
+        trained[gan_key] = {"gan_dir": gan_dir, "steps": summary["step"], "resolution": cfg.resolution,
+                            "preset": settings["gan_preset"], "minutes": round((time.perf_counter() - t0) / 60, 1),
+                            "training_images": summary["training_images"], "sets": {}}
+    made = trained[gan_key]
+    n = settings["gan"]
+    if n not in made["sets"]:
+        syn_dir = made["gan_dir"].with_name(f"{made['gan_dir'].name}-synthetic-{n}")
+        generate(made["gan_dir"], n, "melanoma", syn_dir, seed=seed)
+        generate(made["gan_dir"], n, "other", syn_dir, seed=seed)
+        made["sets"][n] = {"syn_dir": str(syn_dir), "generator": read_json(syn_dir / "prepare.json")["generator"]}
+    return {**{k: v for k, v in made.items() if k not in ("sets", "gan_dir")}, **made["sets"][n],
+            "synthetic_per_class": n}
+
+
 def _mean_logits(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """One prediction table with each image's logit averaged over the members (images all scored)."""
     if len(frames) == 1:
@@ -390,6 +472,8 @@ def table(results: dict) -> str:
         low, high = r["external_auc_ci95"]
         several = len(results.get("train_seeds", [0])) > 1
         setting = f"{r['variant']} (seed {r['train_seed']})" if several else r["variant"]
+        if r.get("gan"):  # the GAN's own cost, beside the classifier's epochs
+            setting += f" (GAN: {r['gan']['steps']:,} steps at {r['gan']['resolution']} px, {r['gan']['minutes']} min)"
         internal = f"{r['internal_test_auc']:.3f}"
         if r.get("internal_test_auc_ci95"):  # rows of earlier runs have none
             internal += " [{:.3f}, {:.3f}]".format(*r["internal_test_auc_ci95"])

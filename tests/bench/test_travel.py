@@ -362,6 +362,7 @@ def test_the_gan_lever_trains_one_gan_on_the_training_sources_and_adds_both_clas
     def fake_train_gan(data_dir, run_dir, cfg, accelerator="auto", progress=True):
         gans.append((Path(data_dir).name, cfg))
         Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "run.json").write_text('{"training_images": {"melanoma": 5, "other": 20}}')
         return {"step": cfg.steps, "training_images": {"melanoma": 5, "other": 20}}
 
     def fake_generate(run_dir, n, label, out, seed=0):
@@ -371,6 +372,7 @@ def test_the_gan_lever_trains_one_gan_on_the_training_sources_and_adds_both_clas
 
     monkeypatch.setattr(gan_train, "train_gan", fake_train_gan)
     monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(travel, "label_effect_of", lambda syn_dir: {"ratio": 0.25, "pairs": 2})
     result = travel.run(tmp_path, holdout=("derm7pt",),
                         vary=("gan=10", "gan=20", "gan=10+gan_steps=5+gan_preset=default"), batch_size=16, seed=3)
     train_dir = calls["train"][0][0]
@@ -389,7 +391,42 @@ def test_the_gan_lever_trains_one_gan_on_the_training_sources_and_adds_both_clas
     assert "gan" not in rows["defaults"]
     assert rows["gan=20"]["gan"]["synthetic_per_class"] == 20 and rows["gan=20"]["gan"]["steps"] == 600
     assert rows["gan=10+gan_steps=5+gan_preset=default"]["gan"]["preset"] == "default"
-    assert "(GAN: 600 steps at 64 px" in travel.table(result)
+    assert rows["gan=20"]["gan"]["training_images"] == {"melanoma": 5, "other": 20}
+    assert rows["gan=20"]["gan"]["diverged"] is None
+    assert "(GAN: 600 steps at 64 px, 0.0 min, label/noise effect 0.25)" in travel.table(result)
+
+
+def test_a_diverged_gan_draws_from_its_last_good_checkpoint_and_the_row_says_so(tmp_path, monkeypatch):
+    import melanogan.gan.sample as sample
+    import melanogan.gan.train as gan_train
+
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    drawn_from = []
+
+    def diverging(data_dir, run_dir, cfg, accelerator="auto", progress=True):
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "run.json").write_text('{"training_images": {"melanoma": 5, "other": 20}}')
+        if cfg.steps > 100:  # a checkpoint at step 150 (of checkpoint_every = steps // 4), then NaN losses
+            (Path(run_dir) / "checkpoints" / "step-0000150").mkdir(parents=True)
+            (Path(run_dir) / "checkpoints" / "step-0000150" / "state.json").write_text('{"step": 150}')
+        raise gan_train.GanDivergedError("training diverged at step 170: critic_loss=nan")
+
+    def fake_generate(run_dir, n, label, out, seed=0):
+        drawn_from.append((Path(run_dir).name, label))  # generate's own default: the latest good checkpoint
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "prepare.json").write_text('{"generator": "raw"}')
+
+    monkeypatch.setattr(gan_train, "train_gan", diverging)
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(travel, "label_effect_of", lambda syn_dir: None)
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("gan=10",), batch_size=16)
+    row = {r["variant"]: r for r in result["rows"]}["gan=10"]
+    assert row["gan"]["steps"] == 150 and "diverged at step 170" in row["gan"]["diverged"]
+    assert drawn_from == [("gan-derm7pt-1", "melanoma"), ("gan-derm7pt-1", "other")] and len(calls["cfg"]) == 2
+    assert "diverged: images from its last good checkpoint" in travel.table(result)
+    # diverged before any checkpoint: nothing to draw from, a message that says what to do
+    with pytest.raises(MelanoganError, match="derm7pt held out: the gan lever's GAN diverged before its first"):
+        travel.run(tmp_path, holdout=("derm7pt",), vary=("gan=10+gan_steps=40",), batch_size=16)
 
 
 def test_the_gan_lever_makes_a_synthetic_set_the_classifier_accepts(demo_prepared, tmp_path):
@@ -406,6 +443,29 @@ def test_the_gan_lever_makes_a_synthetic_set_the_classifier_accepts(demo_prepare
     assert manifest["label"].value_counts().to_dict() == {1: 3, 0: 3}
     check_synthetic_space(Path(made["syn_dir"]), default_cache(demo_prepared).options)
     assert made["steps"] == 2 and made["resolution"] == 32 and made["synthetic_per_class"] == 3
+    assert made["label_effect"]["pairs"] == 3  # every melanoma has its noise twin among the others
     again = travel._synthetic(demo_prepared, tmp_path, "derm7pt", "key", {**settings, "gan": 2}, 7, "cpu", trained)
     assert len(trained) == 1 and again["syn_dir"] != made["syn_dir"]  # the same GAN, another set
     assert check_synthetic_manifest(Path(again["syn_dir"]))["label"].value_counts().to_dict() == {1: 2, 0: 2}
+
+
+def test_label_effect_pairs_noise_twins_and_ignores_the_rest(tmp_path):
+    """Uniform images: the others 0, 30, 60 grey levels, each melanoma twin 10 brighter, so the label
+    moves each image by 10 levels and the noise by 30, 30, 60 (ratio 10 / 40); a melanoma without a
+    twin and a pair of another seed's twin must not count."""
+    from PIL import Image
+
+    from melanogan.fileio import write_parquet
+
+    rows = []
+    for seed, index, label, level in [(0, 0, 0, 0), (0, 1, 0, 30), (0, 2, 0, 60), (0, 0, 1, 10), (0, 1, 1, 40),
+                                      (0, 2, 1, 70), (0, 5, 1, 255), (1, 0, 1, 200)]:
+        path = tmp_path / f"s{seed}-{index}-{label}.png"
+        Image.new("RGB", (64, 64), (level,) * 3).save(path)
+        rows.append({"seed": seed, "noise_index": index, "label": label, "path": str(path)})
+    write_parquet(tmp_path / "manifest.parquet", pd.DataFrame(rows))
+    out = travel.label_effect_of(tmp_path, size=8)
+    pixel = np.sqrt(8 * 8 * 3) / 255  # one grey level over every pixel and channel
+    assert out["pairs"] == 3 and out["label"] == pytest.approx(10 * pixel, abs=1e-4)
+    assert out["noise"] == pytest.approx(40 * pixel, abs=1e-4) and out["ratio"] == pytest.approx(0.25, abs=1e-4)
+    assert travel.label_effect_of(tmp_path, pairs=1) is None  # one pair: no noise distance to compare with

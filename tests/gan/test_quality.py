@@ -135,3 +135,18 @@ def test_skin_tone_shift_exact_on_constructed_angles():
     assert dropped["bands"]["dark"] == {"real": pytest.approx(1 / 6), "synthetic": 0.0}
     assert dropped["bands"]["very light"] == {"real": pytest.approx(1 / 6), "synthetic": pytest.approx(2 / 6)}
     assert dropped["n_synthetic_unknown"] == 0
+
+
+def test_label_effect_exact_on_constructed_pairs():
+    # each "melanoma" is its noise twin shifted by (1, 0): the label moves every image by exactly 1;
+    # the noise moves them by 5, 5 and 10 (next image, wrapping round) in both classes
+    other = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    melanoma = other + np.array([1.0, 0.0])
+    out = Q.label_effect(melanoma, other)
+    assert out["label"] == pytest.approx(1.0) and out["noise"] == pytest.approx(20 / 3)
+    assert out["ratio"] == pytest.approx(0.15)
+    # a generator that ignores the label: the pairs are the same picture
+    assert Q.label_effect(other, other)["ratio"] == 0.0
+    for mel, oth in ((other[:1], other[:1]), (other[:2], other)):  # one pair; unpaired sets
+        with pytest.raises(ValueError, match="same shape, n >= 2"):
+            Q.label_effect(mel, oth)

@@ -339,7 +339,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     }
     if gan:  # the GAN's cost beside the classifier's: prepare + GAN + train is the pipeline's budget
         row["gan"] = {k: gan[k] for k in ("steps", "resolution", "preset", "minutes", "synthetic_per_class",
-                                          "training_images", "generator")}
+                                          "training_images", "generator", "diverged", "label_effect")}
     if members == 1:
         # an adapted model's validation threshold would be the unadapted model's: none is reported
         travelled = report[0]["thresholds"]["val_youden"] if not adapted else None
@@ -413,10 +413,12 @@ def _synthetic(train_dir: Path, tmp: Path, held: str, data_key: str, settings: d
     """Train the gan lever's GAN on `train_dir`'s train split (the held-out source is not in it) and
     generate settings["gan"] images of each class; a later variant with the same GAN settings reuses
     the GAN (and, asking for as many images, the synthetic set)."""
+    from melanogan.errors import MelanoganError
     from melanogan.fileio import read_json
+    from melanogan.gan.checkpoint import latest_checkpoint
     from melanogan.gan.config import load_config
     from melanogan.gan.sample import generate
-    from melanogan.gan.train import train_gan
+    from melanogan.gan.train import GanDivergedError, train_gan
 
     spec = {k: settings[k] for k in ("gan_steps", "gan_resolution", "gan_preset")}
     gan_key = json.dumps(["gan", data_key, spec, seed], sort_keys=True)
@@ -426,22 +428,58 @@ def _synthetic(train_dir: Path, tmp: Path, held: str, data_key: str, settings: d
         steps = settings["gan_steps"]
         cfg = load_config(preset, **{**overrides, "resolution": settings["gan_resolution"], "steps": steps,
                                      "seed": seed, "kid_every": 0, "sample_every": steps,
-                                     # a divergence near the end keeps most of the run (the error names it)
+                                     # checkpoints along the way: a GAN that diverges late still has one
                                      "checkpoint_every": max(1, steps // 4), "log_every": min(25, steps)})
         t0 = time.perf_counter()
-        summary = train_gan(train_dir, gan_dir, cfg, accelerator=accelerator, progress=False)
-        trained[gan_key] = {"gan_dir": gan_dir, "steps": summary["step"], "resolution": cfg.resolution,
+        try:
+            summary = train_gan(train_dir, gan_dir, cfg, accelerator=accelerator, progress=False)
+            done, diverged = summary["step"], None
+        except GanDivergedError as exc:
+            # A diverged GAN is a result of this lever, not a reason to lose the held-out sources still to
+            # come: its last good checkpoint draws the images, and the row says so.
+            last = latest_checkpoint(gan_dir)
+            if last is None:
+                raise MelanoganError(f"bench travel, {held} held out: the gan lever's GAN diverged before its first "
+                                     f"checkpoint ({exc}). The held-out sources finished so far are in the --json "
+                                     "file; lower the GAN's learning rate (gan_preset=default) and run again.") from exc
+            done, diverged = read_json(last / "state.json")["step"], str(exc)
+        trained[gan_key] = {"gan_dir": gan_dir, "steps": done, "resolution": cfg.resolution,
                             "preset": settings["gan_preset"], "minutes": round((time.perf_counter() - t0) / 60, 1),
-                            "training_images": summary["training_images"], "sets": {}}
+                            "training_images": read_json(gan_dir / "run.json").get("training_images"),
+                            "diverged": diverged, "sets": {}}
     made = trained[gan_key]
     n = settings["gan"]
     if n not in made["sets"]:
         syn_dir = made["gan_dir"].with_name(f"{made['gan_dir'].name}-synthetic-{n}")
         generate(made["gan_dir"], n, "melanoma", syn_dir, seed=seed)
         generate(made["gan_dir"], n, "other", syn_dir, seed=seed)
-        made["sets"][n] = {"syn_dir": str(syn_dir), "generator": read_json(syn_dir / "prepare.json")["generator"]}
+        made["sets"][n] = {"syn_dir": str(syn_dir), "generator": read_json(syn_dir / "prepare.json")["generator"],
+                           "label_effect": label_effect_of(syn_dir)}
     return {**{k: v for k, v in made.items() if k not in ("sets", "gan_dir")}, **made["sets"][n],
             "synthetic_per_class": n}
+
+
+def label_effect_of(syn_dir: Path, pairs: int = 200, size: int = 32) -> dict | None:
+    """How much the class label changes what the GAN drew (gan/quality.label_effect), on up to `pairs`
+    noise twins of a synthetic set (the same seed and noise index drawn as melanoma and as other, as
+    the gan lever draws them), in pixels at `size` px; None when the set holds no such pair."""
+    from PIL import Image
+
+    from melanogan.data.manifest import load_manifest
+    from melanogan.gan.quality import label_effect
+
+    rows = load_manifest(syn_dir)
+    twins = rows[rows["label"] == 1].merge(rows[rows["label"] == 0], on=["seed", "noise_index"],
+                                           suffixes=("_mel", "_oth")).sort_values("noise_index").head(pairs)
+    if len(twins) < 2:
+        return None
+
+    def pixels(paths) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR),
+                                    dtype=np.float64).ravel() / 255 for p in paths])
+
+    out = label_effect(pixels(twins["path_mel"]), pixels(twins["path_oth"]))
+    return {**{k: round(v, 4) for k, v in out.items()}, "pairs": len(twins)}
 
 
 def _mean_logits(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -473,7 +511,11 @@ def table(results: dict) -> str:
         several = len(results.get("train_seeds", [0])) > 1
         setting = f"{r['variant']} (seed {r['train_seed']})" if several else r["variant"]
         if r.get("gan"):  # the GAN's own cost, beside the classifier's epochs
-            setting += f" (GAN: {r['gan']['steps']:,} steps at {r['gan']['resolution']} px, {r['gan']['minutes']} min)"
+            diverged = ", diverged: images from its last good checkpoint" if r["gan"].get("diverged") else ""
+            effect = r["gan"].get("label_effect")  # rows of runs before it have none
+            effect = f", label/noise effect {effect['ratio']:.2f}" if effect else ""
+            setting += (f" (GAN: {r['gan']['steps']:,} steps at {r['gan']['resolution']} px, {r['gan']['minutes']} min"
+                        f"{effect}{diverged})")
         internal = f"{r['internal_test_auc']:.3f}"
         if r.get("internal_test_auc_ci95"):  # rows of earlier runs have none
             internal += " [{:.3f}, {:.3f}]".format(*r["internal_test_auc_ci95"])

@@ -205,6 +205,30 @@ def pairwise_ms_ssim(images, n_pairs: int = 200, seed: int = 0) -> np.ndarray:
     return ms_ssim(images[i].float(), images[j].float()).numpy()
 
 
+# --------------------------------------------------------------------------- conditioning
+
+
+def label_effect(melanoma, other) -> dict[str, float]:
+    """Does the class label change what a conditional generator draws? Row i of `melanoma` and of
+    `other` are features (or flattened pixels) of two images drawn from the same noise vector with the
+    two labels. `label`: the mean Euclidean distance within those pairs (what the label changes);
+    `noise`: the mean distance between images of one class from different noise vectors (each image
+    against the next one, i and i+1 mod n, both classes); `ratio`: label / noise.
+
+    Why: near 0, a "synthetic melanoma" and a "synthetic non-melanoma" are the same picture with two
+    labels, which teaches a classifier label noise (the original study's constant labels, reached
+    another way: the generator ignores them); near 1, the label changes an image as much as a new
+    noise vector does. FID per class cannot show this: each class can match its real images' spread
+    while the two classes' images are the same ones."""
+    mel, oth = _f64(melanoma), _f64(other)
+    if mel.ndim != 2 or mel.shape != oth.shape or len(mel) < 2:
+        raise ValueError(f"label_effect needs two (n, d) sets of the same shape, n >= 2: got {tuple(mel.shape)} "
+                         f"and {tuple(oth.shape)}")
+    label = (mel - oth).norm(dim=1).mean()
+    noise = torch.cat([(x - x.roll(-1, dims=0)).norm(dim=1) for x in (mel, oth)]).mean()
+    return {"label": float(label), "noise": float(noise), "ratio": float(label / noise) if noise > 0 else float("nan")}
+
+
 # --------------------------------------------------------------------------- skin tone
 
 

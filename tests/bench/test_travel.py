@@ -353,6 +353,7 @@ def test_the_gan_lever_trains_one_gan_on_the_training_sources_and_adds_both_clas
     """The GAN sees the training sources' data dir (never the held-out site's), each class gets N
     synthetic images, the classifier differs from the defaults by its synthetic set only, and two
     counts from one GAN train it once."""
+    import melanogan.gan.evaluate as gan_evaluate
     import melanogan.gan.sample as sample
     import melanogan.gan.train as gan_train
 
@@ -372,7 +373,7 @@ def test_the_gan_lever_trains_one_gan_on_the_training_sources_and_adds_both_clas
 
     monkeypatch.setattr(gan_train, "train_gan", fake_train_gan)
     monkeypatch.setattr(sample, "generate", fake_generate)
-    monkeypatch.setattr(travel, "label_effect_of", lambda syn_dir: {"ratio": 0.25, "pairs": 2})
+    monkeypatch.setattr(gan_evaluate, "label_effect_of", lambda syn_dir: {"ratio": 0.25, "pairs": 2})
     result = travel.run(tmp_path, holdout=("derm7pt",),
                         vary=("gan=10", "gan=20", "gan=10+gan_steps=5+gan_preset=default"), batch_size=16, seed=3)
     train_dir = calls["train"][0][0]
@@ -397,6 +398,7 @@ def test_the_gan_lever_trains_one_gan_on_the_training_sources_and_adds_both_clas
 
 
 def test_a_diverged_gan_draws_from_its_last_good_checkpoint_and_the_row_says_so(tmp_path, monkeypatch):
+    import melanogan.gan.evaluate as gan_evaluate
     import melanogan.gan.sample as sample
     import melanogan.gan.train as gan_train
 
@@ -418,7 +420,7 @@ def test_a_diverged_gan_draws_from_its_last_good_checkpoint_and_the_row_says_so(
 
     monkeypatch.setattr(gan_train, "train_gan", diverging)
     monkeypatch.setattr(sample, "generate", fake_generate)
-    monkeypatch.setattr(travel, "label_effect_of", lambda syn_dir: None)
+    monkeypatch.setattr(gan_evaluate, "label_effect_of", lambda syn_dir: None)
     result = travel.run(tmp_path, holdout=("derm7pt",), vary=("gan=10",), batch_size=16)
     row = {r["variant"]: r for r in result["rows"]}["gan=10"]
     assert row["gan"]["steps"] == 150 and "diverged at step 170" in row["gan"]["diverged"]
@@ -448,24 +450,3 @@ def test_the_gan_lever_makes_a_synthetic_set_the_classifier_accepts(demo_prepare
     assert len(trained) == 1 and again["syn_dir"] != made["syn_dir"]  # the same GAN, another set
     assert check_synthetic_manifest(Path(again["syn_dir"]))["label"].value_counts().to_dict() == {1: 2, 0: 2}
 
-
-def test_label_effect_pairs_noise_twins_and_ignores_the_rest(tmp_path):
-    """Uniform images: the others 0, 30, 60 grey levels, each melanoma twin 10 brighter, so the label
-    moves each image by 10 levels and the noise by 30, 30, 60 (ratio 10 / 40); a melanoma without a
-    twin and a pair of another seed's twin must not count."""
-    from PIL import Image
-
-    from melanogan.fileio import write_parquet
-
-    rows = []
-    for seed, index, label, level in [(0, 0, 0, 0), (0, 1, 0, 30), (0, 2, 0, 60), (0, 0, 1, 10), (0, 1, 1, 40),
-                                      (0, 2, 1, 70), (0, 5, 1, 255), (1, 0, 1, 200)]:
-        path = tmp_path / f"s{seed}-{index}-{label}.png"
-        Image.new("RGB", (64, 64), (level,) * 3).save(path)
-        rows.append({"seed": seed, "noise_index": index, "label": label, "path": str(path)})
-    write_parquet(tmp_path / "manifest.parquet", pd.DataFrame(rows))
-    out = travel.label_effect_of(tmp_path, size=8)
-    pixel = np.sqrt(8 * 8 * 3) / 255  # one grey level over every pixel and channel
-    assert out["pairs"] == 3 and out["label"] == pytest.approx(10 * pixel, abs=1e-4)
-    assert out["noise"] == pytest.approx(40 * pixel, abs=1e-4) and out["ratio"] == pytest.approx(0.25, abs=1e-4)
-    assert travel.label_effect_of(tmp_path, pairs=1) is None  # one pair: no noise distance to compare with

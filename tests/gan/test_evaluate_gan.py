@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import urllib.error
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
 
 from melanogan.errors import MelanoganError
-from melanogan.gan.evaluate import evaluate_gan
+from melanogan.gan.evaluate import evaluate_gan, label_effect_of
 from melanogan.gan.features import create_extractor, dataset_features
 from melanogan.gan.sample import generate
 from melanogan.gan.train import train_gan
@@ -40,6 +42,7 @@ def test_quality_report(syn_dir, demo_prepared, tmp_path):
     page = (tmp_path / "q" / "quality.html").read_text()
     assert "data:image/png;base64," in page and "what it means" in page
     assert list((demo_prepared / "features").glob("*.npz"))  # real features cached
+    assert "label_effect" not in result  # one class: no noise twins to compare
 
 
 def _manifest_rows(data_dir) -> list[dict]:
@@ -175,3 +178,37 @@ def test_feature_cache_is_keyed_by_images_and_extractor(demo_prepared, tmp_path)
     assert (a == b).all() and len(list(tmp_path.glob("*.npz"))) == 1
     dataset_features(CachedImageDataset(demo_prepared, "test"), ex, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_label_effect_pairs_noise_twins_and_ignores_the_rest(tmp_path):
+    """Uniform images: the others 0, 30, 60 grey levels, each melanoma twin 10 brighter, so the label
+    moves each image by 10 levels and the noise by 30, 30, 60 (ratio 10 / 40); a melanoma without a
+    twin and a pair of another seed's twin must not count."""
+    from PIL import Image
+
+    from melanogan.fileio import write_parquet
+
+    rows = []
+    for seed, index, label, level in [(0, 0, 0, 0), (0, 1, 0, 30), (0, 2, 0, 60), (0, 0, 1, 10), (0, 1, 1, 40),
+                                      (0, 2, 1, 70), (0, 5, 1, 255), (1, 0, 1, 200), (None, None, 0, 90),
+                                      (None, None, 1, 120)]:
+        path = tmp_path / f"s{seed}-{index}-{label}-{level}.png"
+        Image.new("RGB", (64, 64), (level,) * 3).save(path)
+        rows.append({"seed": seed, "noise_index": index, "label": label, "path": str(path)})
+    write_parquet(tmp_path / "manifest.parquet", pd.DataFrame(rows))
+    out = label_effect_of(tmp_path, size=8)
+    pixel = np.sqrt(8 * 8 * 3) / 255  # one grey level over every pixel and channel
+    assert out["pairs"] == 3 and out["label"] == pytest.approx(10 * pixel, abs=1e-4)
+    assert out["noise"] == pytest.approx(40 * pixel, abs=1e-4) and out["ratio"] == pytest.approx(0.25, abs=1e-4)
+    assert label_effect_of(tmp_path, pairs=1) is None  # one pair: no noise distance to compare with
+
+
+def test_evaluate_gan_reports_the_label_effect_of_noise_twins(syn_dir, demo_prepared, tmp_path):
+    both = tmp_path / "both"
+    for label in ("melanoma", "other"):  # one seed: image i of each class from the same noise vector
+        generate(syn_dir.parent / "run", 4, label, both, seed=0)
+    result = evaluate_gan(both, demo_prepared, tmp_path / "q", features=["pixels"], n_pairs=5)
+    effect = label_effect_of(both)
+    assert effect["pairs"] == 4 and result["label_effect"]["ratio"] == effect["ratio"] > 0
+    assert result["summary"]["label effect (label / noise distance)"] == f"{effect['ratio']:.2f} (4 pairs)"
+    assert "Conditioning" in (tmp_path / "q" / "quality.html").read_text()

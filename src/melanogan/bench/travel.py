@@ -415,6 +415,7 @@ def _synthetic(train_dir: Path, tmp: Path, held: str, data_key: str, settings: d
     the GAN (and, asking for as many images, the synthetic set)."""
     from melanogan.errors import MelanoganError
     from melanogan.fileio import read_json
+    from melanogan.gan import evaluate as gan_evaluate
     from melanogan.gan.checkpoint import latest_checkpoint
     from melanogan.gan.config import load_config
     from melanogan.gan.sample import generate
@@ -454,32 +455,9 @@ def _synthetic(train_dir: Path, tmp: Path, held: str, data_key: str, settings: d
         generate(made["gan_dir"], n, "melanoma", syn_dir, seed=seed)
         generate(made["gan_dir"], n, "other", syn_dir, seed=seed)
         made["sets"][n] = {"syn_dir": str(syn_dir), "generator": read_json(syn_dir / "prepare.json")["generator"],
-                           "label_effect": label_effect_of(syn_dir)}
+                           "label_effect": gan_evaluate.label_effect_of(syn_dir)}
     return {**{k: v for k, v in made.items() if k not in ("sets", "gan_dir")}, **made["sets"][n],
             "synthetic_per_class": n}
-
-
-def label_effect_of(syn_dir: Path, pairs: int = 200, size: int = 32) -> dict | None:
-    """How much the class label changes what the GAN drew (gan/quality.label_effect), on up to `pairs`
-    noise twins of a synthetic set (the same seed and noise index drawn as melanoma and as other, as
-    the gan lever draws them), in pixels at `size` px; None when the set holds no such pair."""
-    from PIL import Image
-
-    from melanogan.data.manifest import load_manifest
-    from melanogan.gan.quality import label_effect
-
-    rows = load_manifest(syn_dir)
-    twins = rows[rows["label"] == 1].merge(rows[rows["label"] == 0], on=["seed", "noise_index"],
-                                           suffixes=("_mel", "_oth")).sort_values("noise_index").head(pairs)
-    if len(twins) < 2:
-        return None
-
-    def pixels(paths) -> np.ndarray:
-        return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR),
-                                    dtype=np.float64).ravel() / 255 for p in paths])
-
-    out = label_effect(pixels(twins["path_mel"]), pixels(twins["path_oth"]))
-    return {**{k: round(v, 4) for k, v in out.items()}, "pairs": len(twins)}
 
 
 def _mean_logits(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -157,6 +157,15 @@ def evaluate_gan(syn_dir: Path, real_dir: Path, out: Path, split: str = "val", f
                         train_ds.raw(int(mem["nearest"][i])).permute(1, 2, 0).numpy()]
         samples = [fake_ds.raw(i).permute(1, 2, 0).numpy() for i in range(min(32, len(fake_ds)))]
         html_sections.append(_class_html(name, entry, _png_data_uri(_grid(samples)), _png_data_uri(_grid(gallery))))
+    effect = label_effect_of(syn_dir)
+    if effect:  # both classes drawn from the same noise vectors: does the label change the picture?
+        result["label_effect"] = {**effect, "note": "mean pixel distance between the two images drawn from one "
+                                  "noise vector with the two labels, over that between two noise vectors of one "
+                                  "class; near 0: the generator ignores the label"}
+        result["summary"]["label effect (label / noise distance)"] = f"{effect['ratio']:.2f} ({effect['pairs']} pairs)"
+        note = html.escape(result["label_effect"]["note"])
+        html_sections.insert(0, f"<h2>Conditioning</h2><p>Label effect {effect['ratio']:.2f}: {note} "
+                                f"({effect['pairs']} noise twins at 32px).</p>")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quality.json", result)
@@ -190,6 +199,31 @@ def _class_html(name: str, entry: dict, samples_uri: str, gallery_uri: str) -> s
             f"<h3>Samples</h3><img src='{samples_uri}'>"
             "<h3>Closest pairs (synthetic, then its nearest training image)</h3>"
             f"<img src='{gallery_uri}'>")
+
+
+def label_effect_of(syn_dir: Path, pairs: int = 200, size: int = 32) -> dict | None:
+    """How much the class label changes what the GAN drew (quality.label_effect), on up to `pairs`
+    noise twins of a synthetic set (the same seed and noise index drawn as melanoma and as other, as
+    `generate` draws them for one seed), in pixels at `size` px; None when the set holds fewer than two
+    such pairs (one class only, or images from another generator, which have no noise index)."""
+    from PIL import Image
+
+    rows = load_manifest(syn_dir)
+    keys = ["seed", "noise_index"]
+    if not set(keys) <= set(rows.columns):
+        return None
+    rows = rows.dropna(subset=keys)  # imported images: no noise vector to pair them by
+    twins = rows[rows["label"] == 1].merge(rows[rows["label"] == 0], on=["seed", "noise_index"],
+                                           suffixes=("_mel", "_oth")).sort_values("noise_index").head(pairs)
+    if len(twins) < 2:
+        return None
+
+    def pixels(paths) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR),
+                                    dtype=np.float64).ravel() / 255 for p in paths])
+
+    out = Q.label_effect(pixels(twins["path_mel"]), pixels(twins["path_oth"]))
+    return {**{k: round(v, 4) for k, v in out.items()}, "pairs": len(twins)}
 
 
 def _page(result: dict, sections: list[str]) -> str:

@@ -201,6 +201,9 @@ def test_label_effect_pairs_noise_twins_and_ignores_the_rest(tmp_path):
     assert out["pairs"] == 3 and out["label"] == pytest.approx(10 * pixel, abs=1e-4)
     assert out["noise"] == pytest.approx(40 * pixel, abs=1e-4) and out["ratio"] == pytest.approx(0.25, abs=1e-4)
     assert label_effect_of(tmp_path, pairs=1) is None  # one pair: no noise distance to compare with
+    (tmp_path / "s0-1-1-40.png").write_bytes(b"not a png")
+    with pytest.raises(MelanoganError, match=r"s0-1-1-40\.png: cannot read this synthetic image"):
+        label_effect_of(tmp_path)
 
 
 def test_evaluate_gan_reports_the_label_effect_of_noise_twins(syn_dir, demo_prepared, tmp_path):

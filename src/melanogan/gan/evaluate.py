@@ -79,6 +79,7 @@ def evaluate_gan(syn_dir: Path, real_dir: Path, out: Path, split: str = "val", f
         raise MelanoganError(f"--split {split!r}: use val (default), test or train.")
     features = features or ["pixels"]
     syn_manifest = load_manifest(syn_dir)
+    effect = label_effect_of(syn_dir)  # first: an unreadable image fails before the long part, not after it
     extractors = [create_extractor(f, inception_weights) for f in features]
     cache_dir = real_dir / "features"
     t0 = time.perf_counter()
@@ -157,7 +158,6 @@ def evaluate_gan(syn_dir: Path, real_dir: Path, out: Path, split: str = "val", f
                         train_ds.raw(int(mem["nearest"][i])).permute(1, 2, 0).numpy()]
         samples = [fake_ds.raw(i).permute(1, 2, 0).numpy() for i in range(min(32, len(fake_ds)))]
         html_sections.append(_class_html(name, entry, _png_data_uri(_grid(samples)), _png_data_uri(_grid(gallery))))
-    effect = label_effect_of(syn_dir)
     if effect:  # both classes drawn from the same noise vectors: does the label change the picture?
         result["label_effect"] = {**effect, "note": "mean pixel distance between the two images drawn from one "
                                   "noise vector with the two labels, over that between two noise vectors of one "
@@ -206,21 +206,27 @@ def label_effect_of(syn_dir: Path, pairs: int = 200, size: int = 32) -> dict | N
     noise twins of a synthetic set (the same seed and noise index drawn as melanoma and as other, as
     `generate` draws them for one seed), in pixels at `size` px; None when the set holds fewer than two
     such pairs (one class only, or images from another generator, which have no noise index)."""
-    from PIL import Image
-
     rows = load_manifest(syn_dir)
     keys = ["seed", "noise_index"]
     if not set(keys) <= set(rows.columns):
         return None
     rows = rows.dropna(subset=keys)  # imported images: no noise vector to pair them by
-    twins = rows[rows["label"] == 1].merge(rows[rows["label"] == 0], on=["seed", "noise_index"],
+    twins = rows[rows["label"] == 1].merge(rows[rows["label"] == 0], on=keys,
                                            suffixes=("_mel", "_oth")).sort_values("noise_index").head(pairs)
     if len(twins) < 2:
         return None
 
     def pixels(paths) -> np.ndarray:
-        return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR),
-                                    dtype=np.float64).ravel() / 255 for p in paths])
+        out = []
+        for p in paths:
+            try:
+                with Image.open(p) as img:
+                    out.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR),
+                                          dtype=np.float64).ravel() / 255)
+            except OSError as exc:
+                raise MelanoganError(f"{p}: cannot read this synthetic image ({exc}); its manifest in {syn_dir} "
+                                     "lists it. Generate the set again (or remove the row).") from exc
+        return np.stack(out)
 
     out = Q.label_effect(pixels(twins["path_mel"]), pixels(twins["path_oth"]))
     return {**{k: round(v, 4) for k, v in out.items()}, "pairs": len(twins)}

@@ -105,7 +105,7 @@ def _fake_pipeline(tmp_path, monkeypatch) -> dict:
         Path(out).mkdir(parents=True)
 
     def fake_train(data_dir, run_dir, cfg, accelerator="auto", progress=True):
-        if "isic9" in Path(data_dir).name:
+        if "isic9" in Path(data_dir).name or cfg.diagnosis_weight == 0.123:
             raise RuntimeError("stopped midway")
         calls["train"].append((Path(data_dir).name, cfg.augment, cfg.image_size, cfg.seed, cfg.max_minutes))
         calls["cfg"].append(cfg)
@@ -186,6 +186,14 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
                    batch_size=16)
     partial = json.loads((tmp_path / "t.json").read_text())
     assert not partial["complete"] and [r["held_out"] for r in partial["rows"]] == ["derm7pt", "derm7pt"]
+    assert partial["rows"][1]["vs_defaults"]["difference"] > 0
+    # ... and, within a source, every variant it finished (a device's time limit can end a GAN lever)
+    (tmp_path / "t.json").unlink()
+    with pytest.raises(RuntimeError, match="midway"):
+        travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=strong", "diagnosis_weight=0.123"),
+                   json_out=tmp_path / "t.json", batch_size=16)
+    partial = json.loads((tmp_path / "t.json").read_text())
+    assert not partial["complete"] and [r["variant"] for r in partial["rows"]] == ["defaults", "augment=strong"]
     assert partial["rows"][1]["vs_defaults"]["difference"] > 0
 
 

@@ -155,3 +155,10 @@ def test_dermoscope_augmentations_keep_the_centre_and_change_the_frame():
     assert zoomed.shape == x.shape and zoomed.dtype == torch.uint8
     assert int((zoomed < 100).sum()) < int((x < 100).sum())  # the lesion now covers fewer pixels
     assert torch.equal(RandomZoomOut(p=0.0)(x), x) and torch.equal(RandomMicroscope(p=0.0)(x), x)
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(None, 1), (1, 1), (2, 2), (16, 8), (64, 8)])
+def test_default_workers_follow_the_cores_up_to_eight(monkeypatch, cores, workers):
+    # a 16-core GPU machine decodes with 8 processes, a 2-core one with 2 (decoding is CPU-bound)
+    monkeypatch.setattr(cache_mod.os, "cpu_count", lambda: cores)
+    assert cache_mod.default_workers() == workers

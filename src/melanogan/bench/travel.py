@@ -194,8 +194,8 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
         accelerator: str = "auto", vary: tuple[str, ...] = (), json_out: Path | None = None,
         batch_size: int = 32, repeats: int = 1) -> dict:
     """`batch_size`: the training batch (raise it on a GPU, which 32 leaves mostly idle). `json_out`: also
-    written after each held-out source (`"complete": false` until the last), so that
-    an hour-long comparison stopped midway keeps what it measured.
+    written after each variant (`"complete": false` until the last), so that an hour-long
+    comparison stopped midway (a machine's time limit) keeps every variant it measured.
 
     `repeats` > 1 trains every variant again with training seeds seed + 1000 r (the splits, and so
     the report images, stay those of `seed`): a time-budgeted run moves by up to 0.03 of AUC from
@@ -238,6 +238,9 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                     rows.append({**row, "variant": name, "repeat": r, "train_seed": train_seed})
                     if name != "defaults":  # paired on the same report images: the lever's own effect
                         rows[-1]["vs_defaults"] = _paired(report_preds["defaults", r], report_preds[name, r])
+                    if json_out:  # every variant kept as it finishes: a GAN lever alone can take an hour
+                        write_json(json_out, _result(rows, combined, model, weights, image_size, minutes, seed,
+                                                     train_seeds, variants, False))
             if repeats > 1:
                 for name, _ in variants[1:]:
                     per_seed = [x["vs_defaults"]["difference"] for x in rows

@@ -81,7 +81,7 @@ class CacheOptions:
 
 def default_workers() -> int:
     """Decoding processes when none are asked for: one per core, at most 8. Decoding is CPU-bound (the
-    JPEG entropy pass), so a GPU machine's 16 cores prepare ~8 times faster than 2 would; the cap bounds
+    JPEG entropy pass), so a GPU machine's 16 cores prepare up to 4 times faster than 2 would; the cap bounds
     memory, since each worker holds a full-size decode (up to `max_pixels`)."""
     return max(1, min(8, os.cpu_count() or 1))
 

@@ -87,7 +87,7 @@ def prepare(
     val: Annotated[float, typer.Option(help="Validation fraction.")] = SplitFractions.val,
     test: Annotated[float, typer.Option(help="Test fraction.")] = SplitFractions.test,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: up to 2).")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: one per core, up to 8).")] = 0,
     melanoma_folders: Annotated[str, typer.Option(
         help="For `folder` sources: comma-separated folder names that mean melanoma.")] =
         ",".join(DEFAULT_MELANOMA_FOLDERS),
@@ -338,7 +338,7 @@ def import_synthetic_cmd(
     out: Annotated[Path, typer.Option("--out", help="SYN_DIR to write (or add to).")],
     real: Annotated[Path, typer.Option("--real", help="The prepared real DATA_DIR: its preprocessing is applied.")],
     label: Annotated[str, typer.Option(help="Class of the images: melanoma or other.")] = "melanoma",
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: up to 2).")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: one per core, up to 8).")] = 0,
 ) -> None:
     """Turn images from any generator (StyleGAN2-ADA, a diffusion model, ...) into a SYN_DIR that
     evaluate-gan, train --synthetic and the study accept like `generate`'s output: manifest with

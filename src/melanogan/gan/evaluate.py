@@ -7,6 +7,7 @@ import html
 import io
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from melanogan.errors import MelanoganError
 from melanogan.fileio import write_json, write_text
 from melanogan.gan import quality as Q
 from melanogan.gan.features import create_extractor, dataset_features
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CLASS_NAMES = {0: "other", 1: "melanoma"}
 NEAR_IDENTICAL_MS_SSIM = 0.95
@@ -79,7 +83,8 @@ def evaluate_gan(syn_dir: Path, real_dir: Path, out: Path, split: str = "val", f
         raise MelanoganError(f"--split {split!r}: use val (default), test or train.")
     features = features or ["pixels"]
     syn_manifest = load_manifest(syn_dir)
-    effect = label_effect_of(syn_dir)  # first: an unreadable image fails before the long part, not after it
+    # first: an unreadable image fails before the long part, not after it
+    effect = label_effect_of(syn_dir, manifest=syn_manifest)
     extractors = [create_extractor(f, inception_weights) for f in features]
     cache_dir = real_dir / "features"
     t0 = time.perf_counter()
@@ -201,12 +206,14 @@ def _class_html(name: str, entry: dict, samples_uri: str, gallery_uri: str) -> s
             f"<img src='{gallery_uri}'>")
 
 
-def label_effect_of(syn_dir: Path, pairs: int = 200, size: int = 32) -> dict | None:
+def label_effect_of(syn_dir: Path, pairs: int = 200, size: int = 32,
+                    manifest: pd.DataFrame | None = None) -> dict | None:
     """How much the class label changes what the GAN drew (quality.label_effect), on up to `pairs`
     noise twins of a synthetic set (the same seed and noise index drawn as melanoma and as other, as
     `generate` draws them for one seed), in pixels at `size` px; None when the set holds fewer than two
-    such pairs (one class only, or images from another generator, which have no noise index)."""
-    rows = load_manifest(syn_dir)
+    such pairs (one class only, or images from another generator, which have no noise index).
+    `manifest`: the set's manifest when the caller has already read it (evaluate_gan)."""
+    rows = load_manifest(syn_dir) if manifest is None else manifest
     keys = ["seed", "noise_index"]
     if not set(keys) <= set(rows.columns):
         return None

@@ -510,6 +510,10 @@ def train(
         help="none, randconv (each batch also filtered by a random convolution: colour and texture change, "
              "shapes stay) or mixstyle (early-feature statistics mixed between batch images); weight-free style "
              "randomisation. Default: none (see README, Models that travel).")] = "none",
+    illumination_augment: Annotated[str, typer.Option(
+        help="none or random (each batch lit by a random illumination field: a lens vignette with a shifted "
+             "centre times a side-to-side gradient; batch augmentation only). Default: none (see README, Models "
+             "that travel).")] = "none",
     diagnosis_weight: Annotated[float | None, typer.Option(
         help="Weight of an auxiliary loss that also predicts each training image's own diagnosis (the "
              "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off. Default: 0.5 (recommended) when "
@@ -556,7 +560,7 @@ def train(
 
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
                         loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
-                        style_augment=style_augment,
+                        style_augment=style_augment, illumination_augment=illumination_augment,
                         diagnosis_weight=diagnosis_weight, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
                         weight_average=weight_average, ema_decay=ema_decay, seed=seed, workers=workers,
@@ -825,7 +829,8 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
-        "color_augment, style_augment, diagnosis_weight, sampler, model (another architecture, from scratch), "
+        "color_augment, style_augment, illumination_augment, diagnosis_weight, sampler, model (another "
+        "architecture, from scratch), "
         "select, weight_average, minutes, epochs (an epoch count "
         "with train's early stopping instead of the clock), patience (with epochs: N or off), ensemble (N runs "
         "sharing the budget), gan=N (a GAN trained on the training sources, N synthetic images of each class "

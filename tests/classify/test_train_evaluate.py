@@ -509,6 +509,30 @@ def test_mixstyle_and_lab_colour_reach_the_training_loop(demo_prepared, tmp_path
         TrainConfig(color_augment="lab", batch_augment=False)
 
 
+def test_illumination_augment_lights_every_training_batch_and_is_recorded(demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+    from melanogan.data.batch_augment import BatchAugment
+
+    lit = []
+
+    class Spy(BatchAugment):
+        def forward(self, x, generator=None, params=None):
+            out = super().forward(x, generator, params)
+            lit.append(self.illumination)
+            return out
+
+    monkeypatch.setattr(train_module, "BatchAugment", Spy)
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "illumination_augment": "random"})
+    train_classifier(demo_prepared, tmp_path / "lit", cfg, progress=False)
+    n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
+    assert lit == ["random"] * (n_train // TINY["batch_size"])  # every training batch; validation is not augmented
+    assert load_model(tmp_path / "lit" / "best")[1].illumination_augment == "random"
+    assert TrainConfig().illumination_augment == "none"  # off until measured (README, Models that travel)
+    for refused in ({"batch_augment": False}, {"augment": "none"}):
+        with pytest.raises(ValueError, match="step of batch augmentation"):
+            TrainConfig(illumination_augment="random", **refused)
+
+
 def _rows(uids, hashes, ids, phashes):
     return pd.DataFrame({"uid": uids, "content_hash": hashes, "image_id": ids, "phash": phashes})
 

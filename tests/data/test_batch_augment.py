@@ -172,6 +172,56 @@ def test_lab_draws_keep_the_geometry_draws_and_their_ranges():
         BatchAugment(64, color="hsv")
 
 
+def _light_params(**changes) -> dict[str, torch.Tensor]:
+    p = {"vignette": 0.0, "light_y": 0.0, "light_x": 0.0, "gradient": 0.0, "light_angle": 0.0}
+    p.update(changes)
+    return {**_params(), **{k: torch.tensor([v]) for k, v in p.items()}}
+
+
+def test_illumination_field_is_exact_on_a_grey_image():
+    """Pixel centres of a 4-px side are at -0.75, -0.25, 0.25, 0.75: exact gains by hand."""
+    grey = torch.full((1, 3, 4, 4), 200, dtype=torch.uint8)
+    aug = BatchAugment(4, mean=MEAN, std=STD, illumination="random")
+    base = 200 / 255
+    assert torch.allclose(aug(grey, params=_light_params()), torch.full((1, 3, 4, 4), base), atol=1e-6)
+    # a gradient to the right (angle 0): gain 1 + 0.2 * u / sqrt(2) by column, the same in every row
+    # and channel
+    right = aug(grey, params=_light_params(gradient=0.2))
+    u = torch.tensor([-0.75, -0.25, 0.25, 0.75])
+    assert torch.allclose(right, (base * (1 + 0.2 * u / math.sqrt(2))).view(1, 1, 1, 4).expand(1, 3, 4, 4),
+                          atol=1e-6)
+    down = aug(grey, params=_light_params(gradient=0.2, light_angle=math.pi / 2))  # angle 90 degrees: by row
+    assert torch.allclose(down, right.transpose(2, 3), atol=1e-6)
+    # a centred vignette of 0.4: gain 1 - 0.4 * (u^2 + v^2) / 2; the four centre pixels (r^2 = 0.0625)
+    # are darkened least, the corners (r^2 = 0.5625) most; symmetric
+    lens = aug(grey, params=_light_params(vignette=0.4))
+    assert torch.allclose(lens[0, :, 1, 1], torch.full((3,), base * (1 - 0.4 * 0.0625)), atol=1e-6)
+    assert torch.allclose(lens[0, :, 0, 0], torch.full((3,), base * (1 - 0.4 * 0.5625)), atol=1e-6)
+    assert torch.equal(lens, lens.flip(2)) and torch.equal(lens, lens.flip(3))
+    # its centre moved right: the right-hand column is now brighter than the left
+    shifted = aug(grey, params=_light_params(vignette=0.4, light_x=0.5))
+    assert torch.allclose(shifted[0, 0, 0, 3], torch.tensor(base * (1 - 0.4 * (0.25 ** 2 + 0.75 ** 2) / 2)))
+    assert float(shifted[0, 0, 0, 3]) > float(shifted[0, 0, 0, 0])
+    # light adds no colour (every channel scaled alike) and clips at white
+    white = torch.full((1, 3, 4, 4), 250, dtype=torch.uint8)
+    bright = aug(white, params=_light_params(gradient=0.3))
+    assert float(bright.max()) == 1.0 and torch.allclose(bright[:, 0], bright[:, 1], atol=1e-6)
+
+
+def test_illumination_draws_come_last_and_cover_their_ranges():
+    for augment in ("classic", "strong"):
+        plain = BatchAugment(64, augment).sample(5000, torch.Generator().manual_seed(2))
+        lit = BatchAugment(64, augment, illumination="random").sample(5000, torch.Generator().manual_seed(2))
+        assert all(torch.equal(plain[k], lit[k]) for k in plain)  # the same crops, flips, rotations, colours
+    for key, (lo, hi) in BatchAugment.ILLUMINATION_RANGES.items():
+        margin = 0.05 * (hi - lo)
+        assert lo <= float(lit[key].min()) < lo + margin and hi - margin < float(lit[key].max()) <= hi
+    with pytest.raises(ValueError, match="'none' or 'random'"):
+        BatchAugment(64, illumination="flash")
+    with pytest.raises(ValueError, match="'classic' and 'strong'"):
+        BatchAugment(64, "none", illumination="random")
+
+
 def _strong_params(**changes) -> dict[str, torch.Tensor]:
     p = {"zoom": 1.0, "sharpness": 1.0, "sigma": 0.0, "radius": 0.0, "shift_y": 0.0, "shift_x": 0.0}
     p.update(changes)

@@ -86,6 +86,11 @@ class TrainConfig(BaseModel):
     # images (classify/mixstyle.py). Off until `bench travel --vary style_augment=...` shows one helps
     # on a source not trained on (README, "Models that travel").
     style_augment: Literal["none", "randconv", "mixstyle"] = "none"
+    # "random": each training batch lit by a random illumination field after the geometry (a lens
+    # vignette with a shifted centre times a side-to-side gradient, data/batch_augment.py), for
+    # dermoscopes whose light falls off differently. Off until `bench travel --vary
+    # illumination_augment=random` shows it helps on a source not trained on (README, "Models that travel").
+    illumination_augment: Literal["none", "random"] = "none"
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
     # Which validation figure picks the best epoch (and drives early stopping): "auc", the ROC-AUC
@@ -128,6 +133,9 @@ class TrainConfig(BaseModel):
         if self.color_augment == "lab" and not (self.batch_augment and self.augment == "classic"):
             raise ValueError("color_augment 'lab' is the colour step of classic batch augmentation: use it with "
                              "augment 'classic' and batch augmentation on (not per-image or strong presets).")
+        if self.illumination_augment != "none" and not (self.batch_augment and self.augment != "none"):
+            raise ValueError("illumination_augment 'random' is a step of batch augmentation: use it with augment "
+                             "'classic' or 'strong' and batch augmentation on (not --per-image-augment).")
         return self
 
     @field_validator("metadata", mode="before")
@@ -607,7 +615,8 @@ class _EpochRunner:
         self.train_set, self.val_set, self.labels = train_set, val_set, labels
         self.model, self.optimizer, self.raw = model, optimizer, model.module
         self.compute_loss = loss_fn(cfg, labels)
-        self.batch_aug = BatchAugment(cfg.image_size, cfg.augment, color=cfg.color_augment).to(fabric.device) \
+        self.batch_aug = BatchAugment(cfg.image_size, cfg.augment, color=cfg.color_augment,
+                                      illumination=cfg.illumination_augment).to(fabric.device) \
             if uses_batch_augment(cfg) else None
         self.style_aug = RandomConvolution() if cfg.style_augment == "randconv" else None
         # the average is a copy made before MixStyle hooks the model, so it never mixes styles

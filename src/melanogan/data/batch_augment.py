@@ -14,6 +14,11 @@ rotation, as RandomResizedCrop places it.
 `color="lab"` swaps the colour step for one in CIELAB, a perceptual space (a lever of README's
 "Models that travel"): lightness contrast and offset, a chroma scale, and an offset of a* and b*,
 i.e. a shift of the white point, which is how dermoscopes' illuminants and sensors differ.
+
+`illumination="random"` multiplies each image by a smooth illumination field after the geometry and
+before the colour step (light reaches the skin before the sensor sees it): a lens vignette (darker
+towards a randomly shifted centre's periphery) times a linear gradient in a random direction (a ring
+light that is brighter on one side), another lever of "Models that travel" (`illumination_field`).
 """
 
 from __future__ import annotations
@@ -128,11 +133,32 @@ def microscope_mask(n: int, size: int, radius: torch.Tensor, shift_y: torch.Tens
     return torch.where(r > 0, mask, torch.ones_like(mask)).view(n, 1, size, size)
 
 
+def illumination_field(size: int, vignette: torch.Tensor, centre_y: torch.Tensor, centre_x: torch.Tensor,
+                       gradient: torch.Tensor, angle: torch.Tensor, device=None) -> torch.Tensor:
+    """(B, 1, size, size) multiplicative gain of a dermoscope's uneven illumination, per image.
+
+    With pixel centres at (u, v) in [-1, 1]^2 (u to the right, v down):
+    vignette: 1 - vignette * r^2, r^2 = ((u - centre_x)^2 + (v - centre_y)^2) / 2 (1 at a corner of a
+    centred field), clamped at 0; gradient: 1 + gradient * (cos(angle) u + sin(angle) v) / sqrt(2)
+    (1 +- gradient at the corners along `angle`). Their product. vignette = gradient = 0: all ones."""
+    coords = (torch.arange(size, dtype=torch.float32, device=device) * 2 + 1) / size - 1
+    u, v = coords.view(1, 1, -1), coords.view(1, -1, 1)
+
+    def per_image(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=torch.float32).view(-1, 1, 1)
+
+    r2 = ((u - per_image(centre_x)) ** 2 + (v - per_image(centre_y)) ** 2) / 2
+    lens = (1 - per_image(vignette) * r2).clamp(min=0)
+    a = per_image(angle)
+    ring = 1 + per_image(gradient) * (torch.cos(a) * u + torch.sin(a) * v) / math.sqrt(2)
+    return (lens * ring).unsqueeze(1)
+
+
 class BatchAugment(torch.nn.Module):
     """uint8 (B, 3, S, S) -> normalised float (B, 3, size, size), augmented when `augment` is
     `classic` or `strong` (or resized only, `none`), classic's colours changed in RGB (`color="rgb"`,
-    torchvision's ColorJitter) or in CIELAB (`"lab"`). Draws from `generator` so that runs repeat
-    bitwise on CPU."""
+    torchvision's ColorJitter) or in CIELAB (`"lab"`), optionally under a random illumination field
+    (`illumination="random"`). Draws from `generator` so that runs repeat bitwise on CPU."""
 
     # Lab ranges: L* contrast about mid-grey as the RGB contrast (0.85-1.15); L* offset +-8 (about the
     # RGB brightness range at skin's L* ~ 55-65); chroma x0.8-1.2; white-point shift +-6 in a* and b*
@@ -140,9 +166,16 @@ class BatchAugment(torch.nn.Module):
     LAB_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "lab_contrast": (0.85, 1.15), "lab_offset": (-8.0, 8.0), "chroma": (0.8, 1.2), "da": (-6.0, 6.0),
         "db": (-6.0, 6.0)}
+    # Illumination ranges: a vignette darkening a centred field's corners by up to 50% (dermoscope
+    # photographs range from evenly lit to dark-cornered), its centre off by up to 0.2 of the half-side,
+    # and a side-to-side gradient of up to +-30% at the corners (one side of a ring light nearer).
+    # Uniform from 0, so some images are lit almost evenly.
+    ILLUMINATION_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "vignette": (0.0, 0.5), "light_y": (-0.2, 0.2), "light_x": (-0.2, 0.2), "gradient": (0.0, 0.3),
+        "light_angle": (-math.pi, math.pi)}
 
     def __init__(self, size: int, augment: str = "classic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 color: str = "rgb"):
+                 color: str = "rgb", illumination: str = "none"):
         super().__init__()
         if augment not in ("none", "classic", "strong"):
             raise ValueError(f"batch augmentation supports 'none', 'classic' and 'strong', not {augment!r}")
@@ -150,7 +183,11 @@ class BatchAugment(torch.nn.Module):
             raise ValueError(f"colour augmentation is 'rgb' or 'lab', not {color!r}")
         if color == "lab" and augment != "classic":
             raise ValueError("'lab' colour augmentation is the colour step of the classic preset")
-        self.size, self.augment, self.color = size, augment, color
+        if illumination not in ("none", "random"):
+            raise ValueError(f"illumination augmentation is 'none' or 'random', not {illumination!r}")
+        if illumination != "none" and augment == "none":
+            raise ValueError("illumination augmentation is a step of the 'classic' and 'strong' presets")
+        self.size, self.augment, self.color, self.illumination = size, augment, color, illumination
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -182,6 +219,8 @@ class BatchAugment(torch.nn.Module):
             p["sigma"] = torch.where(chance(r["blur_p"]), uniform(*r["sigma"]), 0.0)
             p["radius"] = torch.where(chance(r["scope_p"]), uniform(*r["radius"]), 0.0)
             p["shift_y"], p["shift_x"] = uniform(*r["shift"]), uniform(*r["shift"])
+        if self.illumination == "random":  # drawn last, so every other draw stays what it was without it
+            p.update({k: uniform(lo, hi) for k, (lo, hi) in self.ILLUMINATION_RANGES.items()})
         return p
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -194,6 +233,9 @@ class BatchAugment(torch.nn.Module):
         else:  # parameters drawn on the CPU (repeatable with a CPU generator), used where the batch is
             p = {k: v.to(x.device) for k, v in (params or self.sample(len(x), generator)).items()}
             x = self._geometry(x, p) if self.augment == "classic" else self._geometry_zoom(x, p)
+            if self.illumination == "random":
+                x = (x * illumination_field(self.size, p["vignette"], p["light_y"], p["light_x"], p["gradient"],
+                                            p["light_angle"], x.device).to(x.dtype)).clamp_(0, 1)
             x = self._colour(x, p) if self.color == "rgb" else self._colour_lab(x, p)
             if self.augment == "strong":  # the per-image preset's order: sharpness, blur, field of view
                 x = gaussian_blur(sharpen(x, p["sharpness"]), p["sigma"])

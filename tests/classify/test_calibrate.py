@@ -104,10 +104,12 @@ def test_sample_size_curve_narrows_with_more_local_cases():
     assert 0.5 < large["sensitivity_median"] < 0.95 and 0.5 < large["specificity_median"] < 0.95
 
 
-def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_export(demo_raw, tmp_path):
+def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_export(demo_raw, tmp_path,
+                                                                                       monkeypatch):
     import torch
     from PIL import Image
 
+    import melanogan.classify.evaluate as evaluate_module
     from melanogan.classify.adapt import adapt_batchnorm, batchnorm_statistics, dataset_batches, even_batch_size
     from melanogan.classify.evaluate import predict_split, run_cache_options, split_dataset
     from melanogan.classify.export import export_model
@@ -127,7 +129,12 @@ def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_
         Image.fromarray(img).save(tmp_path / "site" / cls / f"{k}.jpg")
     prepare([("folder", tmp_path / "site")], tmp_path / "sitedata", CacheOptions(size=48), seed=0)
     run, data = tmp_path / "run", tmp_path / "sitedata"
+    built = []
+    monkeypatch.setattr(evaluate_module, "split_dataset",
+                        lambda *a, **k: built.append(a[2]) or split_dataset(*a, **k))
     r = calibrate_site(run, data, "dark", adapt_batchnorm=True)
+    monkeypatch.undo()
+    assert built == [["all"]]  # the site sample is read once: adapted on and scored
     assert r["excluded_overlap"] == 0 and r["batchnorm"]["adapted_on_images"] == r["n_images"] == 40
 
     # the same adaptation by hand, on the same images with the run's preprocessing

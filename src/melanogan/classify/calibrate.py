@@ -86,7 +86,7 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         even_batch_size,
     )
     from melanogan.classify.adapt import adapt_batchnorm as adapt
-    from melanogan.classify.evaluate import predict_split, run_cache_options, seen_in_training, split_dataset
+    from melanogan.classify.evaluate import run_cache_options, score_dataset, seen_in_training, split_dataset
     from melanogan.classify.predict import checkpoint_sha256
     from melanogan.classify.train import load_model
     from melanogan.data.manifest import cache_for, load_manifest
@@ -110,15 +110,15 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
             "(excluded_overlap null). Copy the training data folder there to check.")
     cache = cache_for(data_dir, run_cache_options(run_dir), log)
     adapted_on, adapted_layers = 0, []
+    ds, metadata = split_dataset(cfg, data_dir, [split], exclude or set(), cache)  # adapted on and scored
     if adapt_batchnorm:
-        ds, metadata = split_dataset(cfg, data_dir, [split], exclude or set(), cache)
         if len(ds) < MIN_IMAGES:
             raise MelanoganError(f"{data_dir}: adapting batch normalisation needs at least {MIN_IMAGES} images of the "
                                  f"site (labels not needed); the sample has {len(ds)}. Add images, or calibrate "
                                  "without --adapt-batchnorm.")
         adapted_on, adapted_layers = adapt(model, dataset_batches(ds, metadata, torch.device("cpu"),
                                                                   even_batch_size(len(ds))), adapt_layers)
-    sample = predict_split(model, cfg, data_dir, [split], exclude=exclude or set(), cache=cache)
+    sample = score_dataset(model, ds, metadata)
     y, z = sample["label"].to_numpy(), sample["logit"].to_numpy()
     n_mel, n_other = int(y.sum()), int(len(y) - y.sum())
     if min(n_mel, n_other) < MIN_PER_CLASS:

@@ -113,6 +113,13 @@ def predict_split(model, cfg, data_dir: Path, splits: list[str], batch_size: int
     fp32, as `predict`, `serve` and exports score: thresholds chosen here hold there. `tta`: views
     averaged (classify/tta.py)."""
     ds, metadata = split_dataset(cfg, data_dir, splits, exclude, cache)
+    return score_dataset(model, ds, metadata, batch_size, tta)
+
+
+def score_dataset(model, ds: CachedImageDataset, metadata: np.ndarray | None, batch_size: int = 64,
+                  tta: int = 1) -> pd.DataFrame:
+    """`predict_split`'s table for a dataset already built by `split_dataset` (a caller that also
+    adapts the model to the same images builds it once)."""
     logits = predict_logits(model, ds, batch_size=batch_size, device=torch.device("cpu"), autocast=False, tta=tta,
                             metadata=metadata)
     rows = ds.rows

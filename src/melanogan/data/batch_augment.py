@@ -133,6 +133,11 @@ def microscope_mask(n: int, size: int, radius: torch.Tensor, shift_y: torch.Tens
     return torch.where(r > 0, mask, torch.ones_like(mask)).view(n, 1, size, size)
 
 
+def pixel_centres(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The `size` pixel centres of a side in [-1, 1] coordinates (grid_sample's align_corners=False)."""
+    return (torch.arange(size, device=device, dtype=dtype) * 2 + 1) / size - 1
+
+
 def illumination_field(size: int, vignette: torch.Tensor, centre_y: torch.Tensor, centre_x: torch.Tensor,
                        gradient: torch.Tensor, angle: torch.Tensor, device=None) -> torch.Tensor:
     """(B, 1, size, size) multiplicative gain of a dermoscope's uneven illumination, per image.
@@ -141,7 +146,7 @@ def illumination_field(size: int, vignette: torch.Tensor, centre_y: torch.Tensor
     vignette: 1 - vignette * r^2, r^2 = ((u - centre_x)^2 + (v - centre_y)^2) / 2 (1 at a corner of a
     centred field), clamped at 0; gradient: 1 + gradient * (cos(angle) u + sin(angle) v) / sqrt(2)
     (1 +- gradient at the corners along `angle`). Their product. vignette = gradient = 0: all ones."""
-    coords = (torch.arange(size, dtype=torch.float32, device=device) * 2 + 1) / size - 1
+    coords = pixel_centres(size, device)
     u, v = coords.view(1, 1, -1), coords.view(1, -1, 1)
 
     def per_image(t: torch.Tensor) -> torch.Tensor:
@@ -264,7 +269,7 @@ class BatchAugment(torch.nn.Module):
         the crop by reflection: RandomZoomOut's mirrored border), and sampled in the image at crop
         centre + diag(crop half-sides) * q. One grid_sample for the whole batch."""
         n, size = len(x), self.size
-        coords = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1
+        coords = pixel_centres(size, x.device, x.dtype)
         u = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), dim=-1).view(1, size * size, 2)
         fx = torch.where(p["flip_x"], -1.0, 1.0).view(-1, 1)
         fy = torch.where(p["flip_y"], -1.0, 1.0).view(-1, 1)

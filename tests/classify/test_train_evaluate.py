@@ -664,3 +664,47 @@ def test_sources_that_each_hold_one_class_leave_the_pooled_choice_running(demo_p
     record = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[0])
     assert summary["best_epoch"] == 1 and record["val_auc_by_source"] == {}
     assert math.isnan(record["val_auc_worst_source"]) and not math.isnan(record["val_auc"])
+
+
+def test_mixup_mixes_every_training_batch_and_its_targets_and_keeps_the_augmentation_draws(demo_prepared, tmp_path,
+                                                                                            monkeypatch):
+    import melanogan.classify.mixup as mixup_module
+    import melanogan.classify.train as train_module
+    from melanogan.data.batch_augment import BatchAugment
+
+    augmented, draws, mixed = {}, [], []
+    real_draw, real_mixed_loss = mixup_module.draw, mixup_module.mixed_loss
+
+    class Spy(BatchAugment):
+        def forward(self, x, generator=None, params=None):
+            out = super().forward(x, generator, params)
+            augmented.setdefault(run, []).append(out.clone())
+            return out
+
+    def spy_draw(n, alpha, rng):
+        draws.append((n, alpha))
+        return real_draw(n, alpha, rng)
+
+    def spy_mixed_loss(objective, d, y, diagnosis):
+        mixed.append((y.tolist(), y[d.partner].tolist()))
+        return real_mixed_loss(objective, d, y, diagnosis)
+
+    monkeypatch.setattr(train_module, "BatchAugment", Spy)
+    monkeypatch.setattr(mixup_module, "draw", spy_draw)
+    monkeypatch.setattr(mixup_module, "mixed_loss", spy_mixed_loss)
+    for run, alpha in (("plain", 0.0), ("mixed", 0.2)):
+        train_classifier(demo_prepared, tmp_path / run, TrainConfig(**{**TINY, "epochs": 1, "mixup": alpha}),
+                         progress=False)
+    n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
+    n_batches = n_train // TINY["batch_size"]
+    assert draws == [(TINY["batch_size"], 0.2)] * n_batches  # a draw per training batch of the mixup run only
+    # the partners' labels reach the loss
+    assert len(mixed) == n_batches and any(own != partners for own, partners in mixed)
+    # mixup has its own random stream: the batches it mixes are the ones the run without it saw
+    assert all(torch.equal(a, b) for a, b in zip(augmented["plain"], augmented["mixed"], strict=True))
+    assert load_model(tmp_path / "mixed" / "best")[1].mixup == 0.2
+    assert TrainConfig().mixup == 0.0  # off until measured (README, Models that travel)
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(mixup=0.2, metadata="age,sex")
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        TrainConfig(mixup=-0.1)

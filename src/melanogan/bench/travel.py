@@ -34,7 +34,8 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
-          "style_augment": "train", "illumination_augment": "train", "diagnosis_weight": "train",
+          "style_augment": "train", "illumination_augment": "train", "mixup": "train",
+          "diagnosis_weight": "train",
           "sampler": "train", "model": "train",
           "select": "train", "weight_average": "train",
           "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train",
@@ -50,7 +51,7 @@ ADAPTED_SITE = "choose-batchnorm"
 # minutes, epochs and ensemble become the budget and the members).
 # A patience no run reaches: early stopping off (the clock budget, or patience=off with epochs).
 _NEVER_STOP = 1000
-_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "diagnosis_weight",
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "mixup", "diagnosis_weight",
                   "sampler", "select", "weight_average")
 
 # The GAN arm (`gan=N`): a cWGAN-GP trained on the training sources' train split only (never on the

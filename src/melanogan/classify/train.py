@@ -14,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from melanogan import __version__
+from melanogan.classify import mixup
 from melanogan.classify.metrics import pr_auc, roc_auc, roc_auc_by_group
 from melanogan.classify.mixstyle import MixStyle
 from melanogan.classify.models import Classifier, create_classifier
@@ -91,6 +93,10 @@ class TrainConfig(BaseModel):
     # dermoscopes whose light falls off differently. none: under leave-one-source-out it changed external
     # AUC by -0.003, -0.014 and -0.002 at no cost in epochs (README, "Models that travel").
     illumination_augment: Literal["none", "random"] = "none"
+    # Mixup's alpha (classify/mixup.py): each training batch mixed with a shuffled copy of itself,
+    # lam ~ Beta(alpha, alpha), and the losses mixed alike; 0 = off. Off until `bench travel --vary
+    # mixup=0.2` shows that it helps on a source not trained on (README, "Models that travel").
+    mixup: float = Field(0.0, ge=0.0, le=10.0)
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
     # Which validation figure picks the best epoch (and drives early stopping): "auc", the ROC-AUC
@@ -136,6 +142,10 @@ class TrainConfig(BaseModel):
         if self.illumination_augment != "none" and not (self.batch_augment and self.augment != "none"):
             raise ValueError("illumination_augment 'random' is a step of batch augmentation: use it with augment "
                              "'classic' or 'strong' and batch augmentation on (not --per-image-augment).")
+        if self.mixup and self.metadata:
+            # metadata codes (age band, sex, site) are categories: a mix of two has no meaning
+            raise ValueError("mixup mixes images and labels, not categorical metadata: use mixup or metadata, "
+                             "not both.")
         return self
 
     @field_validator("metadata", mode="before")
@@ -656,6 +666,8 @@ class _EpochRunner:
         """One pass over the loader; True when the time budget ran out during it."""
         cfg, fabric, state = self.cfg, self.fabric, self.state
         aug_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + fabric.global_rank + 1)
+        # mixup's own stream: the augmentation draws stay those of the same run without mixup
+        mix_rng = np.random.default_rng([cfg.seed, epoch, fabric.global_rank]) if cfg.mixup else None
         channels_last = fabric.device.type == "cpu"
         self.model.train()
         self.losses, self.seen, t0 = [], 0, time.perf_counter()
@@ -669,16 +681,16 @@ class _EpochRunner:
                 x = self.style_aug(x, aug_gen)
             if self.mixstyle is not None:
                 self.mixstyle.next_batch(len(x), aug_gen)
+            mix = mixup.draw(len(x), cfg.mixup, mix_rng) if mix_rng is not None else None
+            if mix is not None:
+                x = mixup.mix_images(x, mix)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in self.optimizer.param_groups:
                 group["lr"] = _lr_at(_progress(state.step, self.total_steps, self.elapsed(), self.budget), cfg)
-            if cfg.diagnosis_weight:
-                logits, diagnosis_logits = self.model(x, meta, with_diagnosis=True)
-                loss = self.compute_loss(logits, y) + cfg.diagnosis_weight * diagnosis_loss(diagnosis_logits,
-                                                                                            diagnosis)
-            else:
-                loss = self.compute_loss(self.model(x, meta), y)
+            out = self.model(x, meta, with_diagnosis=True) if cfg.diagnosis_weight else (self.model(x, meta), None)
+            objective = partial(self.objective, *out)
+            loss = objective(y, diagnosis) if mix is None else mixup.mixed_loss(objective, mix, y, diagnosis)
             if not torch.isfinite(loss):
                 raise MelanoganError(f"classifier loss became {float(loss)} at epoch {epoch + 1}; the best checkpoint "
                                      f"in {self.run_dir / 'best'} is kept. Lower --lr or use --precision 32.")
@@ -698,6 +710,15 @@ class _EpochRunner:
                 break
         self.train_seconds = time.perf_counter() - t0
         return out_of_time
+
+    def objective(self, logits: torch.Tensor, diagnosis_logits: torch.Tensor | None, y: torch.Tensor,
+                  diagnosis: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch's outputs against its targets: melanoma, plus the weighted
+        diagnosis loss when the diagnosis head is on."""
+        loss = self.compute_loss(logits, y)
+        if diagnosis_logits is not None:
+            loss = loss + self.cfg.diagnosis_weight * diagnosis_loss(diagnosis_logits, diagnosis)
+        return loss
 
     def validate(self, epoch: int) -> dict:
         """The epoch's record: training loss, validation loss, ROC-AUC and PR-AUC, lr and throughput."""

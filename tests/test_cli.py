@@ -15,7 +15,8 @@ COMMANDS = ["demo-data", "prepare", "audit", "demo", "train-gan", "generate", "e
             "study", "predict", "explain", "export", "serve", "calibrate", "import-synthetic", "card",
             "bench preprocess",
             "bench gan",
-            "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment", "bench travel"]
+            "bench classifier", "bench quality", "bench serve", "bench calibrate", "bench augment", "bench travel",
+            "bench ledger"]
 
 
 def test_root_help_lists_commands():

@@ -859,6 +859,25 @@ def bench_travel(
     console.print(table(results), markup=False, highlight=False, soft_wrap=True)
 
 
+@bench_app.command("ledger")
+def bench_ledger(
+    files: Annotated[list[Path], typer.Argument(help="JSON files written by `bench travel --json`.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the ledger here.")] = None,
+) -> None:
+    """Every lever of the given `bench travel` comparisons judged by the README's decision rule
+    (positive with all three sources held out, Holm-significant with one, internal AUC within the
+    defaults' CI), and the defaults' own external AUC from run to run. Reads saved figures only.
+    E.g. `melanogan bench ledger docs/measurements/travel-*.json`."""
+    from melanogan.bench.ledger import defaults_spread, ledger, ledger_table, load
+
+    results = load(files)
+    if json_out:
+        from melanogan.fileio import write_json
+
+        write_json(json_out, {"levers": ledger(results), "defaults": defaults_spread(results)})
+    console.print(ledger_table(results), markup=False, highlight=False, soft_wrap=True)
+
+
 @bench_app.command("quality")
 def bench_quality(
     sizes: Annotated[str, typer.Option(help="Comma-separated image counts (real and synthetic each).")] = "1000,5000",

@@ -1,0 +1,159 @@
+"""The ledger of `bench travel` results: every lever of every saved comparison with the README's
+decision rule applied by code, and the defaults' own spread from run to run.
+
+Why: the travel section of the README has grown by one hand-written verdict per session, over
+different splits, budgets and machines. A verdict read off a table by eye is the kind of number
+that can be wrong without anyone noticing; here the rule is a function of the saved figures, so
+`melanogan bench ledger docs/measurements/travel-*.json` recomputes every verdict, and a new
+comparison is judged the same way as the old ones.
+
+The rule (README, "Models that travel", fixed before the first comparison): a lever becomes the
+default only if its AUC difference against the defaults on the report parts is positive with every
+source held out (all three), Holm-significant (p < 0.05, Holm over the comparison's levers and
+sources) with at least one, and the internal test AUC does not fall below the defaults' 95% CI.
+With several training seeds (`--repeats`) the pooled comparison over seeds decides the external
+conditions and every seed must keep the internal one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from melanogan.errors import MelanoganError
+
+SOURCES = ("derm7pt", "ham10000", "isic9")
+NAMES = {"ham10000": "HAM10000", "isic9": "ISIC 9-class", "derm7pt": "Derm7pt"}
+ALPHA = 0.05
+
+
+def load(paths: list[Path]) -> dict[str, dict]:
+    """{file name: results} for each saved `bench travel --json` file, checked to be one."""
+    out = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise MelanoganError(f"{path}: no such file; give the JSON files written by `bench travel --json`.")
+        try:
+            results = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MelanoganError(f"{path}: not JSON ({exc}); give the files written by `bench travel --json`.") \
+                from None
+        if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or "levers" not in results:
+            raise MelanoganError(f"{path}: not a `bench travel --json` result (no 'rows' and 'levers').")
+        if path.name in out:
+            raise MelanoganError(f"{path}: two files named {path.name}; the ledger names comparisons by file name.")
+        out[path.name] = results
+    return out
+
+
+def verdict(results: dict, lever: str) -> dict:
+    """The decision rule applied to one lever of one comparison: per held-out source its difference
+    vs the defaults [CI], Holm p and internal-AUC check, and the verdict with the condition that
+    decided it ("default", "fails: ...", or "undecided: ..." when a source was not held out and
+    nothing else failed)."""
+    rows = results["rows"]
+    pooled = {c["held_out"]: c for c in results.get("combined") or [] if c["variant"] == lever}
+    sources = {}
+    for held in SOURCES:
+        mine = [r for r in rows if r["held_out"] == held and r.get("variant") == lever and "vs_defaults" in r]
+        if not mine:
+            continue
+        # external conditions: the pooled comparison over seeds where there is one, else the single run
+        ext = pooled.get(held) or mine[0]["vs_defaults"]
+        internal_ok, internal_known = True, True
+        for r in mine:
+            base = [d for d in rows if d["held_out"] == held and d.get("variant") == "defaults"
+                    and d.get("repeat", 0) == r.get("repeat", 0)]
+            ci = base[0].get("internal_test_auc_ci95") if base else None
+            if ci is None:
+                internal_known = False
+            elif r["internal_test_auc"] < ci[0]:
+                internal_ok = False
+        sources[held] = {"difference": ext["difference"], "ci95": ext["ci95"], "p_holm": ext.get("p_holm"),
+                         "seeds": len(mine), "internal_within_ci": internal_ok if internal_known else None}
+    return {"lever": lever, **_decide(sources), "sources": sources}
+
+
+def _decide(sources: dict) -> dict:
+    negative = [h for h, s in sources.items() if not s["difference"] > 0]
+    if negative:
+        return {"verdict": "fails", "reason": "not positive with " + ", ".join(NAMES[h] for h in negative)
+                + " held out"}
+    fell = [h for h, s in sources.items() if s["internal_within_ci"] is False]
+    if fell:
+        return {"verdict": "fails", "reason": "internal test AUC below the defaults' CI with "
+                + ", ".join(NAMES[h] for h in fell) + " held out"}
+    missing = [h for h in SOURCES if h not in sources]
+    if missing:
+        return {"verdict": "undecided", "reason": ", ".join(NAMES[h] for h in missing) + " not held out"}
+    if not any(s["p_holm"] is not None and s["p_holm"] < ALPHA for s in sources.values()):
+        return {"verdict": "fails", "reason": "positive everywhere, Holm-significant nowhere"}
+    if any(s["internal_within_ci"] is None for s in sources.values()):
+        return {"verdict": "default", "reason": "external conditions hold; the internal CI was not recorded"}
+    return {"verdict": "default", "reason": "every condition holds"}
+
+
+def ledger(results: dict[str, dict]) -> list[dict]:
+    """One entry per lever per comparison, in file order: the file, its split seed, training seeds,
+    the defaults' input size and whether the run completed, and the lever's verdict."""
+    out = []
+    for name, res in results.items():
+        for lever in res["levers"]:
+            out.append({"file": name, "split_seed": res.get("seed"), "train_seeds": res.get("train_seeds") or
+                        [res.get("seed")], "image_size": res.get("image_size"),
+                        "complete": res.get("complete") is not False, **verdict(res, lever)})
+    return out
+
+
+def defaults_spread(results: dict[str, dict]) -> dict:
+    """The defaults' external AUC per comparison and held-out source (the first training seed), and per
+    source its range over the comparisons: how far the same pipeline moves from split to split and run
+    to run, the yardstick a lever's effect has to beat."""
+    runs, by_source = [], {h: [] for h in SOURCES}
+    for name, res in results.items():
+        first = (res.get("train_seeds") or [res.get("seed")])[0]
+        auc = {}
+        for r in res["rows"]:
+            if r.get("variant") == "defaults" and r.get("train_seed", first) == first and r.get("repeat", 0) == 0:
+                auc[r["held_out"]] = {"external_auc": r["external_auc"], "epochs": r.get("epochs")}
+                by_source[r["held_out"]].append(r["external_auc"])
+        runs.append({"file": name, "split_seed": res.get("seed"), "image_size": res.get("image_size"), "auc": auc})
+    summary = {h: {"runs": len(v), "min": min(v), "median": float(np.median(v)), "max": max(v),
+                   "distinct_split_seeds": len({r["split_seed"] for r in runs if h in r["auc"]})}
+               for h, v in by_source.items() if v}
+    return {"runs": runs, "by_source": summary}
+
+
+def ledger_table(results: dict[str, dict]) -> str:
+    """The ledger and the defaults' spread as Markdown."""
+    lines = ["| comparison (file) | split seed | training seeds | lever | " + " | ".join(
+        f"{NAMES[h]} held out: difference [95% CI] (Holm p)" for h in SOURCES) + " | verdict by the rule |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in SOURCES) + " | --- |"]
+    for e in ledger(results):
+        cells = []
+        for h in SOURCES:
+            s = e["sources"].get(h)
+            if s is None:
+                cells.append("-")
+                continue
+            p = "n/a" if s["p_holm"] is None else f"{s['p_holm']:.3f}"
+            internal = {False: ", internal below CI", None: ", internal CI n/a", True: ""}[s["internal_within_ci"]]
+            cells.append(f"{s['difference']:+.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}] ({p}){internal}")
+        seeds = ", ".join(str(s) for s in e["train_seeds"])
+        incomplete = " (run incomplete)" if not e["complete"] else ""
+        lines.append(f"| {e['file']}{incomplete} | {e['split_seed']} | {seeds} | {e['lever']} | "
+                     + " | ".join(cells) + f" | {e['verdict']}: {e['reason']} |")
+    spread = defaults_spread(results)
+    lines += ["", "The defaults' external ROC-AUC in each comparison (first training seed):", "",
+              "| comparison (file) | split seed | input | " + " | ".join(NAMES[h] for h in SOURCES) + " |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in SOURCES) + " |"]
+    for r in spread["runs"]:
+        cells = [f"{r['auc'][h]['external_auc']:.3f}" if h in r["auc"] else "-" for h in SOURCES]
+        lines.append(f"| {r['file']} | {r['split_seed']} | {r['image_size']} px | " + " | ".join(cells) + " |")
+    cells = [(f"{s['min']:.3f}-{s['max']:.3f} (median {s['median']:.3f}; {s['runs']} runs, "
+              f"{s['distinct_split_seeds']} splits)") if (s := spread["by_source"].get(h)) else "-" for h in SOURCES]
+    lines.append("| range | | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

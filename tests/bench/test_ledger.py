@@ -1,0 +1,140 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from melanogan.bench.ledger import defaults_spread, ledger, ledger_table, load, verdict
+from melanogan.errors import MelanoganError
+
+MEASUREMENTS = Path(__file__).resolve().parents[2] / "docs" / "measurements"
+
+
+def _row(held, variant, external, internal=0.85, ci=(0.82, 0.88), diff=None, p_holm=None, repeat=0, seed=7):
+    r = {"held_out": held, "variant": variant, "external_auc": external, "internal_test_auc": internal,
+         "epochs": 9, "repeat": repeat, "train_seed": seed + 1000 * repeat}
+    if ci is not None:
+        r["internal_test_auc_ci95"] = list(ci)
+    if diff is not None:
+        r["vs_defaults"] = {"difference": diff, "ci95": [diff - 0.02, diff + 0.02], "p_value": p_holm,
+                            "p_holm": p_holm}
+    return r
+
+
+def _results(diffs, p_holms, internal=(0.85, 0.85, 0.85), ci=(0.82, 0.88), lever="mixup=0.2",
+             sources=("derm7pt", "ham10000", "isic9")):
+    rows = []
+    for held, d, p, i in zip(sources, diffs, p_holms, internal, strict=False):
+        rows += [_row(held, "defaults", 0.70, ci=ci), _row(held, lever, 0.70 + d, internal=i, diff=d, p_holm=p)]
+    return {"seed": 7, "train_seeds": [7], "image_size": 96, "complete": True, "levers": [lever], "rows": rows}
+
+
+@pytest.mark.parametrize("diffs, p_holms, internal, ci, sources, expected", [
+    ((0.02, 0.01, 0.005), (0.03, 0.4, 0.9), (0.85,) * 3, (0.82, 0.88), None, ("default", "every condition holds")),
+    ((0.02, -0.001, 0.005), (0.03, 0.4, 0.9), (0.85,) * 3, (0.82, 0.88), None,
+     ("fails", "not positive with HAM10000 held out")),
+    ((0.02, 0.0, 0.005), (0.03, 0.4, 0.9), (0.85,) * 3, (0.82, 0.88), None,  # zero is not positive
+     ("fails", "not positive with HAM10000 held out")),
+    ((0.02, 0.01, 0.005), (0.05, 0.4, 0.9), (0.85,) * 3, (0.82, 0.88), None,  # 0.05 is not below 0.05
+     ("fails", "positive everywhere, Holm-significant nowhere")),
+    ((0.02, 0.01, 0.005), (0.03, 0.4, 0.9), (0.85, 0.8199, 0.85), (0.82, 0.88), None,
+     ("fails", "internal test AUC below the defaults' CI with HAM10000 held out")),
+    ((0.02, 0.01, 0.005), (0.03, 0.4, 0.9), (0.85, 0.82, 0.85), (0.82, 0.88), None,  # at the CI's edge: within
+     ("default", "every condition holds")),
+    ((0.02, 0.01, 0.005), (0.03, 0.4, 0.9), (0.5,) * 3, None, None,
+     ("default", "external conditions hold; the internal CI was not recorded")),
+    ((0.02, 0.01), (0.03, 0.4), (0.85,) * 2, (0.82, 0.88), ("derm7pt", "ham10000"),
+     ("undecided", "ISIC 9-class not held out")),
+    ((0.02, -0.01), (0.03, 0.4), (0.85,) * 2, (0.82, 0.88), ("derm7pt", "ham10000"),  # a loss decides anyway
+     ("fails", "not positive with HAM10000 held out")),
+])
+def test_the_decision_rule_on_constructed_comparisons(diffs, p_holms, internal, ci, sources, expected):
+    res = _results(diffs, p_holms, internal, ci, sources=sources or ("derm7pt", "ham10000", "isic9"))
+    v = verdict(res, "mixup=0.2")
+    assert (v["verdict"], v["reason"]) == expected
+    assert [s["difference"] for s in v["sources"].values()] == list(diffs)
+
+
+def test_with_several_seeds_the_pooled_comparison_decides_and_every_seed_keeps_the_internal_auc():
+    rows = []
+    for held in ("derm7pt", "ham10000", "isic9"):
+        for r in (0, 1):  # per seed: one seed loses with Derm7pt held out, the pooled comparison gains
+            d = -0.01 if (held, r) == ("derm7pt", 1) else 0.02
+            rows += [_row(held, "defaults", 0.7, repeat=r), _row(held, "lab", 0.7 + d, diff=d, p_holm=0.5, repeat=r)]
+    combined = [{"held_out": h, "variant": "lab", "difference": 0.005 if h == "derm7pt" else 0.02,
+                 "ci95": [-0.01, 0.03], "p_value": 0.01, "p_holm": 0.03 if h == "isic9" else 0.2}
+                for h in ("derm7pt", "ham10000", "isic9")]
+    res = {"seed": 0, "train_seeds": [0, 1000], "image_size": 96, "levers": ["lab"], "rows": rows,
+           "combined": combined}
+    v = verdict(res, "lab")
+    assert (v["verdict"], v["sources"]["derm7pt"]["difference"], v["sources"]["isic9"]["p_holm"]) == \
+        ("default", 0.005, 0.03)
+    assert v["sources"]["derm7pt"]["seeds"] == 2
+    rows[-1]["internal_test_auc"] = 0.80  # the second seed's ISIC-held-out model falls below its defaults' CI
+    v = verdict(res, "lab")
+    assert (v["verdict"], v["reason"]) == ("fails", "internal test AUC below the defaults' CI with ISIC 9-class "
+                                                    "held out")
+
+
+def test_defaults_spread_counts_runs_and_splits():
+    a = _results((0.01, 0.01, 0.01), (0.5, 0.5, 0.5))
+    b = _results((0.01, 0.01), (0.5, 0.5), sources=("derm7pt", "isic9"))
+    b["seed"] = 8
+    for r in b["rows"]:
+        r["external_auc"] = {"derm7pt": 0.60, "isic9": 0.80}[r["held_out"]]
+    c = _results((0.01,), (0.5,), sources=("derm7pt",))
+    for r in c["rows"]:
+        r["external_auc"] = 0.9
+    spread = defaults_spread({"a.json": a, "b.json": b, "c.json": c})
+    assert spread["by_source"]["derm7pt"] == {"runs": 3, "min": 0.6, "median": 0.7, "max": 0.9,
+                                              "distinct_split_seeds": 2}
+    assert spread["by_source"]["ham10000"] == {"runs": 1, "min": 0.7, "median": 0.7, "max": 0.7,
+                                               "distinct_split_seeds": 1}
+    assert [r["auc"].get("isic9", {}).get("external_auc") for r in spread["runs"]] == [0.7, 0.8, None]
+    text = ledger_table({"a.json": a, "b.json": b})
+    assert "| a.json | 7 | 7 | mixup=0.2 | +0.010 [-0.010, +0.030] (0.500) |" in text
+    assert "0.600-0.700 (median 0.650; 2 runs, 2 splits)" in text
+
+
+def test_load_refuses_what_is_not_a_travel_result(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_results((0.01, 0.01, 0.01), (0.5, 0.5, 0.5))))
+    assert list(load([good])) == ["good.json"]
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"images_per_s": 90}))
+    for path, message in [(tmp_path / "missing.json", "no such file"), (tmp_path / "bad.json", "not JSON"),
+                          (tmp_path / "other.json", "not a `bench travel --json` result")]:
+        with pytest.raises(MelanoganError, match=message) as exc:
+            load([path])
+        assert str(path) in str(exc.value)
+
+
+@pytest.mark.skipif(not MEASUREMENTS.is_dir(), reason="docs/measurements not in this checkout")
+def test_the_committed_measurements_make_only_the_96_px_input_a_default():
+    # The README's verdicts, recomputed from the saved figures: of every lever measured, only the 96 px
+    # input passed the rule (split 8000), and it is the default (TrainConfig.image_size).
+    from melanogan.classify.train import TrainConfig
+
+    entries = ledger(load(sorted(MEASUREMENTS.glob("travel-*.json"))))
+    assert len(entries) >= 28
+    assert [(e["file"], e["lever"]) for e in entries if e["verdict"] == "default"] == [
+        ("travel-shallow-adabn-size96-split8000.json", "image_size=96")]
+    assert TrainConfig().image_size == 96
+
+
+def test_bench_ledger_command_writes_the_verdicts_and_names_a_bad_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from melanogan.cli import app
+
+    runner = CliRunner()
+    res = _results((0.02, 0.01, 0.005), (0.03, 0.4, 0.9))
+    (tmp_path / "mixup.json").write_text(json.dumps(res))
+    out = tmp_path / "ledger.json"
+    r = runner.invoke(app, ["bench", "ledger", str(tmp_path / "mixup.json"), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads(out.read_text())
+    assert [(e["lever"], e["verdict"]) for e in saved["levers"]] == [("mixup=0.2", "default")]
+    assert saved["defaults"]["by_source"]["ham10000"]["median"] == 0.7
+    assert "default: every condition holds" in r.output
+    r = runner.invoke(app, ["bench", "ledger", str(tmp_path / "gone.json")])
+    assert isinstance(r.exception, MelanoganError) and "gone.json: no such file" in str(r.exception)

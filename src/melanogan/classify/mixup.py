@@ -12,7 +12,9 @@ Mixup, Yan et al. 2020). One lam per batch, lam ~ Beta(alpha, alpha), as in the 
 
 Pure functions; the draws come from a NumPy generator of their own, so that a mixup run's geometry
 and colour draws are those of the same run without it (a paired comparison changes one thing).
-Nothing is learnt or stored: inference and checkpoints are untouched.
+Nothing is learnt or stored: inference and checkpoints are untouched. A mixup run's training loss
+(stats.jsonl, the progress bar) is the mixed loss, higher than an unmixed run's by construction;
+its validation loss and AUC are on unmixed images, comparable with any run's.
 """
 
 from __future__ import annotations

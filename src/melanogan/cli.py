@@ -857,6 +857,9 @@ def bench_travel(
                   accelerator, tuple(vary or ()), json_out, batch_size, repeats)
     _print_bench(results, json_out)
     console.print(table(results), markup=False, highlight=False, soft_wrap=True)
+    from melanogan.bench.ledger import verdict_lines
+
+    console.print(verdict_lines(results), markup=False, highlight=False, soft_wrap=True)
 
 
 @bench_app.command("ledger")

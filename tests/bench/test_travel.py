@@ -304,9 +304,12 @@ def test_the_command_prints_the_table_and_keeps_the_json(tmp_path, monkeypatch):
            "validation_threshold": None, "site_threshold": None}
     seen = {}
 
+    lever = {**row, "variant": "tta=8", "external_auc": 0.740,
+             "vs_defaults": {"difference": 0.004, "ci95": [-0.01, 0.02], "p_value": 0.5, "p_holm": 0.5}}
+
     def fake_run(*args):
         seen["args"] = args
-        return {"rows": [row]}
+        return {"rows": [row, lever], "levers": ["tta=8"]}
 
     monkeypatch.setattr(travel, "run", fake_run)
     result = CliRunner().invoke(app, ["bench", "travel", "--holdout", "isic9", "--vary", "tta=8", "--vary",
@@ -315,7 +318,9 @@ def test_the_command_prints_the_table_and_keeps_the_json(tmp_path, monkeypatch):
     assert "| ISIC 9-class (683 images, 187 mel) | defaults | 18 | 0.879 | 0.736 [0.695, 0.772] | - | - | - |" \
         in result.output
     assert seen["args"][2] == ("isic9",) and seen["args"][8] == ("tta=8", "augment=strong")
-    assert json.loads((tmp_path / "t.json").read_text()) == {"rows": [row]}
+    assert json.loads((tmp_path / "t.json").read_text()) == {"rows": [row, lever], "levers": ["tta=8"]}
+    # the verdict by the decision rule, last: positive here, but only one source held out
+    assert "tta=8: undecided by the rule (Derm7pt, HAM10000 not held out)" in result.output
 
 
 def test_repeats_train_every_variant_per_seed_on_the_same_split_and_pool_the_comparison(tmp_path, monkeypatch):

@@ -108,6 +108,15 @@ def ledger(results: dict[str, dict]) -> list[dict]:
     return out
 
 
+def verdict_lines(results: dict) -> str:
+    """One comparison's verdicts as text, one line per lever (what `bench travel` prints last)."""
+    lines = []
+    for lever in results.get("levers", []):
+        v = verdict(results, lever)
+        lines.append(f"{lever}: {v['verdict']} by the rule ({v['reason']})")
+    return "\n".join(lines)
+
+
 def defaults_spread(results: dict[str, dict]) -> dict:
     """The defaults' external AUC per comparison and held-out source (the first training seed), and per
     source its range over the comparisons: how far the same pipeline moves from split to split and run

@@ -162,7 +162,12 @@ def ledger_table(results: dict[str, dict]) -> str:
     for r in spread["runs"]:
         cells = [f"{r['auc'][h]['external_auc']:.3f}" if h in r["auc"] else "-" for h in SOURCES]
         lines.append(f"| {r['file']} | {r['split_seed']} | {r['image_size']} px | " + " | ".join(cells) + " |")
-    cells = [(f"{s['min']:.3f}-{s['max']:.3f} (median {s['median']:.3f}; {s['runs']} runs, "
-              f"{s['distinct_split_seeds']} splits)") if (s := spread["by_source"].get(h)) else "-" for h in SOURCES]
+    cells = [(f"{s['min']:.3f}-{s['max']:.3f} (median {s['median']:.3f}; {_count(s['runs'], 'run')}, "
+              f"{_count(s['distinct_split_seeds'], 'split')})") if (s := spread["by_source"].get(h)) else "-"
+             for h in SOURCES]
     lines.append("| range | | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from melanogan.bench import travel
+from melanogan.bench.travel import NAMES
 from melanogan.errors import MelanoganError
 
-SOURCES = ("derm7pt", "ham10000", "isic9")
-NAMES = {"ham10000": "HAM10000", "isic9": "ISIC 9-class", "derm7pt": "Derm7pt"}
+SOURCES = tuple(sorted(travel.SOURCES))  # the columns, in a fixed order
 ALPHA = 0.05
 
 

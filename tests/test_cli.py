@@ -91,6 +91,7 @@ def _targets():
     from melanogan.bench import calibrate as bench_calibrate
     from melanogan.bench import classifier as bench_classifier
     from melanogan.bench import gan as bench_gan
+    from melanogan.bench import ledger as bench_ledger
     from melanogan.bench import preprocess as bench_preprocess
     from melanogan.bench import quality as bench_quality
     from melanogan.bench import serve as bench_serve
@@ -124,7 +125,7 @@ def _targets():
         "bench preprocess": [bench_preprocess.run], "bench classifier": [bench_classifier.run],
         "bench gan": [bench_gan.run], "bench quality": [bench_quality.run], "bench serve": [bench_serve.run],
         "bench calibrate": [bench_calibrate.run], "bench augment": [bench_augment.run],
-        "bench travel": [bench_travel.run],
+        "bench travel": [bench_travel.run], "bench ledger": [bench_ledger.load],
     }
 
 
@@ -143,7 +144,8 @@ CLI_ONLY = {
     ("serve", "host"): "fed to uvicorn and to ServeConfig.host (checked separately)",
     ("serve", "port"): "fed to uvicorn",
     **{(f"bench {b}", "json_out"): "an extra output file" for b in ("preprocess", "classifier", "serve", "quality",
-                                                                       "gan", "calibrate", "augment")},
+                                                                       "gan", "calibrate", "augment",
+                                                                       "ledger")},
 }
 CONVERT = {("prepare", "melanoma_folders"): lambda v: tuple(v.split(",")),
            ("bench quality", "sizes"): lambda v: tuple(int(x) for x in v.split(",")),

@@ -52,6 +52,7 @@ def test_train_evaluate_predict_explain_export_match_the_cli(api_run, demo_raw, 
     assert cli_metrics["roc_auc"] == ev.metrics["roc_auc"] and cli_metrics["roc_auc_ci95"] == ev.metrics["roc_auc_ci95"]
     assert cli_metrics["thresholds"] == ev.metrics["thresholds"]
     pd.testing.assert_frame_equal(ev.predictions, pd.read_csv(tmp_path / "ev-cli" / "predictions.csv"))
+    pd.testing.assert_frame_equal(ev.diagnoses, pd.read_csv(tmp_path / "ev-cli" / "diagnoses.csv"))
     assert f"ROC-AUC {ev.metrics['roc_auc']:.3f}" in repr(ev) and len(ev.subgroups) > 0
     assert ev.plot().axes and "<img" in ev._repr_html_()
 

@@ -5,7 +5,7 @@ these functions, so a notebook and a shell get the same files and numbers.
     import melanogan as mg
     data = mg.prepare(["ham10000=/data/HAM10000"], out="data/ham")
     run = mg.train(data.data_dir, out="runs/baseline")
-    ev = mg.evaluate(run.run_dir)          # ev.metrics, ev.predictions, ev.subgroups, ev.plot()
+    ev = mg.evaluate(run.run_dir)          # ev.metrics, ev.predictions, ev.subgroups, ev.diagnoses, ev.plot()
 
 Errors are raised as `MelanoganError` with the same messages the CLI prints. Progress bars are
 Rich's (they render in Jupyter too); `progress=False` turns them off.

@@ -597,9 +597,10 @@ def evaluate(
 ) -> None:
     """Evaluate on real images: ROC/PR-AUC with grouped-bootstrap CIs; accuracy, precision, sensitivity,
     specificity, F1, balanced accuracy at 0.5 and at thresholds chosen on validation (Youden, 95%
-    sensitivity); calibration (Brier, ECE, reliability diagram).
+    sensitivity); calibration (Brier, ECE, reliability diagram); per subgroup, and per diagnosis (which
+    benign lesions it confuses with melanoma).
     Writes metrics.json (oracle operating points read off the test ROC kept apart and named so),
-    predictions.csv, roc.png, pr.png, scores.png, reliability.png."""
+    predictions.csv, subgroups.csv, diagnoses.csv, roc.png, pr.png, scores.png, reliability.png."""
     from melanogan import api
 
     r = api.evaluate(run_dir, data=data, split=split, temperature_scaling=temperature_scaling, bootstrap=bootstrap,
@@ -620,6 +621,13 @@ def evaluate(
     small = [g for g in r["by_subgroup"] if g["note"]]
     console.print(f"  subgroups ({', '.join(sorted({g['variable'] for g in r['by_subgroup']}))}): "
                   f"{len(r['by_subgroup'])}, {len(small)} too small for an AUC; {Path(r['out']) / 'subgroups.csv'}")
+    # the benign diagnoses the model separates worst from melanoma (metrics.json writes NaN as null)
+    rated = sorted((d for d in r.get("by_diagnosis", []) if d["roc_auc_vs_melanoma"] is not None),
+                   key=lambda d: d["roc_auc_vs_melanoma"])
+    if rated:
+        worst = "; ".join(f"{d['diagnosis']} ({d['n_images']}): ROC-AUC {f(d['roc_auc_vs_melanoma'])}, "
+                          f"{d['called_melanoma']:.0%} called melanoma" for d in rated[:3])
+        console.print(f"  hardest against melanoma: {worst}; {Path(r['out']) / 'diagnoses.csv'}")
     console.print(f"written to {r['out']}")
 
 
@@ -851,12 +859,17 @@ def bench_travel(
     """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,
     report ROC-AUC and the operating points on half of the third (the other half chooses the site
     threshold). `--model efficientnet_b0 --weights imagenet --image-size 256` runs the pretrained recipe."""
-    from melanogan.bench.travel import run, table
+    from melanogan.bench.travel import diagnosis_lines, run, table
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
                   accelerator, tuple(vary or ()), json_out, batch_size, repeats)
     _print_bench(results, json_out)
     console.print(table(results), markup=False, highlight=False, soft_wrap=True)
+    by_diagnosis = diagnosis_lines(results)
+    if by_diagnosis:
+        console.print("\nWhich benign lesions each model confuses with melanoma at the held-out source:",
+                      markup=False, highlight=False)
+        console.print(by_diagnosis, markup=False, highlight=False, soft_wrap=True)
     from melanogan.bench.ledger import verdict_lines
 
     console.print(verdict_lines(results), markup=False, highlight=False, soft_wrap=True)

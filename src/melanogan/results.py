@@ -266,7 +266,7 @@ class TrainRun:
 
 @dataclass
 class Evaluation:
-    """An evaluation folder: metrics (dict), predictions and subgroups (DataFrames), plots."""
+    """An evaluation folder: metrics (dict), predictions, subgroups and diagnoses (DataFrames), plots."""
 
     out: Path
     metrics: dict
@@ -282,6 +282,11 @@ class Evaluation:
     @property
     def subgroups(self) -> pd.DataFrame:
         return pd.read_csv(self.out / "subgroups.csv")
+
+    @property
+    def diagnoses(self) -> pd.DataFrame:
+        """Per diagnosis: images, share called melanoma, ROC-AUC of the melanomas against it."""
+        return pd.read_csv(self.out / "diagnoses.csv")
 
     @property
     def operating_points(self) -> pd.DataFrame:

@@ -134,12 +134,18 @@ def _fake_pipeline(tmp_path, monkeypatch) -> dict:
         calls["calibrate"].append(Path(run_dir).name)
         return {"n_images": 30, "temperature": 1.0, "thresholds": {"val-youden": 0.5}}
 
+    def fake_manifest(data_dir):  # the report part's diagnoses: melanomas, then nevi and keratoses in turn
+        return pd.DataFrame({"uid": [f"u{i}" for i in range(n)],
+                             "diagnosis": ["melanoma" if y else ("nevus", "seborrheic keratosis")[i % 2]
+                                           for i, y in enumerate(label)]})
+
     import melanogan.classify.calibrate as cal
     import melanogan.classify.evaluate as ev
     import melanogan.classify.train as tr
     import melanogan.data.manifest as man
 
     monkeypatch.setattr(man, "prepare", fake_prepare)
+    monkeypatch.setattr(man, "load_manifest", fake_manifest)
     monkeypatch.setattr(tr, "train_classifier", fake_train)
     monkeypatch.setattr(ev, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
@@ -180,6 +186,20 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     low, high = ensemble["internal_test_auc_ci95"]  # the ensemble's own bootstrap over its mean logits
     assert low < ensemble["internal_test_auc"] < high
     assert ensemble["site_threshold"] is None and ensemble["validation_threshold"] is None
+    # the report part per diagnosis: the melanomas against each benign diagnosis alone, from the same
+    # scores as the row's AUC; shares called melanoma only where a site threshold belongs to the scores
+    dx = np.array(["melanoma" if y else ("nevus", "seborrheic keratosis")[i % 2] for i, y in enumerate(label)])
+    for row, logits in ((ensemble, mean), (rows["defaults"], np.random.default_rng(0).normal(size=n) + label)):
+        by = {d["diagnosis"]: d for d in row["report_by_diagnosis"]}
+        assert [(d["diagnosis"], d["n_images"]) for d in row["report_by_diagnosis"]] == [
+            ("melanoma", 20), ("nevus", 20), ("seborrheic keratosis", 20)]
+        for name in ("nevus", "seborrheic keratosis"):
+            keep = (label == 1) | (dx == name)
+            assert by[name]["roc_auc_vs_melanoma"] == pytest.approx(roc_auc_score(label[keep], logits[keep]))
+    assert all(d["called_melanoma"] is None for d in ensemble["report_by_diagnosis"])
+    defaults_nevi = next(d for d in rows["defaults"]["report_by_diagnosis"] if d["diagnosis"] == "nevus")
+    expected = (np.random.default_rng(0).normal(size=n) + label)[dx == "nevus"]  # fake site threshold 0.5: logit 0
+    assert defaults_nevi["called_melanoma"] == pytest.approx((expected >= 0).mean())
     assert all(r["vs_defaults"]["p_holm"] >= r["vs_defaults"]["p_value"] for r in result["rows"] if "vs_defaults" in r)
     assert result["complete"]
 
@@ -294,6 +314,27 @@ def test_the_table_shows_each_row_with_its_paired_difference():
     assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
 
 
+def test_the_diagnosis_lines_put_each_lever_beside_the_defaults_per_benign_diagnosis():
+    def dx(auc_nevus, auc_sk, called=None, ci=None):
+        return [{"diagnosis": "melanoma", "melanoma": True, "n_images": 30, "called_melanoma": called,
+                 "roc_auc_vs_melanoma": None, "roc_auc_vs_melanoma_ci95": None},
+                {"diagnosis": "nevus", "melanoma": False, "n_images": 200, "called_melanoma": called,
+                 "roc_auc_vs_melanoma": auc_nevus, "roc_auc_vs_melanoma_ci95": ci},
+                {"diagnosis": "seborrheic keratosis", "melanoma": False, "n_images": 4, "called_melanoma": called,
+                 "roc_auc_vs_melanoma": auc_sk, "roc_auc_vs_melanoma_ci95": ci and [None, None]}]
+
+    rows = [{"held_out": "isic9", "variant": "defaults", "report_by_diagnosis": dx(0.8123, None, 0.25, [0.75, 0.86])},
+            {"held_out": "isic9", "variant": "mixup=0.2", "report_by_diagnosis": dx(0.7, None)},
+            {"held_out": "isic9", "variant": "tta=8", "repeat": 1, "report_by_diagnosis": dx(0.1, None)},
+            {"held_out": "derm7pt", "variant": "defaults"}]  # a row saved before the table was kept
+    lines = travel.diagnosis_lines({"rows": rows}).splitlines()
+    assert lines[0].endswith("| mixup=0.2 |") and "tta=8" not in lines[0]  # a second seed's row is not shown
+    assert lines[2:] == ["| ISIC 9-class | nevus | 200 | 0.812 [0.750, 0.860] | 25% | 0.700 |",
+                         "| ISIC 9-class | seborrheic keratosis | 4 | - | 25% | - |"]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert travel.diagnosis_lines({"rows": rows[3:]}) == ""
+
+
 def test_the_command_prints_the_table_and_keeps_the_json(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -321,6 +362,12 @@ def test_the_command_prints_the_table_and_keeps_the_json(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "t.json").read_text()) == {"rows": [row, lever], "levers": ["tta=8"]}
     # the verdict by the decision rule, last: positive here, but only one source held out
     assert "tta=8: undecided by the rule (Derm7pt, HAM10000 not held out)" in result.output
+    assert "confuses with melanoma" not in result.output  # rows saved before the per-diagnosis table
+    nevi = {"diagnosis": "nevus", "melanoma": False, "n_images": 400, "called_melanoma": 0.2,
+            "roc_auc_vs_melanoma": 0.91, "roc_auc_vs_melanoma_ci95": [0.88, 0.94]}
+    row["report_by_diagnosis"] = [nevi]
+    result = CliRunner().invoke(app, ["bench", "travel", "--holdout", "isic9", "--vary", "tta=8"])
+    assert "| ISIC 9-class | nevus | 400 | 0.910 [0.880, 0.940] | 20% |\n" in result.output
 
 
 def test_repeats_train_every_variant_per_seed_on_the_same_split_and_pool_the_comparison(tmp_path, monkeypatch):

@@ -79,6 +79,15 @@ def test_evaluation_uses_validation_thresholds_and_writes_everything(demo_prepar
         assert (out / name).is_file(), name
     preds = pd.read_csv(out / "predictions.csv")
     assert set(preds["split"]) == {"test"} and len(preds) == r["n_images"]
+    # the diagnosis table covers every evaluated image once, each share read at the Youden threshold
+    from melanogan.data.manifest import load_manifest
+    dx = preds.join(load_manifest(demo_prepared).set_index("uid")["diagnosis"], on="uid")
+    table = pd.read_csv(out / "diagnoses.csv")
+    assert table["n_images"].sum() == len(preds) and set(table["diagnosis"]) == set(dx["diagnosis"])
+    youden = r["thresholds"]["val_youden"]["threshold"]
+    for row in r["by_diagnosis"]:
+        part = dx[(dx["diagnosis"] == row["diagnosis"]) & (dx["label"] == int(row["melanoma"]))]
+        assert row["called_melanoma"] == pytest.approx((part["probability"] >= youden).mean())
     assert r["roc_auc"] == pytest.approx(M.roc_auc(preds["label"], preds["logit"]))
     # The thresholds are the ones validation predictions give, applied unchanged to the test images.
     evaluate_run(tmp_path / "run", split="val", bootstrap=10)
@@ -193,6 +202,32 @@ def test_a_multi_source_test_split_is_also_reported_per_source(demo_raw, tmp_pat
             assert m["roc_auc"] == pytest.approx(M.roc_auc(part["label"], part["logit"]))
         else:
             assert m["roc_auc"] is None and m["roc_auc_ci95"] == [None, None]  # NaN is null in metrics.json
+
+
+def test_evaluate_prints_the_benign_diagnoses_hardest_to_tell_from_melanoma(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from melanogan import api
+    from melanogan.cli import app
+
+    def dx(name, n, auc, called, melanoma=False):
+        return {"diagnosis": name, "melanoma": melanoma, "n_images": n, "called_melanoma": called,
+                "roc_auc_vs_melanoma": auc, "roc_auc_vs_melanoma_ci95": None if auc is None else [0.1, 0.9]}
+
+    metrics = {"split": "test", "n_images": 300, "n_melanoma": 40, "roc_auc": 0.8, "roc_auc_ci95": [0.7, 0.9],
+               "pr_auc": 0.5, "thresholds": {}, "by_subgroup": [], "out": str(tmp_path),
+               "by_diagnosis": [dx("melanoma", 40, None, 0.9, True), dx("nevus", 200, 0.93, 0.1),
+                                dx("seborrheic keratosis", 30, 0.61, 0.45), dx("dermatofibroma", 3, None, 0.0),
+                                dx("basal cell carcinoma", 20, 0.7, 0.3), dx("solar lentigo", 7, 0.85, 0.14)]}
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: SimpleNamespace(metrics=metrics))
+    shown = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    # lowest AUC first, three of them, the one without an AUC left out
+    assert ("hardest against melanoma: seborrheic keratosis (30): ROC-AUC 0.610, 45% called melanoma; "
+            "basal cell carcinoma (20): ROC-AUC 0.700, 30% called melanoma; solar lentigo (7): ROC-AUC 0.850, "
+            "14% called melanoma;") in " ".join(shown.output.split())
 
 
 def test_balanced_sampling_halves_the_classes_and_splits_one_draw_across_ranks():
@@ -401,6 +436,43 @@ def test_subgroup_table_exact_and_small_subgroups_listed_not_dropped():
     unknown = rows[("sex", "unknown")]
     assert unknown["n_melanoma"] == 2 and "0 other" in unknown["note"] and np.isnan(unknown["specificity"])
     assert rows[("source", "ham10000")]["n_images"] == 20 and rows[("source", "ham10000")]["roc_auc"] > 0.8
+
+
+def test_diagnosis_table_exact_per_benign_diagnosis_against_the_melanomas():
+    from melanogan.classify.evaluate import diagnosis_table
+
+    # 5 melanomas (logits 2, 3, 4, 5 and an in-situ one at -1); nevi mostly below them, seborrhoeic
+    # keratoses among them, two dermatofibromas (too few), one image without a diagnosis
+    dx = ["melanoma"] * 4 + ["melanoma in situ"] + ["nevus"] * 6 + ["seborrheic keratosis"] * 5 + \
+        ["dermatofibroma"] * 2 + [None]
+    logits = [2, 3, 4, 5, -1] + [-3, -2, -1, -4, -5, 2.5] + [4.5, 3.5, 0.5, -0.5, 1.5] + [0.0, 1.0] + [0.0]
+    labels = [1] * 5 + [0] * 14
+    test = pd.DataFrame({"label": labels, "logit": np.array(logits, dtype=float), "diagnosis": dx,
+                         "group": [str(i) for i in range(19)]})
+    rows = diagnosis_table(test, threshold=0.5, bootstrap=50)
+    assert [(r["diagnosis"], r["melanoma"], r["n_images"]) for r in rows] == [
+        ("melanoma", True, 4), ("melanoma in situ", True, 1), ("nevus", False, 6),
+        ("seborrheic keratosis", False, 5), ("dermatofibroma", False, 2), ("unknown", False, 1)]
+    by = {r["diagnosis"]: r for r in rows}
+    # p >= 0.5 is logit >= 0: a melanoma diagnosis's share is its sensitivity, a benign one's its FP rate
+    assert [by[d]["called_melanoma"] for d in ("melanoma", "melanoma in situ", "nevus", "seborrheic keratosis",
+                                               "dermatofibroma", "unknown")] == [1.0, 0.0, 1 / 6, 0.8, 1.0, 1.0]
+    # all 5 melanomas against the 6 nevi: 27.5 of 30 pairs ranked right (one tie at -1); against the
+    # keratoses 15 of 25: the model tells melanoma from nevi, not from seborrhoeic keratoses
+    assert by["nevus"]["roc_auc_vs_melanoma"] == pytest.approx(27.5 / 30)
+    assert by["seborrheic keratosis"]["roc_auc_vs_melanoma"] == pytest.approx(15 / 25)
+    lo, hi = by["seborrheic keratosis"]["roc_auc_vs_melanoma_ci95"]
+    assert lo <= 0.6 <= hi and lo < hi
+    assert by["melanoma"]["roc_auc_vs_melanoma"] is None and by["melanoma"]["note"] == ""
+    assert np.isnan(by["dermatofibroma"]["roc_auc_vs_melanoma"])
+    assert by["dermatofibroma"]["note"] == "too few for an AUC (5 melanoma, 2 dermatofibroma; needs 5 of each)"
+    # a higher threshold: logit >= log(0.8 / 0.2) = 1.386
+    strict = {r["diagnosis"]: r["called_melanoma"] for r in diagnosis_table(test, threshold=0.8, bootstrap=10)}
+    assert (strict["nevus"], strict["seborrheic keratosis"], strict["melanoma"]) == (1 / 6, 0.6, 1.0)
+    # the temperature divides the logits before the threshold: T = 2 puts logit 2.5 at p 0.78 < 0.8
+    # (the cut is now logit 2.77: 2 of the keratoses, 3 of the 4 melanomas)
+    cooled = {r["diagnosis"]: r["called_melanoma"] for r in diagnosis_table(test, 0.8, temperature=2.0, bootstrap=10)}
+    assert (cooled["nevus"], cooled["seborrheic keratosis"], cooled["melanoma"]) == (0.0, 0.4, 0.75)
 
 
 def test_skin_tone_of_an_older_estimate_is_not_reported_as_current(tmp_path, demo_prepared):

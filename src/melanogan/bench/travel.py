@@ -280,10 +280,10 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     half. `prepared` and `trained` hold what earlier variants made, so that a lever reuses the data
     (and the model) it does not change. `seed` splits the data; `train_seed` trains."""
     from melanogan.classify.calibrate import calibrate_site
-    from melanogan.classify.evaluate import evaluate_run
+    from melanogan.classify.evaluate import diagnosis_table, evaluate_run, json_safe
     from melanogan.classify.train import TrainConfig
     from melanogan.data.cache import CacheOptions
-    from melanogan.data.manifest import prepare
+    from melanogan.data.manifest import load_manifest, prepare
     from melanogan.data.splits import SplitFractions
 
     options = CacheOptions(size=max(256, settings["image_size"]), **{
@@ -374,6 +374,13 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
                                  "specificity": at_site["specificity"]}
     else:  # calibrate scores one model's single views; its threshold would not fit averaged logits
         row["site_threshold"] = None
+    # Which of the site's benign diagnoses the scores confuse with melanoma: a held-out source's AUC
+    # is an average over its own case mix, so this says whether a source travels worse for its case
+    # mix or for its pictures. Shares called melanoma at the site's own threshold, where there is one.
+    site_dx = load_manifest(site_dir).set_index("uid")["diagnosis"]
+    at_site = (site["thresholds"]["val-youden"], site["temperature"]) if row["site_threshold"] else (None, 1.0)
+    row["report_by_diagnosis"] = json_safe(diagnosis_table(preds.join(site_dx, on="uid"), *at_site, bootstrap=300,
+                                                        seed=train_seed))
     return row, preds
 
 
@@ -515,6 +522,36 @@ def table(results: dict) -> str:
             lines.append(f"| {NAMES[c['held_out']]} | {c['variant']} | {c['difference']:+.3f} [{c['ci95'][0]:+.3f}, "
                          f"{c['ci95'][1]:+.3f}] ({c['p_value']:.3f}, {c.get('p_holm', float('nan')):.3f}) | "
                          f"{', '.join(f'{d:+.3f}' for d in c['per_seed_differences'])} |")
+    return "\n".join(lines)
+
+
+def diagnosis_lines(results: dict) -> str:
+    """Per held-out source and benign diagnosis of its report part: the ROC-AUC of the melanomas
+    against that diagnosis alone, for the defaults (with its CI and the share called melanoma at the
+    site threshold) and each lever (first training seed); empty for results saved before it was kept."""
+    rows = [r for r in results["rows"] if r.get("report_by_diagnosis") and r.get("repeat", 0) == 0]
+    if not rows:
+        return ""
+    levers = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "defaults"))
+    lines = ["| held out | diagnosis (report part) | images | defaults: ROC-AUC vs melanoma [95% CI] | "
+             "defaults: called melanoma at the site threshold |" + "".join(f" {v} |" for v in levers),
+             "| --- | --- | --- | --- | --- |" + " --- |" * len(levers)]
+
+    def auc(d: dict | None) -> str:
+        return "-" if not d or d["roc_auc_vs_melanoma"] is None else f"{d['roc_auc_vs_melanoma']:.3f}"
+
+    for held in dict.fromkeys(r["held_out"] for r in rows):
+        mine = {r["variant"]: {d["diagnosis"]: d for d in r["report_by_diagnosis"] if not d["melanoma"]}
+                for r in rows if r["held_out"] == held}
+        base = mine.get("defaults")
+        if base is None:
+            continue
+        for name, d in base.items():
+            ci = d["roc_auc_vs_melanoma_ci95"]
+            first = auc(d) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else "")
+            called = "-" if d["called_melanoma"] is None else f"{d['called_melanoma']:.0%}"
+            lines.append(f"| {NAMES[held]} | {name} | {d['n_images']} | {first} | {called} |"
+                         + "".join(f" {auc(mine.get(v, {}).get(name))} |" for v in levers))
     return "\n".join(lines)
 
 

@@ -34,12 +34,12 @@ ORACLE_NOTE = ("oracle: read off the evaluated images' own ROC curve (chosen wit
                "that no clinic could set in advance, not comparable with the validation-chosen thresholds")
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON-safe: NaN -> None, numpy scalars -> Python."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
@@ -158,6 +158,8 @@ def auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: in
 # ones are listed with their counts and why, never dropped.
 MIN_PER_CLASS_FOR_AUC = 5
 SUBGROUP_VARIABLES = ("source", "sex", "age_band", "anatom_site", "ita_category")
+DIAGNOSIS_COLUMNS = ["diagnosis", "melanoma", "n_images", "called_melanoma", "roc_auc_vs_melanoma",
+                     "roc_auc_vs_melanoma_ci95", "note"]
 
 
 def age_band(age) -> str:
@@ -196,6 +198,41 @@ def subgroup_table(test: pd.DataFrame, threshold: float, temperature: float = 1.
                                 f"{MIN_PER_CLASS_FOR_AUC} of each)")
             rows.append(row)
     return rows
+
+
+def diagnosis_table(test: pd.DataFrame, threshold: float | None, temperature: float = 1.0, bootstrap: int = 1000,
+                    seed: int = 0) -> list[dict]:
+    """Per diagnosis in `test` (columns label, logit, group, diagnosis): its images, whether they are
+    melanomas, the share of them called melanoma at `threshold` (a melanoma diagnosis: its
+    sensitivity; any other: its false-positive rate), and, for a non-melanoma diagnosis, the ROC-AUC of
+    all of `test`'s melanomas against it alone, with the grouped-bootstrap CI: which benign lesions the
+    model confuses with melanoma. A diagnosis is one class, so its own AUC (the subgroup table's
+    figure) is undefined; and a site's AUC over all benign images mixes these in its own case mix, so
+    two sites' AUCs can differ by case mix alone. Fewer than MIN_PER_CLASS_FOR_AUC of either side: the
+    counts and a reason instead of an AUC. `threshold` None (scores no threshold belongs to, e.g. an
+    ensemble's mean logits): no shares. Rows: melanoma diagnoses first, then by images, most first."""
+    y = test["label"].to_numpy()
+    p = M.sigmoid(test["logit"].to_numpy() / temperature)
+    dx = test["diagnosis"].astype("string").fillna("unknown").to_numpy()
+    melanomas = y == 1
+    n_mel = int(melanomas.sum())
+    rows = []
+    # by (diagnosis, label): a source's diagnosis string could in principle hold both labels
+    for (value, label), idx in pd.Series(np.arange(len(y))).groupby([dx, y], sort=True):
+        idx = idx.to_numpy()
+        row = {"diagnosis": str(value), "melanoma": bool(label), "n_images": len(idx),
+               "called_melanoma": None if threshold is None else float((p[idx] >= threshold).mean())}
+        if label == 1:
+            row.update(roc_auc_vs_melanoma=None, roc_auc_vs_melanoma_ci95=None, note="")
+        elif min(n_mel, len(idx)) >= MIN_PER_CLASS_FOR_AUC:
+            s = auc_summary(test.iloc[np.concatenate([np.flatnonzero(melanomas), idx])], temperature, bootstrap, seed)
+            row.update(roc_auc_vs_melanoma=s["roc_auc"], roc_auc_vs_melanoma_ci95=s["roc_auc_ci95"], note="")
+        else:
+            row.update(roc_auc_vs_melanoma=float("nan"), roc_auc_vs_melanoma_ci95=[float("nan"), float("nan")],
+                       note=f"too few for an AUC ({n_mel} melanoma, {len(idx)} {value}; needs "
+                            f"{MIN_PER_CLASS_FOR_AUC} of each)")
+        rows.append(row)
+    return sorted(rows, key=lambda r: (not r["melanoma"], -r["n_images"], r["diagnosis"]))
 
 
 def clinical_metrics(val: pd.DataFrame, test: pd.DataFrame, temperature: float = 1.0, bootstrap: int = 1000,
@@ -267,6 +304,9 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     with_meta = test.join(meta, on="uid").assign(age_band=lambda d: d["age"].map(age_band))
     result["by_subgroup"] = subgroup_table(with_meta, result["thresholds"]["val_youden"]["threshold"], temperature,
                                            bootstrap, cfg.seed)
+    result["by_diagnosis"] = diagnosis_table(test.join(data_manifest.set_index("uid")["diagnosis"], on="uid"),
+                                             result["thresholds"]["val_youden"]["threshold"], temperature,
+                                             bootstrap, cfg.seed)
     result.update({"run_dir": str(run_dir), "data_dir": str(data_dir), "split": split, "external": external,
                    "excluded_overlap": len(overlap), "best_epoch": best_state.get("epoch"),
                    "val_auc_at_best": best_state.get("val_auc"),
@@ -276,10 +316,14 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     result["out"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", test.assign(probability=M.sigmoid(test["logit"] / temperature)))
-    write_json(out / "metrics.json", _clean(result))
+    write_json(out / "metrics.json", json_safe(result))
     write_csv(out / "subgroups.csv", pd.DataFrame(result["by_subgroup"]).drop(columns="roc_auc_ci95").assign(
         auc_ci_low=[r["roc_auc_ci95"][0] for r in result["by_subgroup"]],
         auc_ci_high=[r["roc_auc_ci95"][1] for r in result["by_subgroup"]]))
+    write_csv(out / "diagnoses.csv", pd.DataFrame(result["by_diagnosis"], columns=DIAGNOSIS_COLUMNS).drop(
+        columns="roc_auc_vs_melanoma_ci95").assign(
+        auc_ci_low=[(r["roc_auc_vs_melanoma_ci95"] or [None])[0] for r in result["by_diagnosis"]],
+        auc_ci_high=[(r["roc_auc_vs_melanoma_ci95"] or [None, None])[1] for r in result["by_diagnosis"]]))
     plot_evaluation(test, result, out, temperature)
     plot_subgroups(result["by_subgroup"], out / "subgroups.png")
     return result

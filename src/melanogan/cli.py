@@ -859,7 +859,7 @@ def bench_travel(
     """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,
     report ROC-AUC and the operating points on half of the third (the other half chooses the site
     threshold). `--model efficientnet_b0 --weights imagenet --image-size 256` runs the pretrained recipe."""
-    from melanogan.bench.travel import diagnosis_lines, run, table
+    from melanogan.bench.travel import case_mix_lines, diagnosis_lines, run, table
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
                   accelerator, tuple(vary or ()), json_out, batch_size, repeats)
@@ -870,6 +870,11 @@ def bench_travel(
         console.print("\nWhich benign lesions each model confuses with melanoma at the held-out source:",
                       markup=False, highlight=False)
         console.print(by_diagnosis, markup=False, highlight=False, soft_wrap=True)
+    at_training_mix = case_mix_lines(results)
+    if at_training_mix:
+        console.print("\nThe same scores with the site's benign images re-weighted to the training sources' case mix:",
+                      markup=False, highlight=False)
+        console.print(at_training_mix, markup=False, highlight=False, soft_wrap=True)
     from melanogan.bench.ledger import verdict_lines
 
     console.print(verdict_lines(results), markup=False, highlight=False, soft_wrap=True)

@@ -134,7 +134,13 @@ def _fake_pipeline(tmp_path, monkeypatch) -> dict:
         calls["calibrate"].append(Path(run_dir).name)
         return {"n_images": 30, "temperature": 1.0, "thresholds": {"val-youden": 0.5}}
 
-    def fake_manifest(data_dir):  # the report part's diagnoses: melanomas, then nevi and keratoses in turn
+    def fake_manifest(data_dir):
+        if Path(data_dir).name.startswith("train-"):  # the training sources: benign train rows 3 naevi : 1 keratosis
+            return pd.DataFrame({"split": ["train"] * 50 + ["val"] * 5 + ["train"] * 5,
+                                 "label": [1] * 10 + [0] * 50,
+                                 "source": ["ham10000"] * 55 + ["synthetic"] * 5,
+                                 "diagnosis": ["mel"] * 10 + ["nv"] * 30 + ["bkl"] * 10 + ["bcc"] * 10})
+        # the report part's: melanomas, then naevi and keratoses in turn
         return pd.DataFrame({"uid": [f"u{i}" for i in range(n)],
                              "diagnosis": ["melanoma" if y else ("nevus", "seborrheic keratosis")[i % 2]
                                            for i, y in enumerate(label)]})
@@ -197,6 +203,19 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
             keep = (label == 1) | (dx == name)
             assert by[name]["roc_auc_vs_melanoma"] == pytest.approx(roc_auc_score(label[keep], logits[keep]))
     assert all(d["called_melanoma"] is None for d in ensemble["report_by_diagnosis"])
+    # the report part re-weighted to the training sources' benign mix (val and synthetic rows not in it)
+    aucs = {}
+    for name in ("nevus", "seborrheic keratosis"):
+        keep = (label == 1) | (dx == name)
+        aucs[name] = roc_auc_score(label[keep], logits[keep])  # the defaults' scores (last in the loop)
+    mix = rows["defaults"]["case_mix"]
+    assert mix["training_mix"] == {"nevus": 0.75, "benign keratosis": 0.25}
+    assert mix["report_mix"] == {"nevus": 0.5, "benign keratosis": 0.5} and mix["training_mix_covered"] == 1.0
+    expected = 0.75 * aucs["nevus"] + 0.25 * aucs["seborrheic keratosis"]
+    assert mix["external_auc_at_training_mix"] == pytest.approx(expected)
+    # at the report part's own mix it would be its plain AUC
+    assert roc_auc_score(label, logits) == pytest.approx(0.5 * aucs["nevus"] + 0.5 * aucs["seborrheic keratosis"])
+    assert mix["ci95"][0] < mix["external_auc_at_training_mix"] < mix["ci95"][1]
     defaults_nevi = next(d for d in rows["defaults"]["report_by_diagnosis"] if d["diagnosis"] == "nevus")
     expected = (np.random.default_rng(0).normal(size=n) + label)[dx == "nevus"]  # fake site threshold 0.5: logit 0
     assert defaults_nevi["called_melanoma"] == pytest.approx((expected >= 0).mean())
@@ -368,6 +387,13 @@ def test_the_command_prints_the_table_and_keeps_the_json(tmp_path, monkeypatch):
     row["report_by_diagnosis"] = [nevi]
     result = CliRunner().invoke(app, ["bench", "travel", "--holdout", "isic9", "--vary", "tta=8"])
     assert "| ISIC 9-class | nevus | 400 | 0.910 [0.880, 0.940] | 20% |\n" in result.output
+    assert "training sources' case mix" not in result.output  # a row without its case mix
+    row["case_mix"] = {"training_mix": {"nevus": 0.8, "benign keratosis": 0.2}, "training_mix_covered": 0.95,
+                       "report_mix": {"benign keratosis": 0.3, "nevus": 0.6, "dermatofibroma": 0.1},
+                       "external_auc_at_training_mix": 0.8123, "ci95": [0.78, 0.84]}
+    result = CliRunner().invoke(app, ["bench", "travel", "--holdout", "isic9", "--vary", "tta=8"])
+    assert ("| ISIC 9-class | defaults | 0.736 | 0.812 [0.780, 0.840] (95%) | nevus 60%, benign keratosis 30%, "
+            "dermatofibroma 10% | nevus 80%, benign keratosis 20% |") in result.output
 
 
 def test_repeats_train_every_variant_per_seed_on_the_same_split_and_pool_the_comparison(tmp_path, monkeypatch):

@@ -37,6 +37,25 @@ def test_worst_group_auc_by_hand():
         M.roc_auc_by_group([1, 0], [0.3, 0.2], ["a"])
 
 
+def test_case_mix_auc_by_hand_is_the_pooled_auc_at_the_own_mix():
+    # 3 melanomas against 4 naevi (10 of 12 pairs right) and 2 keratoses (2 of 6)
+    y = [1, 1, 1, 0, 0, 0, 0, 0, 0]
+    s = [0.9, 0.6, 0.3, 0.1, 0.2, 0.4, 0.5, 0.7, 0.8]
+    kinds = ["melanoma"] * 3 + ["nevus"] * 4 + ["keratosis"] * 2
+    own = M.case_mix_auc(y, s, kinds, {"nevus": 4, "keratosis": 2})
+    assert own == (pytest.approx(2 / 3), 1.0) and M.roc_auc(y, s) == pytest.approx(2 / 3)
+    assert M.case_mix_auc(y, s, kinds, {"nevus": 0.9, "keratosis": 0.1})[0] == pytest.approx(0.9 * 5 / 6 + 0.1 / 3)
+    # a kind of the mix that this site lacks drops out; the share of the mix covered says how much
+    assert M.case_mix_auc(y, s, kinds, {"nevus": 0.9, "keratosis": 0.1, "carcinoma": 0.5}) == (
+        pytest.approx(0.9 * 5 / 6 + 0.1 / 3), pytest.approx(1 / 1.5))
+    assert M.case_mix_auc(y, s, kinds, {"nevus": 0.9, "keratosis": 0.1}, min_per_kind=3) == (
+        pytest.approx(5 / 6), pytest.approx(0.9))
+    assert math.isnan(M.case_mix_auc([0, 0], [0.1, 0.2], ["nevus"] * 2, {"nevus": 1})[0])
+    assert M.case_mix_auc(y, s, kinds, {"carcinoma": 1})[1] == 0.0
+    with pytest.raises(ValueError, match="kinds"):
+        M.case_mix_auc(y, s, kinds[:-1], {"nevus": 1})
+
+
 def test_confusion_by_hand():
     c = M.confusion_at(Y, S, 0.5)
     # predicted positive: 0.5(0) 0.6(1) 0.7(1) 0.8(0) 0.9(1)

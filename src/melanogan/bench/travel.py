@@ -379,9 +379,38 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     # mix or for its pictures. Shares called melanoma at the site's own threshold, where there is one.
     site_dx = load_manifest(site_dir).set_index("uid")["diagnosis"]
     at_site = (site["thresholds"]["val-youden"], site["temperature"]) if row["site_threshold"] else (None, 1.0)
-    row["report_by_diagnosis"] = json_safe(diagnosis_table(preds.join(site_dx, on="uid"), *at_site, bootstrap=300,
-                                                        seed=train_seed))
+    scored = preds.join(site_dx, on="uid")
+    row["report_by_diagnosis"] = json_safe(diagnosis_table(scored, *at_site, bootstrap=300, seed=train_seed))
+    row["case_mix"] = json_safe(case_mix(scored, load_manifest(train_dir), seed=train_seed))
     return row, preds
+
+
+def case_mix(scored: pd.DataFrame, training: pd.DataFrame, bootstrap: int = 300, seed: int = 0) -> dict:
+    """The report part's external AUC with its benign images re-weighted to the training sources' own
+    benign case mix (diagnosis groups of their train split, data/diagnoses.py), with a grouped-bootstrap
+    CI: the AUC this model would score on these pictures if the site saw the cases it learned from.
+    Beside the plain external AUC it separates a case-mix gap from a picture gap. `scored`: report
+    predictions with their `diagnosis`; `training`: the training data's manifest."""
+    from melanogan.classify.evaluate import MIN_PER_CLASS_FOR_AUC
+    from melanogan.data.diagnoses import diagnosis_group
+
+    def shares(diagnoses: pd.Series) -> dict[str, float]:
+        counts = diagnoses.map(diagnosis_group).value_counts()
+        return {str(k): round(float(v / counts.sum()), 4) for k, v in counts.items()}
+
+    benign = training[(training["split"] == "train") & (training["label"] == 0) & (training["source"] != "synthetic")]
+    mix = shares(benign["diagnosis"])
+    y, z = scored["label"].to_numpy(), scored["logit"].to_numpy()
+    kinds = scored["diagnosis"].map(diagnosis_group).to_numpy()
+    auc, covered = M.case_mix_auc(y, z, kinds, mix, min_per_kind=MIN_PER_CLASS_FOR_AUC)
+
+    def at_mix(y_resampled, positions):  # the bootstrap resamples positions, so the kinds follow the scores
+        i = positions.astype(int)
+        return M.case_mix_auc(y_resampled, z[i], kinds[i], mix, min_per_kind=MIN_PER_CLASS_FOR_AUC)[0]
+
+    ci = M.bootstrap_ci(y, np.arange(len(y)), scored["group"].to_numpy(), at_mix, n=bootstrap, seed=seed)
+    return {"training_mix": mix, "report_mix": shares(scored.loc[scored["label"] == 0, "diagnosis"]),
+            "external_auc_at_training_mix": auc, "ci95": list(ci), "training_mix_covered": round(covered, 4)}
 
 
 def _adapted_report(run_dir: Path, site_dir: Path, name: str) -> tuple[dict, pd.DataFrame]:
@@ -552,6 +581,30 @@ def diagnosis_lines(results: dict) -> str:
             called = "-" if d["called_melanoma"] is None else f"{d['called_melanoma']:.0%}"
             lines.append(f"| {NAMES[held]} | {name} | {d['n_images']} | {first} | {called} |"
                          + "".join(f" {auc(mine.get(v, {}).get(name))} |" for v in levers))
+    return "\n".join(lines)
+
+
+def case_mix_lines(results: dict) -> str:
+    """Per held-out source and setting (first training seed): the external AUC at the site's own case
+    mix and re-weighted to the training sources' benign mix, with both mixes; empty for results saved
+    before it was kept."""
+    rows = [r for r in results["rows"] if r.get("case_mix") and r.get("repeat", 0) == 0]
+    if not rows:
+        return ""
+
+    def mix(shares: dict) -> str:
+        return ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+
+    lines = ["| held out | setting | external ROC-AUC (the site's case mix) | at the training sources' case mix "
+             "[95% CI] (share of it covered) | the site's benign mix | the training sources' benign mix |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        c = r["case_mix"]
+        at = "-" if c["external_auc_at_training_mix"] is None else (
+            f"{c['external_auc_at_training_mix']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] "
+            f"({c['training_mix_covered']:.0%})")
+        lines.append(f"| {NAMES[r['held_out']]} | {r['variant']} | {r['external_auc']:.3f} | {at} | "
+                     f"{mix(c['report_mix'])} | {mix(c['training_mix'])} |")
     return "\n".join(lines)
 
 

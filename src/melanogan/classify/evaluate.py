@@ -23,6 +23,7 @@ from melanogan.classify.train import load_model, predict_logits
 from melanogan.data.cache import Cache, CacheOptions
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, hamming_pairs
+from melanogan.data.diagnoses import diagnosis_group
 from melanogan.data.manifest import cache_for, load_manifest, manifest_hash
 from melanogan.data.metadata import encode_metadata
 from melanogan.data.sources import global_isic_id
@@ -158,7 +159,7 @@ def auc_summary(test: pd.DataFrame, temperature: float, bootstrap: int, seed: in
 # ones are listed with their counts and why, never dropped.
 MIN_PER_CLASS_FOR_AUC = 5
 SUBGROUP_VARIABLES = ("source", "sex", "age_band", "anatom_site", "ita_category")
-DIAGNOSIS_COLUMNS = ["diagnosis", "melanoma", "n_images", "called_melanoma", "roc_auc_vs_melanoma",
+DIAGNOSIS_COLUMNS = ["diagnosis", "group", "melanoma", "n_images", "called_melanoma", "roc_auc_vs_melanoma",
                      "roc_auc_vs_melanoma_ci95", "note"]
 
 
@@ -209,7 +210,8 @@ def diagnosis_table(test: pd.DataFrame, threshold: float | None, temperature: fl
     model confuses with melanoma. A diagnosis is one class, so its own AUC (the subgroup table's
     figure) is undefined; and a site's AUC over all benign images mixes these in its own case mix, so
     two sites' AUCs can differ by case mix alone. Fewer than MIN_PER_CLASS_FOR_AUC of either side: the
-    counts and a reason instead of an AUC. `threshold` None (scores no threshold belongs to, e.g. an
+    counts and a reason instead of an AUC. Each row also names its group across sources
+    (data/diagnoses.py). `threshold` None (scores no threshold belongs to, e.g. an
     ensemble's mean logits): no shares. Rows: melanoma diagnoses first, then by images, most first."""
     y = test["label"].to_numpy()
     p = M.sigmoid(test["logit"].to_numpy() / temperature)
@@ -220,7 +222,8 @@ def diagnosis_table(test: pd.DataFrame, threshold: float | None, temperature: fl
     # by (diagnosis, label): a source's diagnosis string could in principle hold both labels
     for (value, label), idx in pd.Series(np.arange(len(y))).groupby([dx, y], sort=True):
         idx = idx.to_numpy()
-        row = {"diagnosis": str(value), "melanoma": bool(label), "n_images": len(idx),
+        row = {"diagnosis": str(value), "group": diagnosis_group(str(value)), "melanoma": bool(label),
+               "n_images": len(idx),
                "called_melanoma": None if threshold is None else float((p[idx] >= threshold).mean())}
         if label == 1:
             row.update(roc_auc_vs_melanoma=None, roc_auc_vs_melanoma_ci95=None, note="")

@@ -185,6 +185,36 @@ def fit_temperature(logits, y) -> float:
     return float(math.exp(res.x))
 
 
+def case_mix_auc(y, s, kinds, mix: dict[str, float], min_per_kind: int = 1) -> tuple[float, float]:
+    """ROC-AUC with the negatives re-weighted to another case mix `mix` (kind -> share): the mean of
+    the per-kind AUCs (all positives against the negatives of one kind) weighted by `mix`. Why: the
+    ordinary AUC is exactly that mean weighted by the negatives' own shares (each positive-negative
+    pair counts once), so a site whose benign images are mostly keratoses and carcinomas scores lower
+    than one of mostly naevi with the same model, by case mix alone; re-weighted to one mix, two
+    sites compare on their pictures. Kinds of `mix` with fewer than `min_per_kind` negatives here
+    cannot be estimated and drop out (the others renormalised). Returns (AUC, the share of `mix`
+    covered); (NaN, 0) without positives or covered kinds."""
+    y, s = _arrays(y, s)
+    kinds = np.asarray(kinds).astype(str).ravel()
+    if kinds.shape != y.shape:
+        raise ValueError(f"labels ({y.shape}) and kinds ({kinds.shape}) differ in length")
+    pos = y == 1
+    total = sum(w for w in mix.values() if w > 0)
+    if not pos.any() or total <= 0:
+        return float("nan"), 0.0
+    weighted = covered = 0.0
+    for kind, weight in mix.items():
+        negatives = (~pos) & (kinds == kind)
+        if weight <= 0 or negatives.sum() < min_per_kind:
+            continue
+        keep = pos | negatives
+        weighted += weight * roc_auc(y[keep], s[keep])
+        covered += weight
+    if covered == 0:
+        return float("nan"), 0.0
+    return weighted / covered, covered / total
+
+
 def bootstrap_ci(y, s, groups, metric=roc_auc, n: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile CI of `metric`, resampling whole groups (patients) with replacement: images of one

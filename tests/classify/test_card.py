@@ -18,13 +18,25 @@ def test_failure_modes_are_found_from_the_numbers():
     tiny = {"variable": "ita_category", "value": "dark", "n_images": 3, "n_melanoma": 1, "roc_auc": None,
             "roc_auc_ci95": [None, None], "note": "too few for an AUC"}
     internal = _m(0.85, [0.8, 0.9], subgroups=[low, fine, tiny])
+
+    def dx(name, auc, ci, called=0.2, melanoma=False):
+        return {"diagnosis": name, "melanoma": melanoma, "n_images": 30, "called_melanoma": called,
+                "roc_auc_vs_melanoma": auc, "roc_auc_vs_melanoma_ci95": ci}
+
+    # keratoses: CI wholly below the overall 0.85; naevi: the CI reaches it (0.86); too few: no CI
+    internal["by_diagnosis"] = [dx("melanoma", None, None, 0.8, True),
+                                dx("seborrheic keratosis", 0.62, [0.5, 0.74], 0.47),
+                                dx("nevus", 0.8, [0.74, 0.86]), dx("dermatofibroma", None, [None, None])]
     found = failure_modes(internal, {"eval-external-derm7pt": _m(0.65, [0.55, 0.75], sens=0.95, spec=0.4),
                                      "eval-test-tta8": _m(0.86, [0.81, 0.91])})
     assert found[0].startswith("Subgroup ita_category = brown (40 images, 8 melanoma): ROC-AUC 0.600 [0.500, 0.700]")
-    assert "Not assessable (too few images of a class for an AUC): ita_category = dark." in found[1]
-    assert found[2].startswith("eval-external-derm7pt: ROC-AUC 0.650 [0.550, 0.750], wholly below")
-    assert "specificity is 0.400 against 0.800 internally" in found[3]
-    assert len(found) == 4  # the male subgroup, the sensitivity gain and the TTA evaluation are no failures
+    assert found[1] == ("Diagnosis seborrheic keratosis (30 images): the melanomas are told from it at ROC-AUC 0.620 "
+                        "[0.500, 0.740], wholly below the overall 0.850; 0.470 of them called melanoma at the "
+                        "validation threshold.")
+    assert "Not assessable (too few images of a class for an AUC): ita_category = dark." in found[2]
+    assert found[3].startswith("eval-external-derm7pt: ROC-AUC 0.650 [0.550, 0.750], wholly below")
+    assert "specificity is 0.400 against 0.800 internally" in found[4]
+    assert len(found) == 5  # the male subgroup, the naevi, the sensitivity gain and the TTA evaluation: no failures
     assert failure_modes(None, {}) == []
 
 
@@ -43,4 +55,7 @@ def test_card_of_a_trained_and_evaluated_run(demo_prepared, tmp_path):
     for heading in ("Intended use", "Training data", "Preprocessing", "Subgroups (internal test)",
                     "Known failure modes", "Synthetic data", "Reporting items covered"):
         assert f"## {heading}" in text
+    for d in r["by_diagnosis"]:  # every diagnosis of the internal test, with its share called melanoma
+        assert f"| {d['diagnosis']} | {d['group']} | {'yes' if d['melanoma'] else 'no'} | {d['n_images']} | " \
+               f"{d['called_melanoma']:.3f} |" in text
     assert "TRIPOD+AI" in text and "<table>" in html.read_text()

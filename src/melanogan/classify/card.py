@@ -72,6 +72,12 @@ def failure_modes(internal: dict | None, others: dict[str, dict]) -> list[str]:
             if overall is not None and hi is not None and not math.isnan(hi) and hi < overall:
                 found.append(f"Subgroup {g['variable']} = {g['value']} ({g['n_images']} images, {g['n_melanoma']} "
                              f"melanoma): ROC-AUC {_ci(g)}, wholly below the overall {_fmt(overall)}.")
+        for d in internal.get("by_diagnosis", []):  # a benign diagnosis the model mistakes for melanoma
+            hi = (d.get("roc_auc_vs_melanoma_ci95") or [None, None])[1]
+            if overall is not None and hi is not None and not math.isnan(hi) and hi < overall:
+                found.append(f"Diagnosis {d['diagnosis']} ({d['n_images']} images): the melanomas are told from it "
+                             f"at ROC-AUC {_ci(d, 'roc_auc_vs_melanoma')}, wholly below the overall {_fmt(overall)}; "
+                             f"{_fmt(d.get('called_melanoma'))} of them called melanoma at the validation threshold.")
         small = [f"{g['variable']} = {g['value']}" for g in internal.get("by_subgroup", []) if g.get("note")]
         if small:
             found.append(f"Not assessable (too few images of a class for an AUC): {', '.join(small)}. The model's "
@@ -161,6 +167,18 @@ def model_card(run_dir: Path) -> str:
                         [[g["variable"], g["value"], g["n_images"], g["n_melanoma"],
                           _ci(g) if g.get("roc_auc") is not None else "n/a", _fmt(g.get("sensitivity")),
                           _fmt(g.get("specificity")), g.get("note", "")] for g in internal["by_subgroup"]]) + [""]
+
+    if internal and internal.get("by_diagnosis"):
+        lines += ["## Diagnoses (internal test)", "",
+                  "Per diagnosis: the share called melanoma at the validation threshold (for a benign diagnosis, "
+                  "its false-positive rate) and the ROC-AUC of all the melanomas against that diagnosis alone, with "
+                  "its grouped-bootstrap CI: which benign lesions the model confuses with melanoma.", ""]
+        lines += _table(["diagnosis", "group", "melanoma", "images", "called melanoma", "ROC-AUC against the melanomas",
+                         "note"],
+                        [[d["diagnosis"], d.get("group", ""), "yes" if d["melanoma"] else "no", d["n_images"],
+                          _fmt(d.get("called_melanoma")),
+                          _ci(d, "roc_auc_vs_melanoma") if d.get("roc_auc_vs_melanoma") is not None else "n/a",
+                          d.get("note", "")] for d in internal["by_diagnosis"]]) + [""]
 
     findings = failure_modes(internal, others)
     lines += ["## Known failure modes (found by the evaluations above)", ""]

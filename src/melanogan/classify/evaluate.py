@@ -323,10 +323,9 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str | None 
     write_csv(out / "subgroups.csv", pd.DataFrame(result["by_subgroup"]).drop(columns="roc_auc_ci95").assign(
         auc_ci_low=[r["roc_auc_ci95"][0] for r in result["by_subgroup"]],
         auc_ci_high=[r["roc_auc_ci95"][1] for r in result["by_subgroup"]]))
+    cis = [r["roc_auc_vs_melanoma_ci95"] or [None, None] for r in result["by_diagnosis"]]  # melanoma rows: none
     write_csv(out / "diagnoses.csv", pd.DataFrame(result["by_diagnosis"], columns=DIAGNOSIS_COLUMNS).drop(
-        columns="roc_auc_vs_melanoma_ci95").assign(
-        auc_ci_low=[(r["roc_auc_vs_melanoma_ci95"] or [None])[0] for r in result["by_diagnosis"]],
-        auc_ci_high=[(r["roc_auc_vs_melanoma_ci95"] or [None, None])[1] for r in result["by_diagnosis"]]))
+        columns="roc_auc_vs_melanoma_ci95").assign(auc_ci_low=[c[0] for c in cis], auc_ci_high=[c[1] for c in cis]))
     plot_evaluation(test, result, out, temperature)
     plot_subgroups(result["by_subgroup"], out / "subgroups.png")
     return result

@@ -601,8 +601,9 @@ def case_mix_lines(results: dict) -> str:
     for r in rows:
         c = r["case_mix"]
         at = "-" if c["external_auc_at_training_mix"] is None else (
-            f"{c['external_auc_at_training_mix']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] "
-            f"({c['training_mix_covered']:.0%})")
+            f"{c['external_auc_at_training_mix']:.3f}"
+            + (f" [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if None not in c["ci95"] else " [CI n/a]")
+            + f" ({c['training_mix_covered']:.0%})")
         lines.append(f"| {NAMES[r['held_out']]} | {r['variant']} | {r['external_auc']:.3f} | {at} | "
                      f"{mix(c['report_mix'])} | {mix(c['training_mix'])} |")
     return "\n".join(lines)

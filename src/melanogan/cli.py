@@ -517,6 +517,10 @@ def train(
     mixup: Annotated[float, typer.Option(
         help="Mixup's alpha: each training batch mixed with a shuffled copy of itself (lam ~ Beta(alpha, alpha)) "
              "and the losses mixed alike; 0 = off. Default: 0 (see README, Models that travel).")] = 0.0,
+    excised_weight: Annotated[float, typer.Option(
+        help="How often each excised benign training image (diagnosis confirmed by histopathology: HAM10000's "
+             "dx_type 'histo') is drawn relative to the others; 1 = a plain shuffle. Default: 1 (see README, "
+             "Models that travel).")] = 1.0,
     diagnosis_weight: Annotated[float | None, typer.Option(
         help="Weight of an auxiliary loss that also predicts each training image's own diagnosis (the "
              "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off. Default: 0.5 (recommended) when "
@@ -564,7 +568,7 @@ def train(
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
                         loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
                         style_augment=style_augment, illumination_augment=illumination_augment,
-                        mixup=mixup, diagnosis_weight=diagnosis_weight, epochs=epochs,
+                        mixup=mixup, excised_weight=excised_weight, diagnosis_weight=diagnosis_weight, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
                         weight_average=weight_average, ema_decay=ema_decay, seed=seed, workers=workers,
                         batch_augment=batch_augment, precision=precision, metadata=metadata,
@@ -840,7 +844,8 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
-        "color_augment, style_augment, illumination_augment, mixup, diagnosis_weight, sampler, model (another "
+        "color_augment, style_augment, illumination_augment, mixup, excised_weight, diagnosis_weight, sampler, "
+        "model (another "
         "architecture, from scratch), "
         "select, weight_average, minutes, epochs (an epoch count "
         "with train's early stopping instead of the clock), patience (with epochs: N or off), ensemble (N runs "

@@ -738,6 +738,68 @@ def test_sources_that_each_hold_one_class_leave_the_pooled_choice_running(demo_p
     assert math.isnan(record["val_auc_worst_source"]) and not math.isnan(record["val_auc"])
 
 
+def test_excised_draw_exact_weights_and_flags():
+    from types import SimpleNamespace
+
+    import torch
+
+    from melanogan.classify.train import excised_flags, excised_indices
+
+    rows = pd.DataFrame({"label": [0, 0, 1, 0, 0], "meta_dx_type": ["histo", "follow_up", "histo", None, "HISTO"]})
+    train_set = SimpleNamespace(datasets=[SimpleNamespace(dataset=SimpleNamespace(rows=rows)), [None] * 3])
+    # benign and excised only (a histopathology-confirmed melanoma is no hard negative); synthetic: never
+    assert excised_flags(train_set).tolist() == [True, False, False, False, True, False, False, False]
+    no_column = SimpleNamespace(datasets=[SimpleNamespace(dataset=SimpleNamespace(rows=rows[["label"]]))])
+    assert not excised_flags(no_column).any()
+    # each flagged item 4 times as likely: over 200,000 draws the shares are 4/7 and 1/7 each
+    flags = np.array([True, False, False, False])
+    draws = []
+    for rank in (0, 1):  # two ranks share one draw
+        draws.append(excised_indices(np.tile(flags, 50_000), 4.0, torch.Generator().manual_seed(3), rank, 2))
+    assert len(draws[0]) == len(draws[1]) == 100_000
+    both = np.array(draws[0] + draws[1]) % 4
+    assert np.bincount(both, minlength=4) / len(both) == pytest.approx([4 / 7, 1 / 7, 1 / 7, 1 / 7], abs=0.005)
+    one = excised_indices(np.tile(flags, 50_000), 4.0, torch.Generator().manual_seed(3))
+    assert one[0::2] == draws[0] and one[1::2] == draws[1]
+    assert TrainConfig().excised_weight == 1.0  # off until measured (README, Models that travel)
+    with pytest.raises(ValueError, match="cannot be combined with sampler 'balanced'"):
+        TrainConfig(excised_weight=3, sampler="balanced")
+    with pytest.raises(ValueError):
+        TrainConfig(excised_weight=0.5)
+
+
+def test_excised_weight_draws_the_flagged_training_images_and_says_so(demo_prepared, tmp_path, monkeypatch):
+    import shutil
+
+    import melanogan.classify.train as train_module
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_prepared, data)
+    manifest = pd.read_parquet(data / "manifest.parquet")
+    benign_train = manifest.index[(manifest["split"] == "train") & (manifest["label"] == 0)]
+    manifest["meta_dx_type"] = pd.Series("follow_up", index=manifest.index, dtype="string")
+    manifest.loc[benign_train[::3], "meta_dx_type"] = "histo"
+    manifest.to_parquet(data / "manifest.parquet", index=False)
+    calls = []
+    real = train_module.excised_indices
+
+    def spy(flags, weight, generator, rank=0, world_size=1):
+        calls.append((np.asarray(flags).copy(), weight))
+        return real(flags, weight, generator, rank, world_size)
+
+    monkeypatch.setattr(train_module, "excised_indices", spy)
+    summary = train_classifier(data, tmp_path / "run", TrainConfig(**{**TINY, "epochs": 2, "excised_weight": 3.0}),
+                               progress=False)
+    n = len(benign_train[::3])
+    assert len(calls) == 2 and all(w == 3.0 and f.sum() == n for f, w in calls)  # one weighted draw per epoch
+    assert f"excised_weight 3: {n} excised benign training images drawn that much more often" in summary["notes"]
+    # no source that says how its diagnoses were confirmed: a plain shuffle, and the run says so
+    calls.clear()
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "excised_weight": 3.0})
+    plain = train_classifier(demo_prepared, tmp_path / "plain", cfg, progress=False)
+    assert calls == [] and any("a plain shuffle, as without it" in note for note in plain["notes"])
+
+
 def test_mixup_mixes_every_training_batch_and_its_targets_and_keeps_the_augmentation_draws(demo_prepared, tmp_path,
                                                                                             monkeypatch):
     import melanogan.classify.mixup as mixup_module

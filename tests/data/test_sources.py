@@ -89,6 +89,9 @@ def test_ham10000_real_metadata_reports_missing_images(shared_data):
     present = rows[rows["path"] != ""]
     assert len(present) == 5984 and present["label"].sum() == 491
     assert rows["group_id"].str.startswith("HAM_").all()
+    # how each diagnosis was confirmed, kept: 1,082 of the naevi present were excised (dx_type histo)
+    naevi = present[present["diagnosis"] == "nv"]
+    assert naevi["meta_dx_type"].value_counts().to_dict() == {"follow_up": 2971, "histo": 1082, "consensus": 270}
 
 
 def test_folder_real_nine_class_layout(shared_data):

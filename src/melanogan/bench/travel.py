@@ -35,7 +35,7 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "illumination_augment": "train", "mixup": "train",
-          "diagnosis_weight": "train",
+          "excised_weight": "train", "diagnosis_weight": "train",
           "sampler": "train", "model": "train",
           "select": "train", "weight_average": "train",
           "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train",
@@ -51,8 +51,8 @@ ADAPTED_SITE = "choose-batchnorm"
 # minutes, epochs and ensemble become the budget and the members).
 # A patience no run reaches: early stopping off (the clock budget, or patience=off with epochs).
 _NEVER_STOP = 1000
-_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "mixup", "diagnosis_weight",
-                  "sampler", "select", "weight_average")
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "mixup", "excised_weight",
+                  "diagnosis_weight", "sampler", "select", "weight_average")
 
 # The GAN arm (`gan=N`): a cWGAN-GP trained on the training sources' train split only (never on the
 # held-out source), N synthetic melanomas and N synthetic non-melanomas added to the classifier's
@@ -103,11 +103,28 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
             # the clock budget has no early stopping to change: patience only means something with epochs
             raise MelanoganError(f"--vary {item!r}: patience applies to an epoch budget; join it to one, "
                                  "e.g. epochs=30+patience=off.")
+        _check_joined(item, settings)
         out.append((item.strip(), settings))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
         raise MelanoganError(f"--vary names a lever twice: {names}.")
     return out
+
+
+def _check_joined(item: str, settings: dict) -> None:
+    """The training settings of one variant, together, as TrainConfig checks them (e.g. two draws that
+    exclude each other), so that a bench refuses them before any work rather than midway."""
+    from pydantic import ValidationError
+
+    from melanogan.classify.train import TrainConfig
+    from melanogan.errors import MelanoganError
+
+    joined = {k: v for k, v in settings.items() if k in _CONFIG_LEVERS}
+    if len(joined) > 1:
+        try:
+            TrainConfig(**joined)
+        except ValidationError as exc:
+            raise MelanoganError(f"--vary {item!r}: {exc.errors()[0]['msg']}") from None
 
 
 def _parse_setting(item: str, part: str) -> tuple[str, object]:

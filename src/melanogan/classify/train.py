@@ -98,6 +98,12 @@ class TrainConfig(BaseModel):
     # 0.2 changed external AUC by +0.018 (Derm7pt), +0.072 (HAM10000, Holm-significant) and -0.009
     # (ISIC set, n.s.), failing "positive everywhere" (README, "Models that travel").
     mixup: float = Field(0.0, ge=0.0, le=10.0)
+    # How often each excised benign training image (a diagnosis confirmed by histopathology: a lesion
+    # that looked suspicious enough to cut out; HAM10000's dx_type 'histo') is drawn, relative to the
+    # other images; 1 = a plain shuffle. Why: melanoma against an excised naevus is the pair no source
+    # travels on (README, "why the held-out sources score what they score"), and most naevi in the
+    # training data were confirmed by follow-up, easy negatives.
+    excised_weight: float = Field(1.0, ge=1.0, le=20.0)
     synthetic: list[str] = Field(default_factory=list)
     patience: int = 8  # epochs without a better validation AUC before stopping
     # Which validation figure picks the best epoch (and drives early stopping): "auc", the ROC-AUC
@@ -143,6 +149,9 @@ class TrainConfig(BaseModel):
         if self.illumination_augment != "none" and not (self.batch_augment and self.augment != "none"):
             raise ValueError("illumination_augment 'random' is a step of batch augmentation: use it with augment "
                              "'classic' or 'strong' and batch augmentation on (not --per-image-augment).")
+        if self.excised_weight > 1 and self.sampler != "none":
+            raise ValueError(f"excised_weight draws excised benign images more often in a weighted draw of its own; "
+                             f"it cannot be combined with sampler {self.sampler!r}: use one of them.")
         if self.mixup and self.metadata:
             # metadata codes (age band, sex, site) are categories: a mix of two has no meaning
             raise ValueError("mixup mixes images and labels, not categorical metadata: use mixup or metadata, "
@@ -422,6 +431,33 @@ def source_balanced_indices(sources: np.ndarray, generator: torch.Generator, ran
     return drawn[rank::world_size].tolist()
 
 
+# The manifest column that says how a diagnosis was confirmed (HAM10000's dx_type), and its value for
+# an excised lesion.
+CONFIRMATION_COLUMN, EXCISED = "meta_dx_type", "histo"
+
+
+def excised_flags(train_set: ConcatDataset) -> np.ndarray:
+    """Each training item (order of `build_datasets`' parts): True for a real benign image whose
+    diagnosis was confirmed by histopathology; synthetic images and sources that do not say: False."""
+    real, *synthetic = train_set.datasets
+    rows = real.dataset.rows
+    flags = np.zeros(len(rows), dtype=bool)
+    if CONFIRMATION_COLUMN in rows:
+        flags = (rows[CONFIRMATION_COLUMN].astype("string").fillna("").str.lower().to_numpy() == EXCISED) & \
+            (rows["label"].to_numpy() == 0)
+    return np.concatenate([flags] + [np.zeros(len(p), dtype=bool) for p in synthetic])
+
+
+def excised_indices(flags: np.ndarray, weight: float, generator: torch.Generator, rank: int = 0,
+                    world_size: int = 1) -> list[int]:
+    """One epoch of indices drawn with replacement, each flagged item `weight` times as likely as any
+    other; under DDP every rank takes its share of one draw."""
+    w = np.where(np.asarray(flags, dtype=bool), float(weight), 1.0)
+    drawn = torch.multinomial(torch.as_tensor(w / w.sum(), dtype=torch.double), len(w), replacement=True,
+                              generator=generator)
+    return drawn[rank::world_size].tolist()
+
+
 def _lr_at(progress: float, cfg: TrainConfig) -> float:
     """Linear warm-up over the first `warmup_fraction` of training, then cosine decay to zero;
     `progress` is the fraction of the training budget used (0..1)."""
@@ -483,6 +519,12 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     cfg = cfg.model_copy(update={"precision": fabric_prec})
     train_set, _, _ = build_datasets(data_dir, cfg)  # fail early with a clear message
     cfg, notes = resolve_diagnosis_head(cfg, train_set.datasets[0].dataset.rows, data_dir)  # real training rows
+    if cfg.excised_weight > 1:
+        n_excised = int(excised_flags(train_set).sum())
+        notes.append(f"excised_weight {cfg.excised_weight:g}: {n_excised} excised benign training images drawn that "
+                     "much more often" if n_excised else
+                     f"excised_weight {cfg.excised_weight:g}: no training image says its diagnosis was confirmed by "
+                     "histopathology (only HAM10000's metadata does, dx_type 'histo'): a plain shuffle, as without it")
     if cfg.metadata:
         rows = pd.concat([p.dataset.rows for p in train_set.datasets], ignore_index=True)
         warning = missingness_warning(rows, np.concatenate([p.dataset.labels for p in train_set.datasets]),
@@ -637,6 +679,8 @@ class _EpochRunner:
         self.val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
         self.val_sources = val_sources(val_set, cfg)
         self.sources = training_sources(train_set) if cfg.sampler == "source" else None
+        excised = excised_flags(train_set) if cfg.excised_weight > 1 else None
+        self.excised = excised if excised is not None and excised.any() else None  # none: train_classifier said so
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         self.t_start = time.perf_counter() - state.seconds
@@ -651,17 +695,22 @@ class _EpochRunner:
         cfg, fabric = self.cfg, self.fabric
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation randomness of this epoch
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        if cfg.sampler != "none":
-            if cfg.sampler == "balanced":
-                sampler = balanced_indices(self.labels, gen, fabric.global_rank, fabric.world_size)
-            else:
-                sampler = source_balanced_indices(self.sources, gen, fabric.global_rank, fabric.world_size)
+        rank, world = fabric.global_rank, fabric.world_size
+        if cfg.sampler == "balanced":
+            sampler = balanced_indices(self.labels, gen, rank, world)
+        elif cfg.sampler == "source":
+            sampler = source_balanced_indices(self.sources, gen, rank, world)
+        elif self.excised is not None:
+            sampler = excised_indices(self.excised, cfg.excised_weight, gen, rank, world)
+        else:
+            sampler = None
+        if sampler is not None:
             loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=loader_workers(cfg), generator=gen)
         else:
             loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                 num_workers=loader_workers(cfg), generator=gen)
-        return fabric.setup_dataloaders(loader, use_distributed_sampler=cfg.sampler == "none")
+        return fabric.setup_dataloaders(loader, use_distributed_sampler=sampler is None)
 
     def train_one_epoch(self, epoch: int, bar) -> bool:
         """One pass over the loader; True when the time budget ran out during it."""

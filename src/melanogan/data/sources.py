@@ -240,11 +240,14 @@ def read_ham10000(path: Path) -> pd.DataFrame:
     images = index_images(root)
     dx = df["dx"].str.strip().str.lower()
     lesion = df["lesion_id"].str.strip()
+    # how each diagnosis was confirmed (histo, follow_up, consensus, confocal): an excised naevus
+    # (histo) is a harder negative than one watched unchanged (train --excised-weight)
+    confirmed = {"meta_dx_type": df["dx_type"].str.strip().str.lower()} if "dx_type" in df.columns else {}
     return _frame(image_id=ids.tolist(), path=[images.get(i, "") for i in ids], label=(dx == "mel").astype(int),
                   diagnosis=dx.tolist(), group_id=lesion.tolist(), patient_id=None,
                   lesion_id=lesion.tolist(), sex=df.get("sex"), age=df.get("age"),
                   anatom_site=df.get("localization"), source="ham10000", unlabeled=None,
-                  origin=[meta_file.name] * len(df))
+                  origin=[meta_file.name] * len(df), **confirmed)
 
 
 DERM7PT_CRITERIA = ("pigment_network", "streaks", "pigmentation", "regression_structures", "dots_and_globules",

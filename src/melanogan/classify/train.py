@@ -396,8 +396,16 @@ def balanced_indices(labels: np.ndarray, generator: torch.Generator, rank: int =
     every rank takes its own share of the same global draw (not the same batches on every rank)."""
     n_pos = int(labels.sum())
     w = np.where(labels == 1, 0.5 / max(n_pos, 1), 0.5 / max(len(labels) - n_pos, 1))
-    drawn = torch.multinomial(torch.as_tensor(w, dtype=torch.double), len(labels), replacement=True,
-                              generator=generator)  # the draw WeightedRandomSampler makes
+    return weighted_draw(w, generator, rank, world_size)
+
+
+def weighted_draw(weights: np.ndarray, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> list[int]:
+    """One epoch of len(weights) indices drawn with replacement in proportion to `weights` (the draw
+    WeightedRandomSampler makes). Under DDP every rank draws the same global sequence from the same
+    seeded generator and keeps every world_size-th index from its rank on: disjoint shares of one draw,
+    not the same batches on every rank."""
+    drawn = torch.multinomial(torch.as_tensor(weights, dtype=torch.double), len(weights), replacement=True,
+                              generator=generator)
     return drawn[rank::world_size].tolist()
 
 
@@ -425,10 +433,7 @@ def source_balanced_indices(sources: np.ndarray, generator: torch.Generator, ran
     names, counts = np.unique(sources[~is_syn], return_counts=True)
     per_image = dict(zip(names, real_share / (len(names) * counts), strict=True))
     per_image[SYNTHETIC_GROUP] = 1.0 / len(sources)  # each synthetic image as likely as under a uniform draw
-    w = np.array([per_image[g] for g in sources])
-    drawn = torch.multinomial(torch.as_tensor(w, dtype=torch.double), len(sources), replacement=True,
-                              generator=generator)
-    return drawn[rank::world_size].tolist()
+    return weighted_draw(np.array([per_image[g] for g in sources]), generator, rank, world_size)
 
 
 # The manifest column that says how a diagnosis was confirmed (HAM10000's dx_type), and its value for
@@ -453,9 +458,7 @@ def excised_indices(flags: np.ndarray, weight: float, generator: torch.Generator
     """One epoch of indices drawn with replacement, each flagged item `weight` times as likely as any
     other; under DDP every rank takes its share of one draw."""
     w = np.where(np.asarray(flags, dtype=bool), float(weight), 1.0)
-    drawn = torch.multinomial(torch.as_tensor(w / w.sum(), dtype=torch.double), len(w), replacement=True,
-                              generator=generator)
-    return drawn[rank::world_size].tolist()
+    return weighted_draw(w / w.sum(), generator, rank, world_size)
 
 
 def _lr_at(progress: float, cfg: TrainConfig) -> float:
@@ -679,6 +682,8 @@ class _EpochRunner:
         self.val_metadata = encode_metadata(val_set.rows, cfg.metadata) if cfg.metadata else None
         self.val_sources = val_sources(val_set, cfg)
         self.sources = training_sources(train_set) if cfg.sampler == "source" else None
+        # computed again here (train_classifier's note computed it too) because, like build_datasets,
+        # this side of fabric.launch may be a spawned DDP process that rebuilds its own datasets
         excised = excised_flags(train_set) if cfg.excised_weight > 1 else None
         self.excised = excised if excised is not None and excised.any() else None  # none: train_classifier said so
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs

@@ -78,7 +78,9 @@ def prepare(
         help="crop (centre square), squash, pad, or lesion (a square around the lesion found by segmentation).")] =
         str(CacheOptions.resize_mode),
     hair_removal: Annotated[bool, typer.Option("--hair-removal/--no-hair-removal",
-                                               help="DullRazor-style hair removal.")] = CacheOptions.hair_removal,
+                                               help="DullRazor-style hair removal; it also erases fine dark "
+                                                    "structure such as pigment network (README).")] = \
+        CacheOptions.hair_removal,
     color_constancy: Annotated[bool, typer.Option(
         "--color-constancy/--no-color-constancy",
         help="Shades of Gray colour constancy (p=6): the largest measured factor in how a model does on other "

@@ -14,6 +14,7 @@ from melanogan.data.images import (
     ResizeMode,
     decode_file,
     decode_image,
+    hair_mask,
     perceptual_hash,
     remove_hair,
     shades_of_gray,
@@ -192,6 +193,15 @@ def test_hair_removal_removes_thin_dark_lines():
     assert img[67, 64].mean() < 60  # on the hair before
     assert cleaned[67, 64].mean() > 150  # skin-coloured after
     assert np.abs(cleaned[5:8, 100:110].astype(int) - img[5:8, 100:110]).max() <= 2  # skin untouched
+
+
+def test_hair_mask_covers_a_thin_dark_line_and_nothing_else():
+    img = np.full((128, 128, 3), (200, 160, 140), np.uint8)
+    img[60:62, :] = 20  # a 2-px hair across the image
+    mask = hair_mask(img) > 0
+    # the line and the one-pixel dilation on each side: rows 59-62, every column
+    assert mask[59:63].all() and mask.sum() == 4 * 128
+    assert not hair_mask(np.full((64, 64, 3), 120, np.uint8)).any()  # plain skin: no hair
 
 
 def test_shades_of_gray_neutralises_a_colour_cast():

@@ -1,7 +1,7 @@
-"""How much hair each source's photographs carry, melanomas and the rest apart: the share of each
-image's pixels that `hair_mask` (the pixels `prepare --hair-removal` inpaints) flags, on the cached
-pixels the model sees (default `prepare` options). Asks why hair removal helped only with Derm7pt
-held out (README, "Hair removal under the protocol").
+"""How much of each source's photographs `prepare --hair-removal` inpaints, melanomas and the rest
+apart: the share of each image's pixels that `hair_mask` flags, on the cached pixels the model sees
+(default `prepare` options). Asks why hair removal helped only with Derm7pt held out (README, "Hair
+removal under the protocol"); the answer was that the mask takes far more than hair.
 
     python studies/hair_by_source.py SHARED_DATA WORK [--json OUT]
 
@@ -22,8 +22,8 @@ from melanogan.bench.travel import SOURCES
 from melanogan.data.images import hair_mask
 from melanogan.data.manifest import default_cache, load_manifest, prepare
 
-# An image counts as "hairy" when more than this share of its pixels is flagged (a few hairs across
-# a 128 px image flag about 2%; lesion borders and pigment network flag some pixels in every image).
+# The share of flagged pixels above which an image counts in the table's last column: a threshold
+# for a count, not a measured hair level (the mask also takes pigment network, dots and borders).
 HAIRY = 0.05
 
 

@@ -78,9 +78,13 @@ def prepare(
         help="crop (centre square), squash, pad, or lesion (a square around the lesion found by segmentation).")] =
         str(CacheOptions.resize_mode),
     hair_removal: Annotated[bool, typer.Option("--hair-removal/--no-hair-removal",
-                                               help="DullRazor-style hair removal; it also erases fine dark "
-                                                    "structure such as pigment network (README).")] = \
+                                               help="DullRazor-style hair removal: the dark lines "
+                                                    "--hair-method finds are inpainted (README).")] = \
         CacheOptions.hair_removal,
+    hair_method: Annotated[str, typer.Option(
+        help="With --hair-removal: lines (long thin dark lines only) or blackhat (every thin dark structure, "
+             "pigment network and dots included: the only mask before this option, for reproducing older runs).")] =
+        str(CacheOptions.hair_method),
     color_constancy: Annotated[bool, typer.Option(
         "--color-constancy/--no-color-constancy",
         help="Shades of Gray colour constancy (p=6): the largest measured factor in how a model does on other "
@@ -108,8 +112,8 @@ def prepare(
 
     t0 = time.perf_counter()
     result = api.prepare(source, out, size=size, resize_mode=resize_mode, hair_removal=hair_removal,
-                         color_constancy=color_constancy, train=train, val=val, test=test, seed=seed, workers=workers,
-                         melanoma_folders=melanoma_folders, phash_distance=phash_distance)
+                         hair_method=hair_method, color_constancy=color_constancy, train=train, val=val, test=test,
+                         seed=seed, workers=workers, melanoma_folders=melanoma_folders, phash_distance=phash_distance)
     _print_prepare_summary(result, time.perf_counter() - t0)
 
 
@@ -845,7 +849,8 @@ def bench_travel(
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
-        "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, image_size, augment, "
+        "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
+        "hair_removal=true with +), image_size, augment, "
         "color_augment, style_augment, illumination_augment, mixup, excised_weight, diagnosis_weight, sampler, "
         "model (another "
         "architecture, from scratch), "

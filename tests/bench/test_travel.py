@@ -67,11 +67,16 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("sampler=sources", "sampler"), ("adapt=bn", "none or batchnorm"),
                          ("adapt=batchnorm+tta=8", "neither tta nor ensemble"),
                          ("ensemble=2+adapt=batchnorm", "neither tta nor ensemble"),
-                         ("adapt_layers=3", "join them"), ("adapt=batchnorm+adapt_layers=0", "at least 1")]:
+                         ("adapt_layers=3", "join them"), ("adapt=batchnorm+adapt_layers=0", "at least 1"),
+                         ("hair_method=blackhat", "join hair_removal=true"),
+                         ("hair_removal=false+hair_method=lines", "join hair_removal=true"),
+                         ("hair_removal=true+hair_method=razor", "hair method 'razor' is unknown")]:
         with pytest.raises(MelanoganError, match=message):
             parse_levers((bad,))
     with pytest.raises(MelanoganError, match="twice"):
         parse_levers(("tta=8", "tta=8"))
+    assert parse_levers(("hair_removal=true+hair_method=blackhat",)) == [
+        ("hair_removal=true+hair_method=blackhat", {"hair_removal": True, "hair_method": "blackhat"})]
     # the GAN arm: a count per class, and how its GAN trains only joined to it
     assert parse_levers(("gan=1000", "gan=500+gan_steps=20000+gan_resolution=128+gan_preset=default")) == [
         ("gan=1000", {"gan": 1000}),

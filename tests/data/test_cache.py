@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -46,6 +48,33 @@ def test_options_make_distinct_keys():
         assert other.key != a.key and other.name != a.name
     with pytest.raises(DataError, match="resize mode 'stretch'"):
         CacheOptions(resize_mode="stretch")
+    lines = CacheOptions(size=64, hair_removal=True)
+    old_mask = CacheOptions(size=64, hair_removal=True, hair_method="blackhat")
+    assert lines.hair_method == "lines" and lines.key != old_mask.key and lines.name != old_mask.name
+    with pytest.raises(DataError, match="hair method blackhat has no effect without hair removal"):
+        CacheOptions(hair_method="blackhat")
+    with pytest.raises(DataError, match="hair method 'razor' is unknown"):
+        CacheOptions(hair_removal=True, hair_method="razor")
+
+
+def _key_before_hair_method(recorded: dict) -> str:
+    """The key as melanogan computed it before `hair_method` existed (cache.py, CACHE_FORMAT 1)."""
+    payload = json.dumps({**recorded, "format": 1}, sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:10]
+
+
+@pytest.mark.parametrize("hair_removal", [False, True])
+def test_options_recorded_before_the_hair_method_keep_their_mask_and_their_cache(hair_removal):
+    # what a run.json, meta.json or pack recorded before the option: no hair_method field
+    recorded = {"size": 256, "resize_mode": "crop", "hair_removal": hair_removal, "color_constancy": True,
+                "max_pixels": 100_000_000}
+    options = CacheOptions.from_dict(recorded)
+    # with hair removal, the only mask there was: an old run is served the pixels it was trained on
+    assert options.hair_method == ("blackhat" if hair_removal else "lines")
+    assert options.decode_kwargs()["hair_method"] == options.hair_method
+    # and the cache it was trained on keeps its name (found again, not rebuilt or mistaken for another)
+    assert options.key == _key_before_hair_method(recorded)
+    assert CacheOptions.from_dict(options.to_dict()) == options  # a new record reads back as written
 
 
 def test_interrupted_build_resumes_from_written_chunks(tmp_path, images, monkeypatch):

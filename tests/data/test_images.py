@@ -195,13 +195,36 @@ def test_hair_removal_removes_thin_dark_lines():
     assert np.abs(cleaned[5:8, 100:110].astype(int) - img[5:8, 100:110]).max() <= 2  # skin untouched
 
 
-def test_hair_mask_covers_a_thin_dark_line_and_nothing_else():
+@pytest.mark.parametrize("method", ["lines", "blackhat"])
+def test_hair_mask_covers_a_thin_dark_line_and_nothing_else(method):
     img = np.full((128, 128, 3), (200, 160, 140), np.uint8)
     img[60:62, :] = 20  # a 2-px hair across the image
-    mask = hair_mask(img) > 0
+    mask = hair_mask(img, method) > 0
     # the line and the one-pixel dilation on each side: rows 59-62, every column
     assert mask[59:63].all() and mask.sum() == 4 * 128
-    assert not hair_mask(np.full((64, 64, 3), 120, np.uint8)).any()  # plain skin: no hair
+    assert not hair_mask(np.full((64, 64, 3), 120, np.uint8), method).any()  # plain skin: no hair
+
+
+def test_the_lines_mask_keeps_the_hair_and_leaves_pigment_network_and_dots():
+    img = np.full((128, 128, 3), (200, 160, 140), np.uint8)
+    img[100:102, :] = 20  # a 2-px hair across the image, below the lesion
+    # a pigment network: a mesh of 1-px dark lines about 9 px apart, slanted as a real one is (a mesh along
+    # the rows and columns would hide from the cross-shaped kernel of either mask)
+    lesion = np.ascontiguousarray(img[8:72, 8:72])
+    for t in range(-128, 128, 9):
+        cv2.line(lesion, (t, 0), (t + 37, 64), (90, 80, 70), 1)
+        cv2.line(lesion, (0, t), (64, t + 20), (90, 80, 70), 1)
+    img[8:72, 8:72] = lesion
+    for y, x in [(80, 20), (84, 60), (78, 100), (20, 100)]:  # dark dots (globules) on the skin
+        cv2.circle(img, (x, y), 2, (60, 50, 40), -1)
+    cv2.line(img, (90, 40), (100, 44), (20, 20, 20), 2)  # a short dark dash: 11 px, not a hair
+    network = np.zeros((128, 128), bool)
+    network[8:72, 8:72] = lesion.mean(axis=2) < 100
+    old, new = hair_mask(img, "blackhat") > 0, hair_mask(img, "lines") > 0
+    assert old[network].all() and old[76:90].any() and old[38:46, 88:102].any()  # network, dots, dash: all taken
+    expected = np.zeros((128, 128), bool)
+    expected[99:103] = True  # the hair and its one-pixel dilation, exactly
+    assert np.array_equal(new, expected)
 
 
 def test_shades_of_gray_neutralises_a_colour_cast():

@@ -32,7 +32,7 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
            "derm7pt": ("derm7pt", "derm7pt_384")}
 # What each lever changes: the cached pixels (prepare), the training run, or only the evaluation
 # (then the defaults' trained model is reused: TTA costs no training).
-LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare",
+LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare", "hair_method": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "illumination_augment": "train", "mixup": "train",
           "excised_weight": "train", "diagnosis_weight": "train",
@@ -92,6 +92,9 @@ def parse_levers(vary: tuple[str, ...]) -> list[tuple[str, dict[str, object]]]:
             # the adapted statistics belong to one model's single views (as `predict --site` refuses TTA)
             raise MelanoganError(f"--vary {item!r}: adapt applies to one model scored without TTA; join it to "
                                  "neither tta nor ensemble.")
+        if "hair_method" in settings and settings.get("hair_removal") is not True:
+            raise MelanoganError(f"--vary {item!r}: hair_method says which mask hair removal inpaints; join "
+                                 "hair_removal=true, e.g. hair_removal=true+hair_method=blackhat.")
         if "adapt_layers" in settings and settings.get("adapt") != "batchnorm":
             raise MelanoganError(f"--vary {item!r}: adapt_layers says how many layers adapt=batchnorm adapts; join "
                                  "them, e.g. adapt=batchnorm+adapt_layers=3.")
@@ -148,6 +151,8 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             value: object = raw.lower() in ("true", "1", "yes")
         elif key == "resize_mode":
             value = str(CacheOptions(resize_mode=raw).resize_mode)
+        elif key == "hair_method":  # joined to hair_removal=true (parse_levers checks)
+            value = str(CacheOptions(hair_removal=True, hair_method=raw).hair_method)
         elif key == "tta":
             value = check_tta(int(raw))
         elif key == "adapt":  # batchnorm: AdaBN on the choose part's images (calibrate --adapt-batchnorm)

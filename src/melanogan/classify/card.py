@@ -40,6 +40,17 @@ NOT_FROM_A_RUN = ["ethics approval and consent", "clinical setting and intended 
                   "funding and conflicts of interest"]
 
 
+def _hair(cache: dict) -> str:
+    if not cache.get("hair_removal"):
+        return "off"
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.images import HairMethod
+
+    method = CacheOptions.from_dict(cache).hair_method  # a run from before the option: the old mask
+    return ("on (long thin lines only)" if method == HairMethod.lines
+            else "on (every thin dark structure, pigment network included)")
+
+
 def _fmt(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -139,7 +150,7 @@ def model_card(run_dir: Path) -> str:
     lines += ["## Preprocessing", "",
               f"Decoded once at {cache.get('size')} px ({cache.get('resize_mode')}), colour constancy "
               f"{'on' if cache.get('color_constancy') else 'off'}, hair removal "
-              f"{'on' if cache.get('hair_removal') else 'off'}; then resized to {cfg.image_size} px and normalised "
+              f"{_hair(cache)}; then resized to {cfg.image_size} px and normalised "
               "with ImageNet statistics. `predict`, `serve` and `export` apply the same steps from run.json.", ""]
 
     lines += ["## Metrics", ""]

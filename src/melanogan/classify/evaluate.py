@@ -85,7 +85,7 @@ def run_cache_options(run_dir: Path) -> CacheOptions:
     if not info.get("cache_options"):
         raise MelanoganError(f"{run_dir}/run.json does not record the preprocessing the model was trained with, "
                              "so it cannot be evaluated on matching pixels; re-train it with this version.")
-    return CacheOptions(**info["cache_options"])
+    return CacheOptions.from_dict(info["cache_options"])
 
 
 def current_skin_tone(data_dir: Path) -> bool:

@@ -17,6 +17,14 @@ from melanogan.fileio import atomic_path, read_json, write_json
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
+def _decode_options(info: dict) -> dict | None:
+    """The run's cache options with every field spelled out (a run from before `hair_method` gets the
+    mask it was trained with), so that a consumer of the sidecar need not know our defaults."""
+    from melanogan.data.cache import CacheOptions
+
+    return CacheOptions.from_dict(info["cache_options"]).to_dict() if info.get("cache_options") else None
+
+
 def _check(reference: np.ndarray, exported: np.ndarray, atol: float) -> float:
     diff = float(np.max(np.abs(reference - exported)))
     if not np.isfinite(diff) or diff > atol:
@@ -102,7 +110,7 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
             "output": {"name": "logit", "meaning": f"melanoma logit; probability = sigmoid(logit / {temperature:g})"},
             "temperature": temperature, "thresholds_chosen_on": f"site {site}" if site else "validation",
             "batchnorm": _batchnorm_note(site, calibration),
-            "preprocessing": {"decode": info.get("cache_options"), "resize_to": cfg.image_size,
+            "preprocessing": {"decode": _decode_options(info), "resize_to": cfg.image_size,
                               "scale": "x / 255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
             "thresholds": thresholds,
             "model": cfg.model, "best_epoch": state.get("epoch"), "max_abs_difference_vs_pytorch": max_diff}

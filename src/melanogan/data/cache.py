@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanogan.data.images import DEFAULT_MAX_PIXELS, ImageRejected, ResizeMode, decode_file
+from melanogan.data.images import DEFAULT_MAX_PIXELS, HairMethod, ImageRejected, ResizeMode, decode_file
 from melanogan.data.skin import SKIN_TONE_VERSION
 from melanogan.errors import DataError
 from melanogan.fileio import atomic_path, read_json, write_json, write_parquet
@@ -49,6 +49,9 @@ class CacheOptions:
     # directions between HAM10000 and the ISIC archive (README, "Models that travel").
     color_constancy: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Which pixels hair removal inpaints (only read when hair_removal is on). `lines` keeps long thin
+    # lines only; `blackhat`, the one mask before it, also erased pigment network (README, "Hair removal").
+    hair_method: HairMethod = HairMethod.lines
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 2048:
@@ -58,15 +61,39 @@ class CacheOptions:
         except ValueError:
             raise DataError(f"resize mode {self.resize_mode!r} is unknown; use one of "
                             f"{', '.join(m.value for m in ResizeMode)}.") from None
+        try:
+            object.__setattr__(self, "hair_method", HairMethod(self.hair_method))
+        except ValueError:
+            raise DataError(f"hair method {self.hair_method!r} is unknown; use one of "
+                            f"{', '.join(m.value for m in HairMethod)}.") from None
+        if not self.hair_removal and self.hair_method != HairMethod.lines:
+            # No pixel would depend on it: asking for another mask without hair removal is a mistake
+            # (and one value keeps equal caches equal: cache_for reuses the default cache on equal options).
+            raise DataError(f"hair method {self.hair_method} has no effect without hair removal: add "
+                            "--hair-removal (hair_removal=True), or leave the method at its default.")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CacheOptions:
+        """Options as a cache, run or pack recorded them. Records from before `hair_method` existed
+        were made with the one mask there was, `blackhat`: reading them with today's default would
+        score an old run on pixels preprocessed differently from its training data."""
+        legacy = {"hair_method": HairMethod.blackhat} if d.get("hair_removal") else {}
+        return cls(**{**legacy, **d})
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["resize_mode"] = str(self.resize_mode)
+        d["hair_method"] = str(self.hair_method)
         return d
 
     @property
     def key(self) -> str:
-        payload = json.dumps({**self.to_dict(), "format": CACHE_FORMAT}, sort_keys=True)
+        d = self.to_dict()
+        # The method changes no pixel without hair removal, and `blackhat` was the only one before the
+        # option existed: leaving it out of the hash then keeps the name of every cache built before.
+        if not self.hair_removal or self.hair_method == HairMethod.blackhat:
+            del d["hair_method"]
+        payload = json.dumps({**d, "format": CACHE_FORMAT}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:10]
 
     @property
@@ -76,7 +103,8 @@ class CacheOptions:
 
     def decode_kwargs(self) -> dict:
         return {"resize_mode": self.resize_mode, "hair_removal": self.hair_removal,
-                "color_constancy": self.color_constancy, "max_pixels": self.max_pixels}
+                "color_constancy": self.color_constancy, "max_pixels": self.max_pixels,
+                "hair_method": self.hair_method}
 
 
 def default_workers() -> int:
@@ -101,7 +129,7 @@ def _process_chunk(job: tuple[str, list[tuple[str, str, str]], dict]) -> str:
     import cv2
 
     cv2.setNumThreads(1)  # one decode per core: no oversubscription on small machines
-    options = CacheOptions(**opts)
+    options = CacheOptions.from_dict(opts)
     size = options.size
     pixels = np.zeros((len(rows), size, size, 3), np.uint8)
     info = []
@@ -150,7 +178,7 @@ class Cache:
             # estimated by an older version (or not at all): not shown as current; `prepare` again renews it
             index = index.assign(ita=np.nan, ita_reason="skin tone from an older melanogan: run prepare again",
                                  ita_version=SKIN_TONE_VERSION)
-        return cls(root=root, options=CacheOptions(**meta["options"]), index=index)
+        return cls(root=root, options=CacheOptions.from_dict(meta["options"]), index=index)
 
     @property
     def pixels(self) -> np.ndarray:

@@ -148,24 +148,66 @@ def _fit(img: Image.Image, size: int, mode: ResizeMode) -> Image.Image:
     return canvas
 
 
-def hair_mask(rgb: np.ndarray) -> np.ndarray:
-    """The pixels `remove_hair` inpaints (uint8, 255 = hair): black-hat morphology finds thin lines
-    darker than their surroundings by more than 10 grey levels, dilated by one pixel to cover their
-    soft edges. The kernel scales with the image so the same hair is found at 128 or 512 px."""
+class HairMethod(StrEnum):
+    """How `hair_mask` finds hair. `lines` (the default) keeps only long, thin dark lines; `blackhat`
+    is the mask melanogan used before (every thin dark structure, pigment network and dots included),
+    kept so caches and runs prepared with it are decoded as they were trained."""
+
+    lines = "lines"
+    blackhat = "blackhat"
+
+
+# Thresholds of the `lines` mask, as shares of the image side so the same hair is kept at 128 or 512 px.
+# A hair crosses much of the field of view: a dark component counts as hair when the long side of its
+# minimum-area rectangle is at least HAIR_MIN_LENGTH of the image side (a network cell edge, a dot or a
+# globule is far shorter) and its mean width (area / that length) at most HAIR_MAX_WIDTH (a pigment
+# network forms one wide mesh, a blob is as wide as it is long). Chosen by eye on 450 images of the three
+# sources in ../shared/data (docs/hair-mask-examples.jpg); the pixel shares are in README.
+HAIR_MIN_LENGTH = 0.15
+HAIR_MAX_WIDTH = 0.03
+
+
+def _dark_thin_structure(rgb: np.ndarray) -> np.ndarray:
+    """Black-hat morphology: pixels darker than their surroundings by more than 10 grey levels, in
+    structures narrower than the kernel (which scales with the image)."""
     k = max(3, round(rgb.shape[0] / 256 * 17) | 1)
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     kernel = cv2.getStructuringElement(cv2.MORPH_CROSS, (k, k))
     blackhat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, kernel)
     _, mask = cv2.threshold(blackhat, 10, 255, cv2.THRESH_BINARY)
+    return mask
+
+
+def _long_thin_components(mask: np.ndarray) -> np.ndarray:
+    """The connected components of `mask` that are long and thin enough to be hair (see HAIR_MIN_LENGTH)."""
+    side = mask.shape[0]
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(n, bool)
+    for i in range(1, n):
+        area = int(stats[i, cv2.CC_STAT_AREA])
+        if area < HAIR_MIN_LENGTH * side:  # too few pixels to be a line that long: skip the rectangle
+            continue
+        points = np.column_stack(np.nonzero(labels == i)).astype(np.float32)
+        _, (w, h), _ = cv2.minAreaRect(points)
+        length = max(w, h)
+        keep[i] = length >= HAIR_MIN_LENGTH * side and area / length <= HAIR_MAX_WIDTH * side
+    return np.where(keep[labels], 255, 0).astype(np.uint8)
+
+
+def hair_mask(rgb: np.ndarray, method: HairMethod | str = HairMethod.lines) -> np.ndarray:
+    """The pixels `remove_hair` inpaints (uint8, 255 = hair), dilated by one pixel to cover the soft
+    edges. `blackhat` takes every thin dark structure: measured on ../shared/data at 256 px
+    (studies/hair_by_source.py) that is 17-42% of a source's pixels on average, mostly pigment network,
+    dots and globules, which are signs of the diagnosis. `lines` keeps only its long, thin components."""
+    mask = _dark_thin_structure(rgb)
+    if HairMethod(method) == HairMethod.lines:
+        mask = _long_thin_components(mask)
     return cv2.dilate(mask, np.ones((3, 3), np.uint8), iterations=1)
 
 
-def remove_hair(rgb: np.ndarray) -> np.ndarray:
-    """DullRazor-style hair removal: the thin dark lines of `hair_mask` are inpainted. Measured on
-    ../shared/data at 256 px (studies/hair_by_source.py), the mask is not hair-selective: it also takes
-    pigment network, dots and globules (17-42% of a source's pixels on average), so this is a filter of
-    fine dark structure as much as a hair remover."""
-    return cv2.inpaint(rgb, hair_mask(rgb), max(1, rgb.shape[0] // 128), cv2.INPAINT_TELEA)
+def remove_hair(rgb: np.ndarray, method: HairMethod | str = HairMethod.lines) -> np.ndarray:
+    """DullRazor-style hair removal: the pixels of `hair_mask` are inpainted from their surroundings."""
+    return cv2.inpaint(rgb, hair_mask(rgb, method), max(1, rgb.shape[0] // 128), cv2.INPAINT_TELEA)
 
 
 def shades_of_gray(rgb: np.ndarray, p: int = 6) -> np.ndarray:
@@ -188,6 +230,7 @@ def decode_image(
     hair_removal: bool = False,
     color_constancy: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    hair_method: HairMethod | str = HairMethod.lines,
     skin_tone: bool = False,
 ) -> DecodedImage:
     """Decode file bytes into a `size`x`size` RGB uint8 array plus the facts the manifest needs.
@@ -240,7 +283,7 @@ def decode_image(
 
         ita, ita_reason = estimate_ita(pixels)
     if hair_removal:
-        pixels = remove_hair(pixels)
+        pixels = remove_hair(pixels, hair_method)
     if color_constancy:
         pixels = shades_of_gray(pixels)
     return DecodedImage(pixels=pixels, width=int(w), height=int(h), content_hash=content_hash,

@@ -109,8 +109,8 @@ def unpack_data_dir(pack: Path, out: Path, log=None) -> Path:
                         f"{info['manifest_hash']}); the pack is incomplete or was edited. Pack it again.")
     with np.load(pack / PACK_IMAGES) as z:
         uids, offsets, data = z["uids"], z["offsets"], z["data"]
-    source = CacheOptions(**info["source_cache_options"])
-    options = CacheOptions(**{**source.to_dict(), "size": int(info["size"])})
+    source = CacheOptions.from_dict(info["source_cache_options"])
+    options = CacheOptions.from_dict({**source.to_dict(), "size": int(info["size"])})
     size = options.size
     root = out / "cache" / options.name
     root.mkdir(parents=True, exist_ok=True)
@@ -159,5 +159,5 @@ def data_space(data_dir: Path) -> CacheOptions | None:
         return None
     info = read_json(path)
     if "packed" in info:
-        return CacheOptions(**info["packed"]["source_cache_options"])
-    return CacheOptions(**info["cache_options"])
+        return CacheOptions.from_dict(info["packed"]["source_cache_options"])
+    return CacheOptions.from_dict(info["cache_options"])

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from melanogan.data.cache import CacheOptions
+from melanogan.data.images import HairMethod
 from melanogan.errors import MelanoganError
 from melanogan.fileio import read_json
 
@@ -21,7 +22,7 @@ SYNTHETIC_FORMAT = 2
 def synthetic_decode_options(space: CacheOptions) -> CacheOptions:
     """How generated images are cached for real data preprocessed with `space`: same size, nothing
     applied a second time."""
-    return replace(space, hair_removal=False, color_constancy=False)
+    return replace(space, hair_removal=False, hair_method=HairMethod.lines, color_constancy=False)
 
 
 def check_synthetic_space(syn_dir: Path, data_options: CacheOptions) -> None:
@@ -32,7 +33,7 @@ def check_synthetic_space(syn_dir: Path, data_options: CacheOptions) -> None:
     info = read_json(info_path) if info_path.is_file() else {}
     if info.get("kind") != "synthetic":
         raise MelanoganError(f"{syn_dir}: not a synthetic set from `melanogan generate` (no synthetic prepare.json).")
-    space = CacheOptions(**info["cache_options"])
+    space = CacheOptions.from_dict(info["cache_options"])
     if info.get("synthetic_format", 1) < SYNTHETIC_FORMAT and (space.color_constancy or space.hair_removal):
         raise MelanoganError(f"{syn_dir}: made by an older melanogan that applied colour constancy/hair removal to "
                              "the generated images a second time. Regenerate it with `melanogan generate`.")
@@ -49,7 +50,7 @@ def check_same_decoding(out: Path, decode: CacheOptions) -> None:
     info = Path(out) / "prepare.json"
     if info.is_file():
         previous = read_json(info).get("decode_options")
-        if previous is not None and previous != decode.to_dict():
+        if previous is not None and CacheOptions.from_dict(previous) != decode:
             raise MelanoganError(f"{out}: holds synthetic images cached another way ({previous}); "
                                  "use a new --out for these.")
 

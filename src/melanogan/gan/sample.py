@@ -78,7 +78,7 @@ def generate(run_dir: Path, n: int, label: str, out: Path, seed: int = 0, use_em
     run_info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     data_dir = Path(run_info.get("data_dir", ""))
     if run_info.get("data_space"):  # recorded at training: holds also for a GAN trained on another machine
-        options = CacheOptions(**run_info["data_space"])
+        options = CacheOptions.from_dict(run_info["data_space"])
     elif (data_dir / "prepare.json").is_file():
         options = data_space(data_dir)
     else:

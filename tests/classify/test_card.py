@@ -59,3 +59,13 @@ def test_card_of_a_trained_and_evaluated_run(demo_prepared, tmp_path):
         assert f"| {d['diagnosis']} | {d['group']} | {'yes' if d['melanoma'] else 'no'} | {d['n_images']} | " \
                f"{d['called_melanoma']:.3f} |" in text
     assert "TRIPOD+AI" in text and "<table>" in html.read_text()
+
+
+def test_the_card_names_the_hair_mask_a_run_was_trained_with():
+    from melanogan.classify.card import _hair
+
+    recorded = {"size": 256, "resize_mode": "crop", "color_constancy": True, "max_pixels": 100_000_000}
+    assert _hair({**recorded, "hair_removal": False}) == "off"
+    # a run from before --hair-method recorded none: it was trained with the black-hat mask
+    assert _hair({**recorded, "hair_removal": True}) == "on (every thin dark structure, pigment network included)"
+    assert _hair({**recorded, "hair_removal": True, "hair_method": "lines"}) == "on (long thin lines only)"

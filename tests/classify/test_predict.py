@@ -203,3 +203,13 @@ def test_an_instance_batch_norm_model_exports_and_matches_pytorch(demo_prepared,
     batch = np.random.default_rng(1).normal(size=(4, 3, 32, 32)).astype(np.float32) * 3 + 1
     reference, exported = _pytorch_and_exported(tmp_path / "run", tmp_path / f"model.{fmt}", fmt, batch)
     assert np.abs(exported - reference).max() <= 1e-4 and meta["max_abs_difference_vs_pytorch"] <= 1e-4
+
+
+def test_the_export_sidecar_spells_out_the_hair_mask_of_a_run_from_before_the_option():
+    from melanogan.classify.export import _decode_options
+
+    recorded = {"size": 256, "resize_mode": "crop", "hair_removal": True, "color_constancy": True,
+                "max_pixels": 100_000_000}
+    assert _decode_options({"cache_options": recorded}) == {**recorded, "hair_method": "blackhat"}
+    assert _decode_options({"cache_options": {**recorded, "hair_removal": False}})["hair_method"] == "lines"
+    assert _decode_options({}) is None

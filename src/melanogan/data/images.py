@@ -187,7 +187,9 @@ def _long_thin_components(mask: np.ndarray) -> np.ndarray:
         area = int(stats[i, cv2.CC_STAT_AREA])
         if area < HAIR_MIN_LENGTH * side:  # too few pixels to be a line that long: skip the rectangle
             continue
-        points = np.column_stack(np.nonzero(labels == i)).astype(np.float32)
+        # within the component's bounding box: a full-image comparison per component is most of the cost
+        bx, by, bw, bh = stats[i, :4]
+        points = np.column_stack(np.nonzero(labels[by:by + bh, bx:bx + bw] == i)).astype(np.float32)
         _, (w, h), _ = cv2.minAreaRect(points)
         length = max(w, h)
         keep[i] = length >= HAIR_MIN_LENGTH * side and area / length <= HAIR_MAX_WIDTH * side

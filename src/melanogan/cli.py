@@ -531,6 +531,10 @@ def train(
         help="Weight of an auxiliary loss that also predicts each training image's own diagnosis (the "
              "manifest's `diagnosis`, per source; unknown ones ignored). 0 = off. Default: 0.5 (recommended) when "
              "the training split has 2 or more known diagnoses, else off.")] = None,
+    diagnosis_vocabulary: Annotated[str, typer.Option(
+        help="The diagnosis head's classes: source (each source's own diagnosis names, never merged) or shared "
+             "(the groups all sources map to: HAM10000's seven). Default: source (see README, Models that "
+             "travel).")] = "source",
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes, keeping the best.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
@@ -574,7 +578,8 @@ def train(
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
                         loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
                         style_augment=style_augment, illumination_augment=illumination_augment,
-                        mixup=mixup, excised_weight=excised_weight, diagnosis_weight=diagnosis_weight, epochs=epochs,
+                        mixup=mixup, excised_weight=excised_weight, diagnosis_weight=diagnosis_weight,
+                        diagnosis_vocabulary=diagnosis_vocabulary, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
                         weight_average=weight_average, ema_decay=ema_decay, seed=seed, workers=workers,
                         batch_augment=batch_augment, precision=precision, metadata=metadata,
@@ -851,7 +856,8 @@ def bench_travel(
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
         "hair_removal=true with +), image_size, augment, "
-        "color_augment, style_augment, illumination_augment, mixup, excised_weight, diagnosis_weight, sampler, "
+        "color_augment, style_augment, illumination_augment, mixup, excised_weight, diagnosis_weight, "
+        "diagnosis_vocabulary (source or shared), sampler, "
         "model (another "
         "architecture, from scratch), "
         "select, weight_average, minutes, epochs (an epoch count "

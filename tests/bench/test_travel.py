@@ -91,6 +91,13 @@ def test_levers_are_typed_and_checked_before_any_work():
             parse_levers((bad,))
     assert parse_levers(("model=small-cnn-ibn", "sampler=source")) == [
         ("model=small-cnn-ibn", {"model": "small-cnn-ibn"}), ("sampler=source", {"sampler": "source"})]
+    assert parse_levers(("diagnosis_vocabulary=shared", "diagnosis_weight=0")) == [
+        ("diagnosis_vocabulary=shared", {"diagnosis_vocabulary": "shared"}),
+        ("diagnosis_weight=0", {"diagnosis_weight": 0.0})]
+    for bad, message in [("diagnosis_vocabulary=merged", "diagnosis_vocabulary"),
+                         ("diagnosis_vocabulary=shared+diagnosis_weight=0", "turns the head off")]:
+        with pytest.raises(MelanoganError, match=message):
+            parse_levers((bad,))
     # settings that belong together form one variant
     assert parse_levers(("epochs=30+patience=off", "epochs=30 + patience=4")) == [
         ("epochs=30+patience=off", {"epochs": 30, "patience": 0}),

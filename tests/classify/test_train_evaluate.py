@@ -301,6 +301,40 @@ def test_diagnosis_classes_are_per_source_and_skip_unknown():
     assert diagnosis_classes(rows) == ["folder:nevus", "ham10000:mel", "ham10000:nv"]
 
 
+def test_shared_diagnosis_vocabulary_merges_sources_and_drops_other():
+    from melanogan.classify.train import WithDiagnosis, resolve_diagnosis_head
+
+    rows = pd.DataFrame({"source": ["ham10000", "derm7pt", "derm7pt", "folder", "derm7pt", "folder", "ham10000"],
+                         "diagnosis": ["nv", "clark nevus", "melanosis", "Nevus", "melanoma (in situ)", "unknown",
+                                       "mel"]})
+    # per source: seven rows, six classes (only the unknown is dropped); no two sources share one
+    assert diagnosis_classes(rows) == ["derm7pt:clark nevus", "derm7pt:melanoma (in situ)", "derm7pt:melanosis",
+                                       "folder:Nevus", "ham10000:mel", "ham10000:nv"]
+    # shared: the three naevi are one class, the two melanomas another; "melanosis" (group other) is none
+    assert diagnosis_classes(rows, "shared") == ["melanoma", "nevus"]
+
+    class Rows:  # WithDiagnosis reads only the rows (and length) of its dataset here
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+    codes = WithDiagnosis(Rows(rows), ["melanoma", "nevus"], vocabulary="shared").codes
+    assert codes.tolist() == [1, 1, -100, 1, 0, -100, 0]
+    source_classes = diagnosis_classes(rows)
+    codes = WithDiagnosis(Rows(rows), source_classes).codes
+    assert codes.tolist() == [5, 0, 2, 3, 1, -100, 4]
+    cfg, notes = resolve_diagnosis_head(TrainConfig(diagnosis_vocabulary="shared"), rows, "DATA")
+    assert cfg.diagnosis_classes == ["melanoma", "nevus"] and "shared vocabulary" in notes[0]
+    # the option names the head's classes: with the head off it would change nothing, so it is refused
+    with pytest.raises(ValueError, match="turns the head off"):
+        TrainConfig(diagnosis_vocabulary="shared", diagnosis_weight=0)
+    # a run recorded before the option rebuilds with the classes it was trained with
+    old = TrainConfig.model_validate({"diagnosis_weight": 0.5, "diagnosis_classes": source_classes})
+    assert old.diagnosis_vocabulary == "source"
+
+
 def test_training_with_a_diagnosis_head_records_its_classes_and_rebuilds(demo_prepared, tmp_path):
     cfg = TrainConfig(**{**TINY, "diagnosis_weight": 0.5})
     train_classifier(demo_prepared, tmp_path / "run", cfg, progress=False)

@@ -133,7 +133,9 @@ def model_card(run_dir: Path) -> str:
               "- Output: a melanoma logit; probability = sigmoid(logit). Decision thresholds chosen on the validation "
               "split (Youden's J; 95% sensitivity) and stored with the checkpoint's hash.",
               f"- Training: loss {cfg.loss}, sampler {cfg.sampler}, augmentation {cfg.augment}, auxiliary diagnosis "
-              f"head weight {cfg.diagnosis_weight}, {cfg.epochs} epochs max, seed {cfg.seed}, precision "
+              f"head weight {cfg.diagnosis_weight}"
+              + (f" ({cfg.diagnosis_vocabulary} diagnosis classes)" if cfg.diagnosis_weight else "")
+              + f", {cfg.epochs} epochs max, seed {cfg.seed}, precision "
               f"{cfg.precision}.",
               "- Inputs: the dermoscopic image" + (f" and patient metadata ({', '.join(cfg.metadata)}; missing values "
                                                     "have their own code)." if cfg.metadata else "."), ""]

@@ -37,6 +37,7 @@ from melanogan.classify.mixstyle import MixStyle
 from melanogan.classify.models import Classifier, create_classifier
 from melanogan.data.batch_augment import BatchAugment, RandomConvolution
 from melanogan.data.dataset import CachedImageDataset
+from melanogan.data.diagnoses import diagnosis_group
 from melanogan.data.manifest import default_cache, load_manifest, manifest_hash
 from melanogan.data.metadata import encode_metadata, missingness_warning
 from melanogan.data.synthetic import check_synthetic_space
@@ -126,6 +127,14 @@ class TrainConfig(BaseModel):
     # resolved weight and the classes are filled in when a run starts and recorded here, so that a
     # checkpoint rebuilds the same model.
     diagnosis_weight: float | None = Field(None, ge=0.0)
+    # What the diagnosis head's classes are: "source", each source's own names (`ham10000:nv`,
+    # `derm7pt:clark nevus`), so that no two sources' vocabularies are merged by guesswork; "shared",
+    # the groups every source maps to (data/diagnoses.py: HAM10000's seven; "other" is no class).
+    # Why "shared" could travel better: classes that never span two sources can only be told apart
+    # by knowing the source, so the per-source head also rewards features that recognise the
+    # dermoscope; a shared class (a naevus from either source) rewards what the lesions have in common.
+    # Runs recorded before this option read as "source", what they were trained with.
+    diagnosis_vocabulary: Literal["source", "shared"] = "source"
     diagnosis_classes: list[str] = Field(default_factory=list)
     # Real training images pass through a generator's resolution (down to it, then up as synthetic
     # images are upsampled): the study's `resolution: matched`, so that softness cannot mean melanoma.
@@ -152,6 +161,9 @@ class TrainConfig(BaseModel):
         if self.excised_weight > 1 and self.sampler != "none":
             raise ValueError(f"excised_weight draws excised benign images more often in a weighted draw of its own; "
                              f"it cannot be combined with sampler {self.sampler!r}: use one of them.")
+        if self.diagnosis_vocabulary != "source" and self.diagnosis_weight == 0:
+            raise ValueError(f"diagnosis_vocabulary {self.diagnosis_vocabulary!r} names the diagnosis head's classes, "
+                             "but diagnosis_weight 0 turns the head off: drop one of them.")
         if self.mixup and self.metadata:
             # metadata codes (age band, sex, site) are categories: a mix of two has no meaning
             raise ValueError("mixup mixes images and labels, not categorical metadata: use mixup or metadata, "
@@ -188,26 +200,38 @@ RECOMMENDED_DIAGNOSIS_WEIGHT = 0.5
 IGNORE = -100  # diagnosis index of an image without a known diagnosis (synthetic ones included)
 
 
-def _diagnosis_keys(rows: pd.DataFrame) -> pd.Series:
-    # fillna first: pandas 3 keeps a missing value missing through astype(str) (pandas 2 wrote "nan").
-    return rows["source"].fillna("").astype(str) + ":" + rows["diagnosis"].fillna("unknown").astype(str)
+def _diagnosis_keys(rows: pd.DataFrame, vocabulary: str = "source") -> pd.Series:
+    """Each row's diagnosis class under `vocabulary` (TrainConfig.diagnosis_vocabulary); NaN where
+    the row has none (an unknown diagnosis; under "shared" also one of no group)."""
+    diagnosis = rows["diagnosis"].fillna("").astype(str)
+    known = ~diagnosis.str.strip().str.lower().isin(UNKNOWN_DIAGNOSES)
+    if vocabulary == "shared":
+        # "other" is no class: it gathers what one source names and the others do not (Derm7pt's
+        # "melanosis", "miscellaneous"), so it would mark the source, which is what "shared" avoids.
+        keys = diagnosis.map(diagnosis_group)
+        known &= keys != "other"
+    else:
+        # fillna first: pandas 3 keeps a missing value missing through astype(str) (pandas 2 wrote "nan").
+        keys = rows["source"].fillna("").astype(str) + ":" + diagnosis
+    return keys.where(known)
 
 
-def diagnosis_classes(train_rows: pd.DataFrame) -> list[str]:
-    """`source:diagnosis` classes of the training rows (sources name diagnoses differently, so they
-    are not merged); unknown diagnoses are not a class."""
-    known = train_rows[~train_rows["diagnosis"].fillna("").astype(str).str.strip().str.lower().isin(UNKNOWN_DIAGNOSES)]
-    return sorted(_diagnosis_keys(known).unique())
+def diagnosis_classes(train_rows: pd.DataFrame, vocabulary: str = "source") -> list[str]:
+    """The diagnosis head's classes over the training rows: `source:diagnosis` ("source": sources
+    name diagnoses differently, so they are not merged) or the shared groups ("shared"); unknown
+    diagnoses are not a class."""
+    return sorted(_diagnosis_keys(train_rows, vocabulary).dropna().unique())
 
 
 class WithDiagnosis(Dataset):
     """(image, melanoma label, diagnosis index or IGNORE, metadata vector) over a cached dataset; the
     metadata vector is empty for a run without metadata."""
 
-    def __init__(self, dataset: CachedImageDataset, classes: list[str], metadata: list[str] | None = None) -> None:
+    def __init__(self, dataset: CachedImageDataset, classes: list[str], metadata: list[str] | None = None,
+                 vocabulary: str = "source") -> None:
         index = {c: i for i, c in enumerate(classes)}
         self.dataset = dataset
-        self.codes = _diagnosis_keys(dataset.rows).map(index).fillna(IGNORE).to_numpy(np.int64)
+        self.codes = _diagnosis_keys(dataset.rows, vocabulary).map(index).fillna(IGNORE).to_numpy(np.int64)
         self.metadata = torch.from_numpy(encode_metadata(dataset.rows, metadata or []))
 
     def __len__(self) -> int:
@@ -246,7 +270,8 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     if val.labels.sum() == 0 or val.labels.sum() == len(val.labels):
         raise MelanoganError(f"{data_dir}: the validation split needs both classes to choose the best epoch "
                              "and thresholds; re-run `melanogan prepare` with a larger --val fraction.")
-    return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata) for p in parts]), val, labels
+    return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata, cfg.diagnosis_vocabulary)
+                          for p in parts]), val, labels
 
 
 def row_sources(rows: pd.DataFrame) -> np.ndarray:
@@ -544,14 +569,14 @@ def resolve_diagnosis_head(cfg: TrainConfig, train_rows: pd.DataFrame, data_dir:
     """Fill in the diagnosis weight (None = recommended where the data allows) and its classes."""
     if cfg.diagnosis_classes and cfg.diagnosis_weight is not None:
         return cfg, []  # resumed: already resolved
-    classes = diagnosis_classes(train_rows)
+    classes = diagnosis_classes(train_rows, cfg.diagnosis_vocabulary)
     notes = []
     weight = cfg.diagnosis_weight
     if weight is None:
         if len(classes) >= 2:
             weight = RECOMMENDED_DIAGNOSIS_WEIGHT
             notes.append(f"auxiliary diagnosis head on (weight {weight}, {len(classes)} diagnoses in the training "
-                         "split); --diagnosis-weight 0 turns it off.")
+                         f"split, {cfg.diagnosis_vocabulary} vocabulary); --diagnosis-weight 0 turns it off.")
         else:
             weight = 0.0
             notes.append(f"auxiliary diagnosis head off: the training split has {len(classes)} known diagnosis(es) "

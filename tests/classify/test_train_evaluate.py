@@ -325,6 +325,11 @@ def test_shared_diagnosis_vocabulary_merges_sources_and_drops_other():
     source_classes = diagnosis_classes(rows)
     codes = WithDiagnosis(Rows(rows), source_classes).codes
     assert codes.tolist() == [5, 0, 2, 3, 1, -100, 4]
+    # synthetic images' diagnoses ("synthetic-melanoma") are no class under either vocabulary: the
+    # head learns real lesions only
+    synthetic = pd.DataFrame({"source": ["synthetic"] * 2, "diagnosis": ["synthetic-melanoma", "synthetic-other"]})
+    assert WithDiagnosis(Rows(synthetic), ["melanoma", "nevus"], vocabulary="shared").codes.tolist() == [-100, -100]
+    assert WithDiagnosis(Rows(synthetic), source_classes).codes.tolist() == [-100, -100]
     cfg, notes = resolve_diagnosis_head(TrainConfig(diagnosis_vocabulary="shared"), rows, "DATA")
     assert cfg.diagnosis_classes == ["melanoma", "nevus"] and "shared vocabulary" in notes[0]
     # the option names the head's classes: with the head off it would change nothing, so it is refused

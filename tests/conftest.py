@@ -10,6 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Under pytest-xdist (`pytest -n 2`), each worker gets its share of the cores: two workers each
+# running torch on every core would oversubscribe them and run slower than one. Set before torch is
+# imported, and in the environment, so the CLI subprocesses and the notebook kernel inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_share))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MELANOGAN_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from melanogan.study.report import _score_ci, source_table
+from melanogan.study.experiments import ClassifierOptions
+from melanogan.study.report import _changed_options, _score_ci, source_table
 
 
 def _run(auc: float, ci: list[float], by_source: dict | None = None) -> dict:
@@ -73,3 +74,10 @@ def test_report_html_is_self_contained_and_escapes_text_from_data(tmp_path):
     data = base64.b64encode((tmp_path / "fig.png").read_bytes()).decode()
     assert f'src="data:image/png;base64,{data}"' in page and 'alt="a figure"' in page
     assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_the_report_names_the_classifier_options_a_study_changed():
+    assert _changed_options(ClassifierOptions()) == " (`train`'s defaults)"
+    assert _changed_options(ClassifierOptions(image_size=64)) == " (`train`'s defaults)"  # named beside it
+    assert _changed_options(ClassifierOptions(mixup=0.2, epochs=2, model="resnet18")) == \
+        " (epochs 2, mixup 0.2; otherwise `train`'s defaults)"

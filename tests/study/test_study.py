@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from melanogan.classify.train import TrainConfig
 from melanogan.errors import MelanoganError
-from melanogan.study.experiments import ClassifierOptions, GanOptions, StudyConfig, load_study_config, run_study
+from melanogan.study.experiments import (
+    STUDY_OWNED,
+    ClassifierOptions,
+    GanOptions,
+    StudyConfig,
+    load_study_config,
+    run_study,
+    same_study_config,
+)
 
 
 def _toy(data) -> StudyConfig:
@@ -89,6 +98,42 @@ def test_arms_that_train_the_same_classifier_are_refused(demo_prepared):
     cfg = StudyConfig(data=str(demo_prepared), arms=["baseline", "classic-aug"],
                       classifier=ClassifierOptions(augment="none"))
     assert cfg.arms == ["baseline", "classic-aug"]
+
+
+def test_the_study_classifier_takes_every_train_option_with_trains_defaults():
+    # every TrainConfig field but the study's own, with the same default (a study's baseline is `train`'s)
+    options, train = ClassifierOptions(), TrainConfig()
+    assert set(ClassifierOptions.model_fields) == set(TrainConfig.model_fields) - set(STUDY_OWNED)
+    assert all(getattr(options, k) == getattr(train, k) for k in ClassifierOptions.model_fields)
+    # an option the old hand-written list lacked reaches every arm, beside what the arm changes
+    cfg = StudyConfig(data="x", arms=["baseline", "weighted-loss"],
+                      classifier={"mixup": 0.2, "color_augment": "lab", "select": "worst_source_auc"})
+    for arm, loss in (("baseline", "bce"), ("weighted-loss", "weighted")):
+        built = TrainConfig(**cfg.arm_options(arm)[0])
+        assert (built.mixup, built.color_augment, built.select, built.loss) == (0.2, "lab", "worst_source_auc", loss)
+    with pytest.raises(ValueError, match="seed"):  # the study's own fields are not classifier options
+        ClassifierOptions(seed=3)
+
+
+def test_a_classifier_option_train_would_refuse_is_refused_when_the_study_config_is_read(tmp_path):
+    (tmp_path / "s.yaml").write_text("data: x\narms: [baseline]\nclassifier: {augment: none, color_augment: lab}\n")
+    with pytest.raises(MelanoganError, match=r"arm 'baseline'.*color_augment 'lab' is the colour step"):
+        load_study_config(tmp_path / "s.yaml")
+    (tmp_path / "t.yaml").write_text("data: x\narms: [baseline]\nclassifier: {mixup: 20}\n")
+    with pytest.raises(MelanoganError, match="mixup"):  # TrainConfig's bound (<= 10) holds here too
+        load_study_config(tmp_path / "t.yaml")
+
+
+def test_a_study_saved_before_an_option_existed_still_resumes_and_a_changed_one_does_not():
+    cfg = StudyConfig(data="x", arms=["baseline", "oversample"], classifier={"image_size": 64})
+    saved = cfg.model_dump(mode="json")
+    for key in ("mixup", "color_augment", "diagnosis_vocabulary"):  # written before these existed
+        del saved["classifier"][key]
+    assert same_study_config(saved, cfg)
+    assert not same_study_config({**saved, "classifier": {**saved["classifier"], "mixup": 0.2}}, cfg)
+    assert not same_study_config({**saved, "classifier": {**saved["classifier"], "image_size": 96}}, cfg)
+    assert not same_study_config({"data": "x", "arms": ["magic"]}, cfg)  # unreadable: differs
+    assert not same_study_config(None, cfg)
 
 
 def test_study_config_errors(tmp_path, demo_prepared):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from melanogan.classify.evaluate import eval_dir_name, evaluate_run, run_cache_options, shortcut_probe
 from melanogan.classify.train import TrainConfig, load_model, train_classifier
@@ -53,22 +53,22 @@ DEFAULT_ARMS = ["baseline", "weighted-loss", "oversample", "gan", "baseline-nati
 ORIGINAL_ARMS = ["baseline", "weighted-loss", "oversample", "classic-aug", "gan", "gan+classic-aug"]
 
 
-class ClassifierOptions(BaseModel):
-    """The baseline classifier of every arm: `TrainConfig`'s defaults unless set."""
+# TrainConfig fields that a study sets itself: the seeds (`seeds`), each arm's synthetic set, the
+# generator's resolution path (`resolution`) and the diagnosis classes (from the data).
+STUDY_OWNED = ("seed", "synthetic", "generator_resolution", "diagnosis_classes")
 
-    model_config = ConfigDict(extra="forbid")
-    model: str = TrainConfig.model_fields["model"].default
-    weights: str | None = None
-    image_size: int = TrainConfig.model_fields["image_size"].default
-    epochs: int = TrainConfig.model_fields["epochs"].default
-    max_minutes: float | None = None
-    batch_size: int = TrainConfig.model_fields["batch_size"].default
-    lr: float = TrainConfig.model_fields["lr"].default
-    patience: int = TrainConfig.model_fields["patience"].default
-    augment: str = TrainConfig.model_fields["augment"].default
-    diagnosis_weight: float | None = TrainConfig.model_fields["diagnosis_weight"].default
-    precision: str = TrainConfig.model_fields["precision"].default
-    workers: int | None = TrainConfig.model_fields["workers"].default
+# The baseline classifier of every arm: every other TrainConfig field, with TrainConfig's own
+# annotation, default and bounds. Built from TrainConfig rather than listed, so that a study can use
+# any option `train` has (mixup, color_augment, select, ...) and its defaults can never drift from
+# `train`'s; the cross-field checks run when StudyConfig builds each arm's TrainConfig.
+ClassifierOptions = create_model(
+    "ClassifierOptions",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="The baseline classifier of every arm: `TrainConfig`'s fields (but " + ", ".join(STUDY_OWNED)
+            + ") and defaults.",
+    **{name: (field.annotation, field) for name, field in TrainConfig.model_fields.items()
+       if name not in STUDY_OWNED},
+)
 
 
 class GanOptions(BaseModel):
@@ -118,6 +118,12 @@ class StudyConfig(BaseModel):
         seen: dict[str, str] = {}
         for arm in self.arms:  # two arms that would train the same classifier compare nothing
             options, synthetic = self.arm_options(arm)
+            try:  # refuse now what training would refuse hours later (e.g. color_augment lab with augment none)
+                TrainConfig(**options)
+            except ValidationError as exc:
+                problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                raise ValueError(f"arm {arm!r}: its classifier options are not a valid `train` config: "
+                                 f"{problems}") from None
             key = repr((sorted(options.items()), synthetic))
             if key in seen:
                 raise ValueError(f"arms {seen[key]!r} and {arm!r} would train the same classifier with classifier "
@@ -165,7 +171,7 @@ def load_study_config(path: Path) -> StudyConfig:
         raise MelanoganError(f"{path}: cannot read the study config ({exc}).") from exc
     try:
         cfg = StudyConfig(**data)
-    except ValidationError as exc:
+    except ValueError as exc:  # ValidationError, or a ValueError of model_post_init (which pydantic does not wrap)
         raise MelanoganError(f"{path}: invalid study config: {exc}") from exc
     base = Path(path).resolve().parent
     resolve = (lambda p: str((base / p).resolve()) if not Path(p).is_absolute() else p)  # noqa: E731
@@ -215,16 +221,25 @@ def split_data_by_image(data: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def same_study_config(saved: object, cfg: StudyConfig) -> bool:
+    """Whether a study folder's saved study.yaml (`saved`, as parsed) is `cfg`. A study.yaml written
+    before an option existed holds no key for it: it is read with that option's default (what the
+    study ran with), so adding an option does not orphan the studies already run."""
+    try:
+        saved = StudyConfig.model_validate(saved).model_dump(mode="json")
+    except (ValueError, TypeError):
+        return False  # not a config this version reads
+    return saved == cfg.model_dump(mode="json")
+
+
 def run_study(cfg: StudyConfig, out: Path, log: Callable[[str], None] | None = print, progress: bool = True) -> Path:
     """Run (or resume) every stage; returns the path of report.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study_file = out / "study.yaml"
-    if study_file.is_file():
-        previous = yaml.safe_load(study_file.read_text())
-        if previous != cfg.model_dump(mode="json"):
-            raise MelanoganError(f"{out}: holds a study with a different config ({study_file}). Use a new --out, "
-                                 "or the same config to resume it.")
+    if study_file.is_file() and not same_study_config(yaml.safe_load(study_file.read_text()), cfg):
+        raise MelanoganError(f"{out}: holds a study with a different config ({study_file}). Use a new --out, "
+                             "or the same config to resume it.")
     write_text(study_file, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     load_manifest(Path(cfg.data))  # clear error if the data is not prepared
     if cfg.protocol == "original":

@@ -320,6 +320,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _changed_options(classifier) -> str:
+    """The classifier options a study set away from `train`'s defaults (model and size aside: the report
+    names them), so a reader knows the baseline is not the plain default classifier."""
+    defaults = type(classifier)()
+    changed = [f"{k} {v}" for k, v in classifier.model_dump().items()
+               if k not in ("model", "image_size") and v != getattr(defaults, k)]
+    return f" ({', '.join(changed)}; otherwise `train`'s defaults)" if changed else " (`train`'s defaults)"
+
+
 def write_report(study_dir: Path, cfg) -> Path:
     """Build report.md and report.html from whatever runs have finished."""
     study_dir = Path(study_dir)
@@ -332,7 +341,8 @@ def write_report(study_dir: Path, cfg) -> Path:
     n_done = len(metrics)
     lines += [f"Data: `{cfg.data}`. Arms: {', '.join(cfg.arms)}. Seeds: {', '.join(map(str, cfg.seeds))} "
               f"({n_done} of {len(cfg.arms) * len(cfg.seeds)} runs finished). Classifier: {cfg.classifier.model} at "
-              f"{cfg.classifier.image_size}px. GAN: preset {cfg.gan.preset}, {cfg.n_synthetic} synthetic melanomas "
+              f"{cfg.classifier.image_size}px{_changed_options(cfg.classifier)}. "
+              f"GAN: preset {cfg.gan.preset}, {cfg.n_synthetic} synthetic melanomas "
               + (f"from one GAN (seed {cfg.seeds[0]}) shared by every seed, so the spread over seeds leaves out the "
                  "GAN's own variance; it was " if cfg.gan.shared_across_seeds else "per seed, ")
               + ("trained on every melanoma of every split (LEAKY)." if cfg.protocol == "original"

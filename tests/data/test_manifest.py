@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
@@ -142,3 +145,16 @@ def test_prepare_estimates_skin_tone_from_the_image_as_captured(tmp_path):
     again = load_manifest(tmp_path / "out").set_index("image_id")
     assert again.at["nevus/light", "ita"] == pytest.approx(m.at["nevus/light", "ita"])
     assert np.isfinite(again.at["nevus/brown", "ita"])
+
+
+def test_a_script_without_its_main_guard_gets_told_to_add_one(demo_raw, tmp_path):
+    # decoding workers are spawned and import the script again; unguarded, each would run prepare too
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import melanogan as mg\nmg.prepare(['siim-isic-2020={demo_raw}'], 'out', size=32, workers=2)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "a decoding worker process died" in done.stderr  # the parent's error says what to do
+    assert 'call prepare under `if __name__ == "__main__":`' in done.stderr
+    # and the workers refused to run a second prepare into the same folder
+    assert f"prepare was called while a decoding worker imported {script}" in done.stderr
+    assert not (tmp_path / "out" / "manifest.parquet").exists()

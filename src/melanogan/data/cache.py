@@ -17,9 +17,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -112,6 +114,23 @@ def default_workers() -> int:
     JPEG entropy pass), so a GPU machine's 16 cores prepare up to 4 times faster than 2 would; the cap bounds
     memory, since each worker holds a full-size decode (up to `max_pixels`)."""
     return max(1, min(8, os.cpu_count() or 1))
+
+
+MAIN_GUARD = ('in a Python script, call prepare under `if __name__ == "__main__":` (decoding runs in spawned '
+              "processes, and each one imports the script again: without the guard, its top level runs in every "
+              "worker)")
+
+
+def check_not_a_spawned_reimport() -> None:
+    """Refuse to run while a spawned worker re-imports the parent's script (as `__mp_main__`) and that
+    script's top level calls us: the script lacks its main guard, and going on would run a second
+    prepare, writing to the same folders, in every worker."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
+            raise DataError(f"prepare was called while a decoding worker imported {frame.f_code.co_filename}: "
+                            + MAIN_GUARD + ".")
+        frame = frame.f_back
 
 
 def file_signature(path: str) -> str:
@@ -251,7 +270,13 @@ def build_cache(
             try:
                 futures = {pool.submit(_process_chunk, job): len(job[1]) for job in jobs}
                 for fut in as_completed(futures):
-                    fut.result()
+                    try:
+                        fut.result()
+                    except BrokenProcessPool as exc:
+                        raise DataError(
+                            f"a decoding worker process died ({exc}). Either {MAIN_GUARD}; or a worker ran out "
+                            f"of memory: rerun with fewer workers (--workers 1). Chunks already decoded ({done} of "
+                            f"{len(todo)} images) are kept in {work}; the next prepare goes on from them.") from None
                     done += futures[fut]
                     if on_progress:
                         on_progress(done, len(todo))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from melanogan import __version__
-from melanogan.data.cache import Cache, CacheOptions, build_cache, default_workers
+from melanogan.data.cache import Cache, CacheOptions, build_cache, check_not_a_spawned_reimport, default_workers
 from melanogan.data.dedup import DEFAULT_PHASH_DISTANCE, UnionFind, near_duplicate_pairs
 from melanogan.data.skin import SKIN_TONE_VERSION, category_counts, ita_category
 from melanogan.data.sources import DEFAULT_MELANOMA_FOLDERS, global_isic_id, read_source
@@ -155,6 +155,7 @@ def prepare(
     `workers` 0: `default_workers()`."""
     if not sources:
         raise DataError("no --source given; pass at least one KIND=PATH (e.g. --source ham10000=/data/HAM10000).")
+    check_not_a_spawned_reimport()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = [k for k, _ in sources]

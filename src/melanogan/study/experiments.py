@@ -171,7 +171,7 @@ def load_study_config(path: Path) -> StudyConfig:
         raise MelanoganError(f"{path}: cannot read the study config ({exc}).") from exc
     try:
         cfg = StudyConfig(**data)
-    except ValueError as exc:  # ValidationError, or a ValueError of model_post_init (which pydantic does not wrap)
+    except ValidationError as exc:  # model_post_init's ValueErrors too: pydantic wraps them
         raise MelanoganError(f"{path}: invalid study config: {exc}") from exc
     base = Path(path).resolve().parent
     resolve = (lambda p: str((base / p).resolve()) if not Path(p).is_absolute() else p)  # noqa: E731

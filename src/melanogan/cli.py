@@ -857,7 +857,7 @@ def bench_travel(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
         "hair_removal=true with +), image_size, augment, "
         "color_augment, style_augment, illumination_augment, mixup, excised_weight, diagnosis_weight, "
-        "diagnosis_vocabulary (source or shared), sampler, "
+        "diagnosis_vocabulary (source or shared), sampler, loss (bce, weighted or focal), "
         "model (another "
         "architecture, from scratch), "
         "select, weight_average, minutes, epochs (an epoch count "

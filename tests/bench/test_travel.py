@@ -47,12 +47,12 @@ def test_levers_are_typed_and_checked_before_any_work():
     levers = parse_levers(("resize_mode=lesion", "augment=strong", "image-size=192", "tta=8",
                            "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
                            "style_augment=mixstyle", "epochs=30", "select=worst_source_auc", "weight_average=ema",
-                           "illumination_augment=random", "mixup=0.2", "excised_weight=3"))
+                           "illumination_augment=random", "mixup=0.2", "excised_weight=3", "loss=focal"))
     assert [(k, v) for _, settings in levers for k, v in settings.items()] == [
         ("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192), ("tta", 8),
         ("color_constancy", False), ("minutes", 2.5), ("ensemble", 3), ("color_augment", "lab"),
         ("style_augment", "mixstyle"), ("epochs", 30), ("select", "worst_source_auc"), ("weight_average", "ema"),
-        ("illumination_augment", "random"), ("mixup", 0.2), ("excised_weight", 3.0)]
+        ("illumination_augment", "random"), ("mixup", 0.2), ("excised_weight", 3.0), ("loss", "focal")]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
                          ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
@@ -64,7 +64,7 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("epochs=30+patience=0", "or off"), ("epochs=30+epochs=20", "epochs twice"),
                          ("epochs=30+zoom=2", "KEY one of"), ("epochs=30+minutes=16", "two budgets"),
                          ("ensemble=3+epochs=30", "two budgets"), ("model=resnet7", "unknown model"),
-                         ("sampler=sources", "sampler"), ("adapt=bn", "none or batchnorm"),
+                         ("sampler=sources", "sampler"), ("loss=hinge", "loss"), ("adapt=bn", "none or batchnorm"),
                          ("adapt=batchnorm+tta=8", "neither tta nor ensemble"),
                          ("ensemble=2+adapt=batchnorm", "neither tta nor ensemble"),
                          ("adapt_layers=3", "join them"), ("adapt=batchnorm+adapt_layers=0", "at least 1"),

@@ -36,7 +36,7 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "illumination_augment": "train", "mixup": "train",
           "excised_weight": "train", "diagnosis_weight": "train", "diagnosis_vocabulary": "train",
-          "sampler": "train", "model": "train",
+          "sampler": "train", "loss": "train", "model": "train",
           "select": "train", "weight_average": "train",
           "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train",
           "gan": "train", "gan_steps": "train", "gan_resolution": "train", "gan_preset": "train",
@@ -52,7 +52,7 @@ ADAPTED_SITE = "choose-batchnorm"
 # A patience no run reaches: early stopping off (the clock budget, or patience=off with epochs).
 _NEVER_STOP = 1000
 _CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "mixup", "excised_weight",
-                  "diagnosis_weight", "diagnosis_vocabulary", "sampler", "select", "weight_average")
+                  "diagnosis_weight", "diagnosis_vocabulary", "sampler", "loss", "select", "weight_average")
 
 # The GAN arm (`gan=N`): a cWGAN-GP trained on the training sources' train split only (never on the
 # held-out source), N synthetic melanomas and N synthetic non-melanomas added to the classifier's

@@ -439,6 +439,10 @@ def calibrate(
     adapt_layers: Annotated[int | None, typer.Option(
         help="With --adapt-batchnorm: adapt only the first N batch-normalisation layers the forward pass reaches "
              "(the shallow ones, which see the dermoscope's colour and illumination); default: all.")] = None,
+    refit_head: Annotated[bool, typer.Option(
+        help="Also refit the melanoma head (the last linear layer) on the labelled sample, anchored to the trained "
+             "one (at least 20 melanomas and 20 others); every reported figure then comes from out-of-fold scores. "
+             "Stored with the site: --site NAME then scores with it.")] = False,
 ) -> None:
     """An operating point for a new site: temperature and thresholds (Youden, 95% sensitivity) chosen
     on a labelled sample of its own cases, with the sensitivity/specificity they should give there
@@ -447,11 +451,17 @@ def calibrate(
     from melanogan import api
 
     r = api.calibrate(run_dir, data, site, split=split, folds=folds, adapt_batchnorm=adapt_batchnorm,
-                      adapt_layers=adapt_layers, log=lambda m: console.print(f"note: {m}")).result
+                      adapt_layers=adapt_layers, refit_head=refit_head,
+                      log=lambda m: console.print(f"note: {m}")).result
     if r["batchnorm"]:
         b = r["batchnorm"]
         console.print(f"batch normalisation adapted to {b['adapted_on_images']} images of site {site} "
                       f"({len(b['adapted_layers'])} of {b['layers_of_model']} layers)")
+    if r["head"]:
+        h = r["head"]
+        console.print(f"melanoma head refitted on {h['fitted_on_images']} images of site {site} (lambda {h['lambda']}, "
+                      f"chosen by cross-validation; the trained head's ROC-AUC on them: "
+                      f"{h['roc_auc_trained_head']:.3f}); the figures below are out-of-fold")
     console.print(f"site {site}: {r['n_images']} images ({r['n_melanoma']} melanoma), ROC-AUC {r['roc_auc']:.3f} "
                   f"[{r['roc_auc_ci95'][0]:.3f}, {r['roc_auc_ci95'][1]:.3f}], temperature {r['temperature']:.2f}")
     for name, t in r["thresholds"].items():
@@ -863,9 +873,10 @@ def bench_travel(
         "select, weight_average, minutes, epochs (an epoch count "
         "with train's early stopping instead of the clock), patience (with epochs: N or off), ensemble (N runs "
         "sharing the budget), gan=N (a GAN trained on the training sources, N synthetic images of each class "
-        "added; +gan_steps=S, +gan_resolution=R, +gan_preset=cpu|default), tta, or adapt=batchnorm (the "
+        "added; +gan_steps=S, +gan_resolution=R, +gan_preset=cpu|default), tta, adapt=batchnorm (the "
         "defaults' model adapted to the site's choose part, "
-        "as calibrate --adapt-batchnorm; +adapt_layers=N only its first N layers); settings that belong together "
+        "as calibrate --adapt-batchnorm; +adapt_layers=N only its first N layers) or adapt=head (its melanoma head "
+        "refitted on the choose part's labelled images, as calibrate --refit-head); settings that belong together "
         "are joined by + (epochs=30+patience=off). "
         "Each variant is compared with the defaults by a paired bootstrap on the same report images, "
         "Holm-adjusted."))] = None,

@@ -54,6 +54,15 @@ def test_the_decision_rule_on_constructed_comparisons(diffs, p_holms, internal, 
     assert [s["difference"] for s in v["sources"].values()] == list(diffs)
 
 
+def test_a_lever_fitted_on_the_sites_labels_is_never_made_a_default():
+    wins = ((0.05, 0.04, 0.03), (0.001, 0.01, 0.02))
+    v = verdict(_results(*wins, lever="adapt=head"), "adapt=head")
+    assert v["verdict"] == "site option" and v["reason"].startswith("every condition holds; it fits the site's")
+    assert verdict(_results(*wins, lever="adapt=batchnorm"), "adapt=batchnorm")["verdict"] == "default"  # no labels
+    loses = verdict(_results((0.05, -0.01, 0.03), (0.001, 0.5, 0.02), lever="adapt=head"), "adapt=head")
+    assert (loses["verdict"], loses["reason"]) == ("fails", "not positive with HAM10000 held out")
+
+
 def test_with_several_seeds_the_pooled_comparison_decides_and_every_seed_keeps_the_internal_auc():
     rows = []
     for held in ("derm7pt", "ham10000", "isic9"):

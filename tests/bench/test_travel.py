@@ -64,7 +64,8 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("epochs=30+patience=0", "or off"), ("epochs=30+epochs=20", "epochs twice"),
                          ("epochs=30+zoom=2", "KEY one of"), ("epochs=30+minutes=16", "two budgets"),
                          ("ensemble=3+epochs=30", "two budgets"), ("model=resnet7", "unknown model"),
-                         ("sampler=sources", "sampler"), ("loss=hinge", "loss"), ("adapt=bn", "none or batchnorm"),
+                         ("sampler=sources", "sampler"), ("loss=hinge", "loss"),
+                         ("adapt=bn", "none, batchnorm or head"),
                          ("adapt=batchnorm+tta=8", "neither tta nor ensemble"),
                          ("ensemble=2+adapt=batchnorm", "neither tta nor ensemble"),
                          ("adapt_layers=3", "join them"), ("adapt=batchnorm+adapt_layers=0", "at least 1"),
@@ -294,9 +295,10 @@ def test_the_adapt_lever_adapts_the_defaults_model_on_the_choose_part_and_report
     calls = _fake_pipeline(tmp_path, monkeypatch)
     adapted = []
 
-    def fake_calibrate(run_dir, data_dir, name, split="all", adapt_batchnorm=False, adapt_layers=None):
+    def fake_calibrate(run_dir, data_dir, name, split="all", adapt_batchnorm=False, adapt_layers=None,
+                       refit_head=False):
         calls["calibrate"].append((Path(run_dir).name, Path(data_dir).name, name, split, adapt_batchnorm,
-                                   adapt_layers))
+                                   adapt_layers, refit_head))
         return {"n_images": 30, "temperature": 2.0, "thresholds": {"val-youden": 0.6}}
 
     logits = np.random.default_rng(9).normal(size=N_REPORT) + 3.0 * LABEL  # better separated than the defaults
@@ -310,19 +312,21 @@ def test_the_adapt_lever_adapts_the_defaults_model_on_the_choose_part_and_report
 
     monkeypatch.setattr(cal, "calibrate_site", fake_calibrate)
     monkeypatch.setattr(travel, "_adapted_report", fake_report)
-    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("adapt=batchnorm", "adapt=batchnorm+adapt_layers=3"),
-                        batch_size=16)
+    result = travel.run(tmp_path, holdout=("derm7pt",),
+                        vary=("adapt=batchnorm", "adapt=batchnorm+adapt_layers=3", "adapt=head"), batch_size=16)
     assert len(calls["train"]) == 1  # the levers train nothing: they adapt the defaults' model
     run_dir = calls["evaluate"][0][0]
     site = "site-derm7pt-" + calls["prepare"][1][0].removeprefix("site-derm7pt-")
     # adapted on the choose part (split "train"), never on the report part it is scored on; the shallow
     # variant asks for its 3 layers under a site name of its own
     shallow = f"{travel.ADAPTED_SITE}-3"
-    assert calls["calibrate"] == [(run_dir, site, "choose", "train", False, None),
-                                  (run_dir, site, travel.ADAPTED_SITE, "train", True, None),
-                                  (run_dir, site, shallow, "train", True, 3)]
-    assert adapted == [(run_dir, site, travel.ADAPTED_SITE), (run_dir, site, shallow)]
-    assert len(calls["evaluate"]) == 4  # defaults: internal + report; each lever: internal only
+    assert calls["calibrate"] == [(run_dir, site, "choose", "train", False, None, False),
+                                  (run_dir, site, travel.ADAPTED_SITE, "train", True, None, False),
+                                  (run_dir, site, shallow, "train", True, 3, False),
+                                  (run_dir, site, travel.REFIT_SITE, "train", False, None, True)]
+    assert adapted == [(run_dir, site, travel.ADAPTED_SITE), (run_dir, site, shallow),
+                       (run_dir, site, travel.REFIT_SITE)]
+    assert len(calls["evaluate"]) == 5  # defaults: internal + report; each lever: internal only
     row = {r["variant"]: r for r in result["rows"]}["adapt=batchnorm"]
     assert row["validation_threshold"] is None  # the unadapted model's threshold is not the adapted one's
     expected = M.confusion_at(LABEL, M.sigmoid(logits / 2.0), 0.6)  # the adapted calibration's threshold

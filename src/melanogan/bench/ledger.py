@@ -53,7 +53,8 @@ def load(paths: list[Path]) -> dict[str, dict]:
 def verdict(results: dict, lever: str) -> dict:
     """The decision rule applied to one lever of one comparison: per held-out source its difference
     vs the defaults [CI], Holm p and internal-AUC check, and the verdict with the condition that
-    decided it ("default", "fails: ...", or "undecided: ..." when a source was not held out and
+    decided it ("default", "fails: ...", "site option: ..." for a lever that fits the site's labels, or
+    "undecided: ..." when a source was not held out and
     nothing else failed)."""
     rows = results["rows"]
     pooled = {c["held_out"]: c for c in results.get("combined") or [] if c["variant"] == lever}
@@ -75,7 +76,18 @@ def verdict(results: dict, lever: str) -> dict:
                 internal_ok = False
         sources[held] = {"difference": ext["difference"], "ci95": ext["ci95"], "p_holm": ext.get("p_holm"),
                          "seeds": len(mine), "internal_within_ci": internal_ok if internal_known else None}
-    return {"lever": lever, **_decide(sources), "sources": sources}
+    decided = _decide(sources)
+    if decided["verdict"] == "default" and uses_site_labels(lever):
+        # it trains on the held-out source's own labelled cases: no default of prepare + train can do
+        # that, and a source it fitted is no longer one the model never saw
+        decided = {"verdict": "site option", "reason": decided["reason"] + "; it fits the site's labelled cases, "
+                   "so it is a calibrate option, not a default"}
+    return {"lever": lever, **decided, "sources": sources}
+
+
+def uses_site_labels(lever: str) -> bool:
+    """Whether a lever learns from the held-out site's labels (adapt=head: the head refitted on them)."""
+    return "adapt=head" in lever.split("+")
 
 
 def _decide(sources: dict) -> dict:

@@ -45,6 +45,8 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
 # is stored beside the run, apart from the plain "choose" calibration of the site threshold; a variant
 # adapting only the first N layers gets "-N", so two adapt variants of one run never share a site.
 ADAPTED_SITE = "choose-batchnorm"
+# ... and the `adapt=head` lever's (the head refitted on the choose part's labelled images).
+REFIT_SITE = "choose-head"
 
 
 # Training levers that are TrainConfig fields as they are (image_size is set for every variant;
@@ -155,9 +157,10 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             value = str(CacheOptions(hair_removal=True, hair_method=raw).hair_method)
         elif key == "tta":
             value = check_tta(int(raw))
-        elif key == "adapt":  # batchnorm: AdaBN on the choose part's images (calibrate --adapt-batchnorm)
-            if raw not in ("none", "batchnorm"):
-                raise ValueError(f"{raw!r}: use none or batchnorm")
+        elif key == "adapt":  # batchnorm: AdaBN on the choose part's images (calibrate --adapt-batchnorm);
+            # head: the melanoma head refitted on the choose part's labelled images (calibrate --refit-head)
+            if raw not in ("none", "batchnorm", "head"):
+                raise ValueError(f"{raw!r}: use none, batchnorm or head")
             value = raw
         elif key == "adapt_layers":  # the first N batch-normalisation layers in forward order (checked at the model)
             value = int(raw)
@@ -342,14 +345,15 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     else:
         cfgs = [cfg]
     runs = [_train(train_dir, tmp, held, options.key, c, accelerator, trained) for c in cfgs]
-    tta, adapted = settings["tta"], settings["adapt"] == "batchnorm"
+    tta, adapted = settings["tta"], settings["adapt"] != "none"
     internal = [evaluate_run(r["run_dir"], bootstrap=300, tta=tta, out=tmp / f"eval-{held}-{time.monotonic_ns()}")
                 for r in runs]
-    if adapted:  # the run's batch normalisation adapted to the choose part's images (no labels), then reported
-        layers = settings["adapt_layers"]
-        name = ADAPTED_SITE if layers is None else f"{ADAPTED_SITE}-{layers}"
-        site = calibrate_site(runs[0]["run_dir"], site_dir, name, split="train", adapt_batchnorm=True,
-                              adapt_layers=layers)
+    if adapted:  # the run adapted to the choose part, then reported: its batch normalisation to the part's
+        # images (no labels), or its melanoma head refitted on the part's labelled images
+        layers, refit = settings["adapt_layers"], settings["adapt"] == "head"
+        name = REFIT_SITE if refit else ADAPTED_SITE if layers is None else f"{ADAPTED_SITE}-{layers}"
+        site = calibrate_site(runs[0]["run_dir"], site_dir, name, split="train", adapt_batchnorm=not refit,
+                              adapt_layers=layers, refit_head=refit)
         adapted_report, preds = _adapted_report(runs[0]["run_dir"], site_dir, name)
         report = [adapted_report]
     else:

@@ -9,6 +9,8 @@ the same cases would be optimistic; the CIs are as wide as the sample is small.
 
 RUN_DIR/sites/NAME/calibration.json holds the thresholds, the temperature, the estimates and the
 hash of the checkpoint they belong to; `predict`, `serve` and `export` take `--site NAME`. With
+`refit_head` the melanoma head is refitted on the labelled sample (classify/site_head.py) and stored
+beside it (head.safetensors); every figure is then computed from out-of-fold scores. With
 `adapt_batchnorm` the model's batch-normalisation statistics are first replaced by the site sample's
 own (classify/adapt.py; no labels used) and stored beside it (batchnorm.safetensors, its hash in
 calibration.json); the temperature and thresholds are then those of the adapted model.
@@ -25,6 +27,9 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from melanogan.classify import metrics as M
+from melanogan.classify.site_head import HEAD_FILE, captured_head_inputs, head_layer, json_lambda
+from melanogan.classify.site_head import MIN_PER_CLASS as MIN_HEAD_PER_CLASS
+from melanogan.classify.site_head import refit_head as fit_site_head
 from melanogan.errors import MelanoganError
 from melanogan.fileio import file_sha256, read_json, write_json
 
@@ -70,11 +75,13 @@ BATCHNORM_FILE = "batchnorm.safetensors"
 
 def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all", folds: int = 5,
                    log: Callable[[str], None] | None = None, adapt_batchnorm: bool = False,
-                   adapt_layers: int | None = None) -> dict:
+                   adapt_layers: int | None = None, refit_head: bool = False) -> dict:
     """Score SITE_DATA_DIR's labelled sample with the run's preprocessing, choose the site's
     temperature and thresholds, estimate them by cross-fitting, and store them under `name`.
     `adapt_batchnorm`: first adapt the model's batch normalisation to the sample's images (AdaBN);
-    `adapt_layers`: only its first N batch-normalisation layers in forward order (None: all)."""
+    `adapt_layers`: only its first N batch-normalisation layers in forward order (None: all);
+    `refit_head`: refit the melanoma head on the sample (classify/site_head.py), every reported figure
+    then from out-of-fold scores."""
     from safetensors.torch import save_file
 
     from melanogan.classify.adapt import (
@@ -118,12 +125,33 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
                                  "without --adapt-batchnorm.")
         adapted_on, adapted_layers = adapt(model, dataset_batches(ds, metadata, torch.device("cpu"),
                                                                   even_batch_size(len(ds))), adapt_layers)
-    sample = score_dataset(model, ds, metadata)
+    with captured_head_inputs(model) as seen:  # the features the head sees, in the sample's order
+        sample = score_dataset(model, ds, metadata)
     y, z = sample["label"].to_numpy(), sample["logit"].to_numpy()
     n_mel, n_other = int(y.sum()), int(len(y) - y.sum())
     if min(n_mel, n_other) < MIN_PER_CLASS:
         raise MelanoganError(f"{data_dir}: the site sample has {n_mel} melanoma(s) and {n_other} other image(s); "
                              f"label at least {MIN_PER_CLASS} of each (more give narrower CIs, see the README).")
+    head = None
+    if refit_head:
+        if min(n_mel, n_other) < MIN_HEAD_PER_CLASS:
+            raise MelanoganError(f"{data_dir}: refitting the head needs at least {MIN_HEAD_PER_CLASS} melanomas and "
+                                 f"{MIN_HEAD_PER_CLASS} other images of the site; the sample has {n_mel} and "
+                                 f"{n_other}. Label more, or calibrate without --refit-head.")
+        layer = head_layer(model)
+        fit = fit_site_head(torch.cat(seen).numpy(), y, sample["group"].to_numpy(),
+                            layer.weight.detach().double().numpy().reshape(-1), float(layer.bias.detach()),
+                            folds=folds, seed=cfg.seed)
+        auc_trained_head = M.roc_auc(y, z)
+        z = fit["out_of_fold_logits"]  # every figure below: scores of heads that never saw the case
+        head = {"fitted_on_images": len(y), "features": int(layer.in_features), "lambda": json_lambda(fit["lambda"]),
+                "cv_log_loss": {str(json_lambda(k)): v for k, v in fit["cv_log_loss"].items()},
+                "lambda_per_outer_fold": [json_lambda(x) for x in fit["lambda_per_outer_fold"]],
+                "roc_auc_trained_head": auc_trained_head,
+                "note": "roc_auc, temperature, thresholds and expected come from out-of-fold logits (nested "
+                        "cross-validation); roc_auc_trained_head: the trained head on the same sample"}
+        head_tensors = {"weight": torch.as_tensor(fit["weight"], dtype=torch.float32).reshape(1, -1),
+                        "bias": torch.tensor([fit["bias"]], dtype=torch.float32)}
     temperature = M.fit_temperature(z, y)
     p = M.sigmoid(z / temperature)
     result = {
@@ -131,6 +159,7 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         "excluded_overlap": None if exclude is None else len(exclude),
         "checkpoint_sha256": checkpoint_sha256(run_dir / "best"),
         "batchnorm": None,  # the run's own statistics; or those of the site sample (below)
+        "head": None,  # the run's own melanoma head; or one refitted on the site sample (below)
         "temperature": temperature, "thresholds": M.validation_thresholds(y, p), "probabilities": "sigmoid(logit / "
         "temperature): thresholds apply to these", "roc_auc": M.roc_auc(y, p),
         "roc_auc_ci95": list(M.bootstrap_ci(y, p, sample["group"].to_numpy(), n=1000, seed=cfg.seed)),
@@ -148,26 +177,45 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         result["batchnorm"] = {"adapted_on_images": adapted_on, "adapted_layers": adapted_layers,
                                "layers_of_model": n_layers,
                                "sha256": file_sha256(path.parent / BATCHNORM_FILE)}
+    if head:
+        with atomic_path(path.parent / HEAD_FILE, suffix=".safetensors") as tmp:
+            save_file(head_tensors, tmp, metadata={"site": name})
+        result["head"] = {**head, "sha256": file_sha256(path.parent / HEAD_FILE)}
     write_json(path, result)
     if not adapted_on:  # a calibration without adaptation leaves no earlier site statistics behind
         (path.parent / BATCHNORM_FILE).unlink(missing_ok=True)
+    if not head:  # nor an earlier site head
+        (path.parent / HEAD_FILE).unlink(missing_ok=True)
     return result
 
 
 def apply_site(model, run_dir: Path, name: str, calibration: dict) -> None:
-    """Give `model` the site's adapted batch-normalisation statistics when its calibration has them
-    (refused when the file is missing or is not the one calibrated)."""
+    """Give `model` the site's adapted batch-normalisation statistics and refitted head when its
+    calibration has them (refused when a file is missing or is not the one calibrated)."""
     from safetensors.torch import load_file
 
     from melanogan.classify.adapt import load_statistics
 
-    if not calibration.get("batchnorm"):
-        return
-    path = site_file(run_dir, name).parent / BATCHNORM_FILE
-    if not path.is_file() or file_sha256(path) != calibration["batchnorm"]["sha256"]:
-        raise MelanoganError(f"{path}: missing or not the file site {name!r} was calibrated with; run `melanogan "
-                             f"calibrate --adapt-batchnorm` for site {name!r} again.")
-    load_statistics(model, load_file(path), str(path))
+    def checked(kind: str, filename: str, flag: str) -> Path:
+        path = site_file(run_dir, name).parent / filename
+        if not path.is_file() or file_sha256(path) != calibration[kind]["sha256"]:
+            raise MelanoganError(f"{path}: missing or not the file site {name!r} was calibrated with; run `melanogan "
+                                 f"calibrate {flag}` for site {name!r} again.")
+        return path
+
+    if calibration.get("batchnorm"):
+        path = checked("batchnorm", BATCHNORM_FILE, "--adapt-batchnorm")
+        load_statistics(model, load_file(path), str(path))
+    if calibration.get("head"):
+        path = checked("head", HEAD_FILE, "--refit-head")
+        stored, layer = load_file(path), head_layer(model)
+        if set(stored) != {"weight", "bias"} or stored["weight"].shape != layer.weight.shape \
+                or stored["bias"].shape != layer.bias.shape:
+            raise MelanoganError(f"{path}: not a head for this model ({layer.in_features} features); run `melanogan "
+                                 f"calibrate --refit-head` for site {name!r} again.")
+        with torch.no_grad():
+            layer.weight.copy_(stored["weight"])
+            layer.bias.copy_(stored["bias"])
 
 
 def site_calibration(run_dir: Path, name: str) -> dict:

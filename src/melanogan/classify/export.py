@@ -110,6 +110,7 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, atol: float =
             "output": {"name": "logit", "meaning": f"melanoma logit; probability = sigmoid(logit / {temperature:g})"},
             "temperature": temperature, "thresholds_chosen_on": f"site {site}" if site else "validation",
             "batchnorm": _batchnorm_note(site, calibration),
+            "head": _head_note(site, calibration),
             "preprocessing": {"decode": _decode_options(info), "resize_to": cfg.image_size,
                               "scale": "x / 255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
             "thresholds": thresholds,
@@ -135,3 +136,11 @@ def _batchnorm_note(site: str | None, calibration: dict | None) -> str:
     part = (f" (first {len(layers)} of {b['layers_of_model']} layers)"
             if layers is not None and len(layers) < b["layers_of_model"] else "")
     return f"adapted to site {site} on {b['adapted_on_images']} images{part}"
+
+
+def _head_note(site: str | None, calibration: dict | None) -> str:
+    """What the exported graph's melanoma head is: as trained, or refitted on the site's sample."""
+    h = calibration and calibration.get("head")
+    if not h:
+        return "as trained"
+    return f"refitted on site {site}'s {h['fitted_on_images']} labelled images (lambda {h['lambda']})"

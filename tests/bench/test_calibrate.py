@@ -32,3 +32,28 @@ def test_adaptation_curve_draws_from_the_pool_and_gives_the_model_back():
     assert rows[-1]["auc_median"] == pytest.approx(M.roc_auc(y, predict_logits(by_hand, report)), abs=1e-4)
     assert all(r["auc_min"] <= r["auc_median"] <= r["auc_max"] for r in rows)
     assert all(torch.equal(batchnorm_statistics(model)[k], v) for k, v in own.items())
+
+
+def test_head_curve_refits_on_each_draw_and_skips_draws_calibrate_would_refuse():
+    from melanogan.bench.calibrate import head_curve
+    from melanogan.classify.site_head import refit_head
+
+    rng = np.random.default_rng(0)
+
+    def site(n):  # at this site feature 1 separates melanomas; the trained head reads feature 0 only
+        y = (np.arange(n) % 4 == 0).astype(int)
+        f = rng.normal(size=(n, 3))
+        f[:, 1] += 2.0 * y
+        return f, y
+
+    f_pool, y_pool = site(200)
+    f_rep, y_rep = site(200)
+    groups = np.arange(200).astype(str)
+    w0 = np.array([1.0, 0.0, 0.0])
+    rows = head_curve(f_pool, y_pool, groups, f_rep, y_rep, w0, 0.0, sizes=(40, 120), repeats=2)
+    # 40 images hold 10 melanomas, fewer than calibrate's 20: never fitted, so no row
+    assert [(r["n"], r["draws"], r["skipped"]) for r in rows] == [(120, 2, 0), (200, 1, 0)]
+    whole = refit_head(f_pool, y_pool, groups, w0, 0.0)
+    assert rows[-1]["auc_median"] == pytest.approx(M.roc_auc(y_rep, f_rep @ whole["weight"] + whole["bias"]),
+                                                   abs=1e-4)
+    assert M.roc_auc(y_rep, f_rep @ w0) < 0.6 < 0.85 < min(r["auc_min"] for r in rows)

@@ -5,7 +5,9 @@ dermoscope, never trained on) with it, shows what the validation-chosen threshol
 resamples site samples of several sizes to measure the operating point's uncertainty after
 `melanogan calibrate` (`sample_size_curve`). It also measures how many of the site's images
 `calibrate --adapt-batchnorm` needs: Derm7pt split by lesion into a pool to adapt on and a part to
-report on, the model adapted on n images drawn from the pool (`adaptation_curve`)."""
+report on, the model adapted on n images drawn from the pool (`adaptation_curve`); and how many
+labelled ones `calibrate --refit-head` needs: the head refitted on n labelled images of the pool,
+the report part scored with it (`head_curve`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,42 @@ import pandas as pd
 from melanogan.classify import metrics as M
 
 ADAPT_SIZES = (16, 32, 64, 128, 256)
+HEAD_SIZES = (100, 200, 300, 400)
+
+
+def head_curve(f_pool, y_pool, g_pool, f_report, y_report, w0, b0: float, sizes: tuple[int, ...] = HEAD_SIZES,
+               repeats: int = 5, seed: int = 0) -> list[dict]:
+    """ROC-AUC on the report part (features `f_report`, labels `y_report`) of a head refitted as
+    `calibrate --refit-head` refits it (classify/site_head.py) on n labelled images drawn from the pool
+    (whole groups, `repeats` draws per n; once with all of the pool, listed last). A draw with fewer
+    than the 20 melanomas or 20 others `calibrate` asks for is not fitted (counted as skipped)."""
+    import numpy as np
+
+    from melanogan.classify.site_head import MIN_PER_CLASS, refit_head
+
+    y_pool, g_pool = np.asarray(y_pool), np.asarray(g_pool)
+    uniq, inverse = np.unique(g_pool, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in [n for n in sizes if n < len(y_pool)] + [len(y_pool)]:
+        aucs, lambdas, skipped = [], [], 0
+        for _ in range(repeats if n < len(y_pool) else 1):
+            take = np.zeros(len(y_pool), bool)
+            for g in rng.permutation(len(uniq)):
+                if take.sum() >= n:
+                    break
+                take |= inverse == g
+            if min(y_pool[take].sum(), (1 - y_pool[take]).sum()) < MIN_PER_CLASS:
+                skipped += 1
+                continue
+            fit = refit_head(f_pool[take], y_pool[take], g_pool[take], w0, b0, seed=seed)
+            aucs.append(M.roc_auc(y_report, f_report @ fit["weight"] + fit["bias"]))
+            lambdas.append("inf" if np.isinf(fit["lambda"]) else fit["lambda"])
+        if aucs:
+            rows.append({"n": n, "draws": len(aucs), "skipped": skipped, "auc_median": round(float(np.median(aucs)), 4),
+                         "auc_min": round(float(np.min(aucs)), 4), "auc_max": round(float(np.max(aucs)), 4),
+                         "lambdas": lambdas})
+    return rows
 
 
 def adaptation_curve(model, pool, report, y_report, sizes: tuple[int, ...] = ADAPT_SIZES, repeats: int = 5,
@@ -89,6 +127,24 @@ def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[in
         adaptation = {"pool_images": len(pool), "report_images": len(report), "report_melanoma": int(y_report.sum()),
                       "unadapted_auc": round(M.roc_auc(y_report, predict_logits(model, report)), 4),
                       "adapted": adaptation_curve(model, pool, report, y_report)}
+        # the head refitted on n labelled pool images (the model's own batch normalisation again)
+        import torch
+
+        from melanogan.classify.site_head import captured_head_inputs, head_layer
+
+        features = {}
+        for part, ds in (("pool", pool), ("report", report)):
+            with captured_head_inputs(model) as seen:
+                predict_logits(model, ds)
+            features[part] = torch.cat(seen).double().numpy()
+        rows = pool.rows
+        layer = head_layer(model)
+        w0, b0 = layer.weight.detach().double().numpy().reshape(-1), float(layer.bias.detach())
+        head = {"pool_images": len(pool), "pool_melanoma": int(rows["label"].sum()),
+                "trained_head_auc": round(M.roc_auc(y_report, features["report"] @ w0 + b0), 4),
+                "refitted": head_curve(features["pool"], rows["label"].to_numpy().astype(int),
+                                       (rows["source"].astype(str) + ":" + rows["cluster_id"].astype(str)).to_numpy(),
+                                       features["report"], y_report, w0, b0)}
     y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy())
     travelled = site["thresholds"]["val_youden"]
     return {"train_minutes": round(train_minutes, 1), "epochs": summary["epochs"],
@@ -97,4 +153,4 @@ def run(shared: Path = Path("../shared"), minutes: float = 10.0, sizes: tuple[in
             "derm7pt_auc": round(site["roc_auc"], 4), "derm7pt_auc_ci95": site["roc_auc_ci95"],
             "validation_youden_at_derm7pt": {k: travelled[k] for k in ("threshold", "sensitivity", "specificity")},
             "site_sample_sizes": sample_size_curve(y, p, preds["group"].to_numpy(), list(sizes), repeats),
-            "adapt_batchnorm": adaptation}
+            "adapt_batchnorm": adaptation, "refit_head": head}

@@ -263,12 +263,13 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
 
 def calibrate(run_dir: str | Path, data: str | Path, site: str, split: str = "all", folds: int = 5,
               log: Callable[[str], None] | None = print, adapt_batchnorm: bool = False,
-              adapt_layers: int | None = None, refit_head: bool = False) -> Calibration:
+              adapt_layers: int | None = None, refit_head: bool | None = None) -> Calibration:
     """An operating point for a new site, chosen on a labelled sample of its cases (RUN_DIR/sites/SITE/);
     use it with `site=` in predict, explain and export. `adapt_batchnorm`: first adapt the model's
     batch-normalisation statistics to the sample's images (AdaBN), stored with the site; `adapt_layers`:
     only the first N batch-normalisation layers the forward pass reaches (None: all); `refit_head`:
-    refit the melanoma head on the sample (at least 20 of each class; figures from out-of-fold scores)."""
+    refit the melanoma head on the sample (at least 20 of each class; figures from out-of-fold scores);
+    None (default): refit when the sample has 20 of each class, else keep the trained head; False: never."""
     from melanogan.classify.calibrate import calibrate_site
 
     result = calibrate_site(Path(run_dir), Path(data), site, split, folds, log=log, adapt_batchnorm=adapt_batchnorm,

@@ -439,10 +439,12 @@ def calibrate(
     adapt_layers: Annotated[int | None, typer.Option(
         help="With --adapt-batchnorm: adapt only the first N batch-normalisation layers the forward pass reaches "
              "(the shallow ones, which see the dermoscope's colour and illumination); default: all.")] = None,
-    refit_head: Annotated[bool, typer.Option(
-        help="Also refit the melanoma head (the last linear layer) on the labelled sample, anchored to the trained "
-             "one (at least 20 melanomas and 20 others); every reported figure then comes from out-of-fold scores. "
-             "Stored with the site: --site NAME then scores with it.")] = False,
+    refit_head: Annotated[bool | None, typer.Option(
+        "--refit-head/--no-refit-head",
+        help="Refit the melanoma head (the last linear layer) on the labelled sample, anchored to the trained one "
+             "(at least 20 melanomas and 20 others); every reported figure then comes from out-of-fold scores. "
+             "Stored with the site: --site NAME then scores with it. Default: refit when the sample has 20 of "
+             "each class, else keep the trained head (and say so); --no-refit-head: thresholds only.")] = None,
 ) -> None:
     """An operating point for a new site: temperature and thresholds (Youden, 95% sensitivity) chosen
     on a labelled sample of its own cases, with the sensitivity/specificity they should give there

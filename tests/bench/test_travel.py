@@ -143,8 +143,9 @@ def _fake_pipeline(tmp_path, monkeypatch) -> dict:
                 "n_melanoma": 20, "excluded_overlap": 0,
                 "thresholds": {"val_youden": {"sensitivity": 0.5, "specificity": 0.5}}}
 
-    def fake_calibrate(run_dir, data_dir, name, split="all", adapt_batchnorm=True):
-        assert adapt_batchnorm is False  # the plain site threshold is for the unadapted model's scores
+    def fake_calibrate(run_dir, data_dir, name, split="all", adapt_batchnorm=True, refit_head=None):
+        # the plain site threshold is for the model's own scores: unadapted, its head as trained
+        assert adapt_batchnorm is False and refit_head is False
         calls["calibrate"].append(Path(run_dir).name)
         return {"n_images": 30, "temperature": 1.0, "thresholds": {"val-youden": 0.5}}
 
@@ -296,7 +297,7 @@ def test_the_adapt_lever_adapts_the_defaults_model_on_the_choose_part_and_report
     adapted = []
 
     def fake_calibrate(run_dir, data_dir, name, split="all", adapt_batchnorm=False, adapt_layers=None,
-                       refit_head=False):
+                       refit_head=None):
         calls["calibrate"].append((Path(run_dir).name, Path(data_dir).name, name, split, adapt_batchnorm,
                                    adapt_layers, refit_head))
         return {"n_images": 30, "temperature": 2.0, "thresholds": {"val-youden": 0.6}}

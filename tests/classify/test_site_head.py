@@ -129,7 +129,7 @@ def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(demo_r
         Image.fromarray(img).save(tmp_path / "site" / cls / f"{k}.jpg")
     prepare([("folder", tmp_path / "site")], tmp_path / "sitedata", CacheOptions(size=48), seed=0)
     run, data = tmp_path / "run", tmp_path / "sitedata"
-    r = calibrate_site(run, data, "refit", refit_head=True)
+    r = calibrate_site(run, data, "refit")  # the default refits: the sample has 24 melanomas and 72 others
     h = r["head"]
     assert h["fitted_on_images"] == r["n_images"] == 96 and r["n_melanoma"] == 24
 
@@ -168,7 +168,7 @@ def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(demo_r
     head_file.write_bytes(head_file.read_bytes()[:-4] + b"\0\0\0\0")  # not the file calibrated with
     with pytest.raises(MelanoganError, match=r"not the file site 'refit' was calibrated with.*--refit-head"):
         predict(run, files, site="refit")
-    calibrate_site(run, data, "refit")  # again without refitting: no stale head is left to load
+    calibrate_site(run, data, "refit", refit_head=False)  # again without refitting: no stale head is left
     assert not head_file.exists() and json.loads(site_file(run, "refit").read_text())["head"] is None
     assert np.allclose(Predictor(run, site="refit").logits(x), plain.logits(x))
 
@@ -177,3 +177,6 @@ def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(demo_r
     with pytest.raises(MelanoganError, match=r"at least 20 melanomas.*has 12 and 72"):
         calibrate_site(run, data, "few", refit_head=True)
     assert not site_file(run, "few").exists()
+    notes = []  # by default a sample too small for a refit keeps the trained head, and says so
+    assert calibrate_site(run, data, "few", log=notes.append)["head"] is None
+    assert any("kept as trained" in n and "it has 12 and 72" in n for n in notes)

@@ -392,8 +392,9 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
                     "external_auc_ci95": [round(low, 4), round(high, 4)], "validation_threshold": None})
     if tta == 1 and members == 1:
         if not adapted:  # (the adapted model's calibration was made above, on the same choose part)
-            # explicitly unadapted: the report scores it is applied to are the unadapted model's
-            site = calibrate_site(runs[0]["run_dir"], site_dir, "choose", split="train", adapt_batchnorm=False)
+            # explicitly unadapted, head as trained: the report scores it is applied to are the model's own
+            site = calibrate_site(runs[0]["run_dir"], site_dir, "choose", split="train", adapt_batchnorm=False,
+                                  refit_head=False)
         y, p = preds["label"].to_numpy(), M.sigmoid(preds["logit"].to_numpy() / site["temperature"])
         at_site = M.confusion_at(y, p, site["thresholds"]["val-youden"])
         row["site_threshold"] = {"chosen_on_images": site["n_images"], "sensitivity": at_site["sensitivity"],

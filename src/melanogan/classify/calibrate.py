@@ -75,13 +75,14 @@ BATCHNORM_FILE = "batchnorm.safetensors"
 
 def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all", folds: int = 5,
                    log: Callable[[str], None] | None = None, adapt_batchnorm: bool = False,
-                   adapt_layers: int | None = None, refit_head: bool = False) -> dict:
+                   adapt_layers: int | None = None, refit_head: bool | None = None) -> dict:
     """Score SITE_DATA_DIR's labelled sample with the run's preprocessing, choose the site's
     temperature and thresholds, estimate them by cross-fitting, and store them under `name`.
     `adapt_batchnorm`: first adapt the model's batch normalisation to the sample's images (AdaBN);
     `adapt_layers`: only its first N batch-normalisation layers in forward order (None: all);
     `refit_head`: refit the melanoma head on the sample (classify/site_head.py), every reported figure
-    then from out-of-fold scores."""
+    then from out-of-fold scores; None (the default): refit when the sample has the 20 melanomas and 20
+    others a refit needs, else keep the trained head and say so; False: never."""
     from safetensors.torch import save_file
 
     from melanogan.classify.adapt import (
@@ -133,6 +134,12 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         raise MelanoganError(f"{data_dir}: the site sample has {n_mel} melanoma(s) and {n_other} other image(s); "
                              f"label at least {MIN_PER_CLASS} of each (more give narrower CIs, see the README).")
     head = None
+    if refit_head is None:  # the default: refit where the sample allows it (measured: README, adapt=head)
+        refit_head = min(n_mel, n_other) >= MIN_HEAD_PER_CLASS
+        if not refit_head and log:
+            log(f"the melanoma head is kept as trained: refitting it on the site sample needs at least "
+                f"{MIN_HEAD_PER_CLASS} melanomas and {MIN_HEAD_PER_CLASS} other images, and it has {n_mel} and "
+                f"{n_other}; label more to let the site's cases re-rank as well as re-threshold.")
     if refit_head:
         if min(n_mel, n_other) < MIN_HEAD_PER_CLASS:
             raise MelanoganError(f"{data_dir}: refitting the head needs at least {MIN_HEAD_PER_CLASS} melanomas and "

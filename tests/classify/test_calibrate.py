@@ -12,9 +12,6 @@ import pytest
 
 from melanogan.classify import metrics as M
 from melanogan.classify.calibrate import calibrate_site, cross_fitted_operating_points, site_file
-from melanogan.classify.train import TrainConfig, train_classifier
-from melanogan.data.cache import CacheOptions
-from melanogan.data.manifest import prepare
 from melanogan.errors import MelanoganError
 
 
@@ -38,23 +35,11 @@ def test_cross_fitting_never_decides_a_case_with_a_threshold_chosen_on_it():
     assert e["fn"] >= 1 and e["tp"] + e["fn"] == 6 and e["tn"] + e["fp"] == 20
 
 
-def test_a_calibrated_site_drives_predict_and_export(demo_raw, tmp_path):
-    from PIL import Image
-
+def test_a_calibrated_site_drives_predict_and_export(run_and_site, tmp_path):
     from melanogan.classify.export import export_model
     from melanogan.classify.predict import predict
-    from melanogan.data.demo import render_phantom
 
-    prepare([("siim-isic-2020", demo_raw)], tmp_path / "own", CacheOptions(size=32), seed=0)
-    cfg = TrainConfig(model="small-cnn", image_size=32, epochs=2, batch_size=8, workers=0)
-    train_classifier(tmp_path / "own", tmp_path / "run", cfg, progress=False)
-    rng = np.random.default_rng(3)
-    for k in range(40):  # the new site: darker images, a quarter melanoma
-        cls = "melanoma" if k % 4 == 0 else "nevus"
-        (tmp_path / "site" / cls).mkdir(parents=True, exist_ok=True)
-        img = (render_phantom(rng, cls == "melanoma", 96, 80) * 0.7).astype(np.uint8)
-        Image.fromarray(img).save(tmp_path / "site" / cls / f"{k}.jpg")
-    prepare([("folder", tmp_path / "site")], tmp_path / "sitedata", CacheOptions(size=48), seed=0)
+    run_and_site(40, 0.7, seed=3)  # the new site: darker images, a quarter melanoma
     with pytest.raises(MelanoganError, match="--site 'a/b'"):
         calibrate_site(tmp_path / "run", tmp_path / "sitedata", "a/b")
     r = calibrate_site(tmp_path / "run", tmp_path / "sitedata", "clinic-b")
@@ -104,10 +89,9 @@ def test_sample_size_curve_narrows_with_more_local_cases():
     assert 0.5 < large["sensitivity_median"] < 0.95 and 0.5 < large["specificity_median"] < 0.95
 
 
-def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_export(demo_raw, tmp_path,
+def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_export(run_and_site, tmp_path,
                                                                                        monkeypatch):
     import torch
-    from PIL import Image
 
     import melanogan.classify.evaluate as evaluate_module
     from melanogan.classify.adapt import adapt_batchnorm, batchnorm_statistics, dataset_batches, even_batch_size
@@ -115,20 +99,9 @@ def test_a_site_calibrated_with_adapted_batchnorm_scores_with_it_in_predict_and_
     from melanogan.classify.export import export_model
     from melanogan.classify.predict import Predictor, predict
     from melanogan.classify.train import load_model
-    from melanogan.data.demo import render_phantom
     from melanogan.data.manifest import cache_for
 
-    prepare([("siim-isic-2020", demo_raw)], tmp_path / "own", CacheOptions(size=32), seed=0)
-    cfg = TrainConfig(model="small-cnn", image_size=32, epochs=2, batch_size=8, workers=0)
-    train_classifier(tmp_path / "own", tmp_path / "run", cfg, progress=False)
-    rng = np.random.default_rng(5)
-    for k in range(40):  # the new site: much darker images, a quarter melanoma
-        cls = "melanoma" if k % 4 == 0 else "nevus"
-        (tmp_path / "site" / cls).mkdir(parents=True, exist_ok=True)
-        img = (render_phantom(rng, cls == "melanoma", 96, 80) * 0.4).astype(np.uint8)
-        Image.fromarray(img).save(tmp_path / "site" / cls / f"{k}.jpg")
-    prepare([("folder", tmp_path / "site")], tmp_path / "sitedata", CacheOptions(size=48), seed=0)
-    run, data = tmp_path / "run", tmp_path / "sitedata"
+    run, data = run_and_site(40, 0.4, seed=5)  # the new site: much darker images, a quarter melanoma
     built = []
     monkeypatch.setattr(evaluate_module, "split_dataset",
                         lambda *a, **k: built.append(a[2]) or split_dataset(*a, **k))

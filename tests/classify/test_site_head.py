@@ -105,30 +105,16 @@ def test_folds_keep_a_group_together():
     assert leaky[1e-4] < losses[1e-4]  # split by image, the copies leak (what grouping prevents)
 
 
-def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(demo_raw, tmp_path):
-    from PIL import Image
-
+def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(run_and_site, tmp_path):
     from melanogan.classify.calibrate import calibrate_site, site_file
     from melanogan.classify.evaluate import run_cache_options, score_dataset, split_dataset
     from melanogan.classify.export import export_model
     from melanogan.classify.predict import Predictor, predict
     from melanogan.classify.site_head import captured_head_inputs
-    from melanogan.classify.train import TrainConfig, load_model, train_classifier
-    from melanogan.data.cache import CacheOptions
-    from melanogan.data.demo import render_phantom
-    from melanogan.data.manifest import cache_for, prepare
+    from melanogan.classify.train import load_model
+    from melanogan.data.manifest import cache_for
 
-    prepare([("siim-isic-2020", demo_raw)], tmp_path / "own", CacheOptions(size=32), seed=0)
-    cfg = TrainConfig(model="small-cnn", image_size=32, epochs=2, batch_size=8, workers=0)
-    train_classifier(tmp_path / "own", tmp_path / "run", cfg, progress=False)
-    rng = np.random.default_rng(6)
-    for k in range(96):  # the new site: darker images, a quarter melanoma (24)
-        cls = "melanoma" if k % 4 == 0 else "nevus"
-        (tmp_path / "site" / cls).mkdir(parents=True, exist_ok=True)
-        img = (render_phantom(rng, cls == "melanoma", 96, 80) * 0.6).astype(np.uint8)
-        Image.fromarray(img).save(tmp_path / "site" / cls / f"{k}.jpg")
-    prepare([("folder", tmp_path / "site")], tmp_path / "sitedata", CacheOptions(size=48), seed=0)
-    run, data = tmp_path / "run", tmp_path / "sitedata"
+    run, data = run_and_site(96, 0.6, seed=6)  # the new site: darker images, a quarter melanoma (24)
     r = calibrate_site(run, data, "refit")  # the default refits: the sample has 24 melanomas and 72 others
     h = r["head"]
     assert h["fitted_on_images"] == r["n_images"] == 96 and r["n_melanoma"] == 24

@@ -31,20 +31,16 @@ def head_curve(f_pool, y_pool, g_pool, f_report, y_report, w0, b0: float, sizes:
     than the 20 melanomas or 20 others `calibrate` asks for is not fitted (counted as skipped)."""
     import numpy as np
 
+    from melanogan.classify.calibrate import draw_groups
     from melanogan.classify.site_head import MIN_PER_CLASS, refit_head
 
     y_pool, g_pool = np.asarray(y_pool), np.asarray(g_pool)
-    uniq, inverse = np.unique(g_pool, return_inverse=True)
     rng = np.random.default_rng(seed)
     rows = []
     for n in [n for n in sizes if n < len(y_pool)] + [len(y_pool)]:
         aucs, lambdas, skipped = [], [], 0
         for _ in range(repeats if n < len(y_pool) else 1):
-            take = np.zeros(len(y_pool), bool)
-            for g in rng.permutation(len(uniq)):
-                if take.sum() >= n:
-                    break
-                take |= inverse == g
+            take = draw_groups(rng, g_pool, n)
             if min(y_pool[take].sum(), (1 - y_pool[take]).sum()) < MIN_PER_CLASS:
                 skipped += 1
                 continue

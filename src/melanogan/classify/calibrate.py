@@ -240,6 +240,18 @@ def site_calibration(run_dir: Path, name: str) -> dict:
     return stored
 
 
+def draw_groups(rng: np.random.Generator, groups: np.ndarray, n: int) -> np.ndarray:
+    """A mask of whole groups (lesions, patients) drawn in random order until at least n cases are
+    in: a site sample as a site would label it, never half a lesion."""
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    take = np.zeros(len(inverse), bool)
+    for g in rng.permutation(len(uniq)):
+        if take.sum() >= n:
+            break
+        take |= inverse == g
+    return take
+
+
 def sample_size_curve(y: np.ndarray, p: np.ndarray, groups: np.ndarray, sizes: list[int], repeats: int = 200,
                       seed: int = 0, threshold: str = "val-youden") -> list[dict]:
     """How many labelled local cases a site needs: for each sample size n, `repeats` times, draw n of
@@ -248,16 +260,11 @@ def sample_size_curve(y: np.ndarray, p: np.ndarray, groups: np.ndarray, sizes: l
     percentiles: the uncertainty a site of that sample size lives with) and the median width of the
     exact 95% CIs `calibrate` would have reported from the sample alone (cross-fitted)."""
     rng = np.random.default_rng(seed)
-    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
     rows = []
     for n in sizes:
         sens, spec, widths = [], [], []
         for _ in range(repeats):
-            take = np.zeros(len(y), bool)
-            for g in rng.permutation(len(uniq)):
-                if take.sum() >= n:
-                    break
-                take |= inverse == g
+            take = draw_groups(rng, groups, n)
             ys, ps = y[take], p[take]
             if min(ys.sum(), len(ys) - ys.sum()) < 2 or (~take).sum() == 0:
                 continue

@@ -32,7 +32,7 @@ def head_curve(f_pool, y_pool, g_pool, f_report, y_report, w0, b0: float, sizes:
     import numpy as np
 
     from melanogan.classify.calibrate import draw_groups
-    from melanogan.classify.site_head import MIN_PER_CLASS, refit_head
+    from melanogan.classify.site_head import MIN_PER_CLASS, json_lambda, refit_head
 
     y_pool, g_pool = np.asarray(y_pool), np.asarray(g_pool)
     rng = np.random.default_rng(seed)
@@ -46,7 +46,7 @@ def head_curve(f_pool, y_pool, g_pool, f_report, y_report, w0, b0: float, sizes:
                 continue
             fit = refit_head(f_pool[take], y_pool[take], g_pool[take], w0, b0, seed=seed)
             aucs.append(M.roc_auc(y_report, f_report @ fit["weight"] + fit["bias"]))
-            lambdas.append("inf" if np.isinf(fit["lambda"]) else fit["lambda"])
+            lambdas.append(json_lambda(fit["lambda"]))
         if aucs:
             rows.append({"n": n, "draws": len(aucs), "skipped": skipped, "auc_median": round(float(np.median(aucs)), 4),
                          "auc_min": round(float(np.min(aucs)), 4), "auc_max": round(float(np.max(aucs)), 4),

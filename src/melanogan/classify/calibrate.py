@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedGroupKFold
 
 from melanogan.classify import metrics as M
-from melanogan.classify.site_head import HEAD_FILE, captured_head_inputs, head_layer, json_lambda
+from melanogan.classify.site_head import HEAD_FILE, captured_head_inputs, grouped_folds, head_layer, json_lambda
 from melanogan.classify.site_head import MIN_PER_CLASS as MIN_HEAD_PER_CLASS
 from melanogan.classify.site_head import refit_head as fit_site_head
 from melanogan.errors import MelanoganError
@@ -47,14 +46,8 @@ def cross_fitted_operating_points(y: np.ndarray, p: np.ndarray, groups: np.ndarr
                                   seed: int = 0) -> dict[str, dict]:
     """Per named threshold: the confusion counts pooled over folds, each fold's cases decided by the
     threshold chosen on the other folds, with sensitivity/specificity and exact 95% CIs."""
-    n_splits = int(min(folds, y.sum(), (1 - y).sum()))
-    if n_splits < 2:
-        raise MelanoganError("too few cases of one class to cross-fit thresholds.")
     counts: dict[str, dict[str, int]] = {}
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for train, test in splitter.split(p, y, groups):
-        if not 0 < y[train].sum() < len(train):
-            continue
+    for train, test in grouped_folds(y, groups, folds, seed, purpose="cross-fit thresholds"):
         for name, t in M.validation_thresholds(y[train], p[train]).items():
             c = M.confusion_at(y[test], p[test], t)
             total = counts.setdefault(name, {"tp": 0, "fn": 0, "tn": 0, "fp": 0})

@@ -118,10 +118,13 @@ def _log_loss(z: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
-def _splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int,
+                  purpose: str = "cross-validate a refitted head") -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs of stratified folds that keep each group (lesion) whole, as many as
+    `folds` or the rarer class allows; a fold whose train part holds one class only is left out."""
     n = int(min(folds, y.sum(), (1 - y).sum()))
     if n < 2:
-        raise MelanoganError("too few cases of one class to cross-validate a refitted head.")
+        raise MelanoganError(f"too few cases of one class to {purpose}.")
     splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y, groups) if 0 < y[tr].sum() < len(tr)]
 
@@ -130,7 +133,7 @@ def cross_validated_log_loss(f: np.ndarray, y: np.ndarray, groups: np.ndarray, w
                              lambdas=LAMBDAS, folds: int = 5, seed: int = 0) -> dict[float, float]:
     """Each lam's log-loss on held-out groups, mean over grouped stratified folds (each fold's head
     fitted on the others, feature scales from the others)."""
-    splits = _splits(y, groups, folds, seed)
+    splits = grouped_folds(y, groups, folds, seed)
     out = {}
     for lam in lambdas:
         losses = []
@@ -154,7 +157,7 @@ def refit_head(f: np.ndarray, y: np.ndarray, groups: np.ndarray, w0: np.ndarray,
     f, y, groups = np.asarray(f, dtype=np.float64), np.asarray(y, dtype=np.float64), np.asarray(groups)
     oof = np.full(len(y), np.nan)
     chosen_per_fold = []
-    for tr, te in _splits(y, groups, folds, seed):
+    for tr, te in grouped_folds(y, groups, folds, seed):
         lam = choose_lambda(cross_validated_log_loss(f[tr], y[tr], groups[tr], w0, b0, lambdas, folds, seed))
         w, b = fit_anchored_head(f[tr], y[tr], w0, b0, lam)
         oof[te] = f[te] @ w + b

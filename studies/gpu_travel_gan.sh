@@ -1,7 +1,8 @@
 #!/bin/bash
 # The gan lever of `bench travel` with a GAN a GPU can afford: defaults against gan=1000 with the
 # shipped GAN preset at 128 px, Derm7pt held out (the source where the 2-core GAN lost most: -0.074),
-# on the lossy copy of studies/device_sources.py. Prepared for a session lent a GPU (not run yet).
+# on the lossy copy of studies/device_sources.py. Run on an H200 at STEPS=2400 (incomplete) and at
+# STEPS=1500 (the comparison; README, "Models that travel").
 # Here, once:
 #   python studies/device_sources.py ../shared/data .gpu/shared/data
 #   printf '/.gpu/\n/.whl/\n' >> .git/info/exclude

@@ -464,6 +464,9 @@ def calibrate(
         console.print(f"melanoma head refitted on {h['fitted_on_images']} images of site {site} (lambda {h['lambda']}, "
                       f"chosen by cross-validation; the trained head's ROC-AUC on them: "
                       f"{h['roc_auc_trained_head']:.3f}); the figures below are out-of-fold")
+        for d in h.get("by_diagnosis") or []:
+            console.print(f"  melanoma vs {d['diagnosis']} ({d['n_images']} images): ROC-AUC trained head "
+                          f"{d['roc_auc_trained_head']:.3f}, refitted {d['roc_auc_refitted_head']:.3f}")
     console.print(f"site {site}: {r['n_images']} images ({r['n_melanoma']} melanoma), ROC-AUC {r['roc_auc']:.3f} "
                   f"[{r['roc_auc_ci95'][0]:.3f}, {r['roc_auc_ci95'][1]:.3f}], temperature {r['temperature']:.2f}")
     for name, t in r["thresholds"].items():

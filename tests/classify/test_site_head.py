@@ -15,9 +15,11 @@ from sklearn.linear_model import LogisticRegression
 
 from melanogan.classify import metrics as M
 from melanogan.classify.site_head import (
+    by_diagnosis,
     choose_lambda,
     cross_validated_log_loss,
     fit_anchored_head,
+    ranks_worse_notes,
     refit_head,
 )
 from melanogan.errors import MelanoganError
@@ -105,6 +107,29 @@ def test_folds_keep_a_group_together():
     assert leaky[1e-4] < losses[1e-4]  # split by image, the copies leak (what grouping prevents)
 
 
+def test_by_diagnosis_gives_each_benign_diagnosis_its_auc_against_all_melanomas_by_both_heads():
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0])
+    dx = np.array(["mel", "mel", "nevus", "nevus", "nevus", "bcc", "bcc", None], dtype=object)
+    trained = np.array([2, 0, 1, -1, -2, 3, -3, 5.0])
+    refitted = np.array([2, 0, -1, -2, -3, 3, 1, 5.0])
+    rows = by_diagnosis(y, trained, refitted, dx, min_images=2)
+    # nevus: melanomas {2, 0} above {1, -1, -2} in 5 of 6 pairs, above {-1, -2, -3} in all;
+    # bcc: {2, 0} above {3, -3} in 2 of 4 pairs, above {3, 1} in 1 of 4; the one unlabelled image too few
+    assert rows == [{"diagnosis": "nevus", "n_images": 3, "roc_auc_trained_head": pytest.approx(5 / 6),
+                     "roc_auc_refitted_head": 1.0},
+                    {"diagnosis": "bcc", "n_images": 2, "roc_auc_trained_head": 0.5, "roc_auc_refitted_head": 0.25}]
+    assert by_diagnosis(y, trained, refitted, dx, min_images=1)[-1] == {
+        "diagnosis": "unknown", "n_images": 1, "roc_auc_trained_head": 0.0, "roc_auc_refitted_head": 0.0}
+    assert [r["diagnosis"] for r in by_diagnosis(y, trained, refitted, dx, min_images=3)] == ["nevus"]
+
+    notes = ranks_worse_notes(rows, min_images=2)  # bcc fell 0.25; nevus rose
+    assert len(notes) == 1 and "bcc (2 images)" in notes[0] and "0.500 -> 0.250" in notes[0]
+    assert ranks_worse_notes(rows, min_images=3) == []  # too few to name
+    edge = [{"diagnosis": "d", "n_images": 40, "roc_auc_trained_head": 0.8, "roc_auc_refitted_head": 0.76},
+            {"diagnosis": "e", "n_images": 40, "roc_auc_trained_head": 0.8, "roc_auc_refitted_head": 0.74}]
+    assert [n.split(" (")[0] for n in ranks_worse_notes(edge)] == ["the refitted head ranks the sample's e"]
+
+
 def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(run_and_site, tmp_path):
     from melanogan.classify.calibrate import calibrate_site, site_file
     from melanogan.classify.evaluate import run_cache_options, score_dataset, split_dataset
@@ -132,6 +157,10 @@ def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(run_an
     assert h["roc_auc_trained_head"] == pytest.approx(M.roc_auc(y, sample["logit"]))
     assert r["temperature"] == pytest.approx(M.fit_temperature(oof, y))
     assert h["lambda"] == ("inf" if math.isinf(fit["lambda"]) else fit["lambda"])
+    # the site's one benign diagnosis (its folder, "nevus") against its melanomas: the overall AUCs
+    assert h["by_diagnosis"] == [{"diagnosis": "nevus", "n_images": 72,
+                                  "roc_auc_trained_head": pytest.approx(M.roc_auc(y, sample["logit"])),
+                                  "roc_auc_refitted_head": pytest.approx(M.roc_auc(y, oof))}]
 
     at_site, plain = Predictor(run, site="refit"), Predictor(run)
     files = sorted((tmp_path / "site" / "melanoma").glob("*.jpg"))[:4]

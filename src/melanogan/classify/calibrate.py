@@ -26,7 +26,15 @@ import numpy as np
 import torch
 
 from melanogan.classify import metrics as M
-from melanogan.classify.site_head import HEAD_FILE, captured_head_inputs, grouped_folds, head_layer, json_lambda
+from melanogan.classify.site_head import (
+    HEAD_FILE,
+    by_diagnosis,
+    captured_head_inputs,
+    grouped_folds,
+    head_layer,
+    json_lambda,
+    ranks_worse_notes,
+)
 from melanogan.classify.site_head import MIN_PER_CLASS as MIN_HEAD_PER_CLASS
 from melanogan.classify.site_head import refit_head as fit_site_head
 from melanogan.errors import MelanoganError
@@ -87,7 +95,13 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
         even_batch_size,
     )
     from melanogan.classify.adapt import adapt_batchnorm as adapt
-    from melanogan.classify.evaluate import run_cache_options, score_dataset, seen_in_training, split_dataset
+    from melanogan.classify.evaluate import (
+        MIN_PER_CLASS_FOR_AUC,
+        run_cache_options,
+        score_dataset,
+        seen_in_training,
+        split_dataset,
+    )
     from melanogan.classify.predict import checkpoint_sha256
     from melanogan.classify.train import load_model
     from melanogan.data.manifest import cache_for, load_manifest
@@ -143,13 +157,20 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
                             layer.weight.detach().double().numpy().reshape(-1), float(layer.bias.detach()),
                             folds=folds, seed=cfg.seed)
         auc_trained_head = M.roc_auc(y, z)
+        diagnoses = by_diagnosis(y, z, fit["out_of_fold_logits"], ds.rows["diagnosis"].to_numpy(),
+                                 MIN_PER_CLASS_FOR_AUC) if "diagnosis" in ds.rows else []
+        for note in ranks_worse_notes(diagnoses):
+            if log:
+                log(note)
         z = fit["out_of_fold_logits"]  # every figure below: scores of heads that never saw the case
         head = {"fitted_on_images": len(y), "features": int(layer.in_features), "lambda": json_lambda(fit["lambda"]),
                 "cv_log_loss": {str(json_lambda(k)): v for k, v in fit["cv_log_loss"].items()},
                 "lambda_per_outer_fold": [json_lambda(x) for x in fit["lambda_per_outer_fold"]],
-                "roc_auc_trained_head": auc_trained_head,
+                "roc_auc_trained_head": auc_trained_head, "by_diagnosis": diagnoses,
                 "note": "roc_auc, temperature, thresholds and expected come from out-of-fold logits (nested "
-                        "cross-validation); roc_auc_trained_head: the trained head on the same sample"}
+                        "cross-validation); roc_auc_trained_head: the trained head on the same sample; "
+                        "by_diagnosis: all the sample's melanomas against each benign diagnosis alone, by "
+                        "both heads (the refitted one out-of-fold)"}
         head_tensors = {"weight": torch.as_tensor(fit["weight"], dtype=torch.float32).reshape(1, -1),
                         "bias": torch.tensor([fit["bias"]], dtype=torch.float32)}
     temperature = M.fit_temperature(z, y)

@@ -31,10 +31,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
+from melanogan.classify import metrics as M
 from melanogan.errors import MelanoganError
 
 # Candidates for lam, largest first: inf (the trained head) wins ties, then the more anchored fit.
@@ -174,3 +176,45 @@ def refit_head(f: np.ndarray, y: np.ndarray, groups: np.ndarray, w0: np.ndarray,
 
 def json_lambda(lam: float) -> float | str:
     return "inf" if math.isinf(lam) else lam
+
+
+# A benign diagnosis the refitted head ranks this much worse against melanoma than the trained head
+# (its out-of-fold logits against the trained head's, on the same images) is named in a note: measured with HAM10000
+# held out, the refit took naevi 0.711 -> 0.842 and the 38 basal cell carcinomas 0.949 -> 0.771.
+RANKS_WORSE = 0.05
+
+
+def by_diagnosis(y: np.ndarray, trained: np.ndarray, refitted: np.ndarray, diagnosis: np.ndarray,
+                 min_images: int = 5) -> list[dict]:
+    """Per benign diagnosis of the site sample with at least `min_images` images: the ROC-AUC of all
+    the sample's melanomas against it alone, by the trained head's logits and by the refitted head's
+    (out-of-fold) logits. Why: the refitted head learns the sample's case mix; its overall AUC can
+    rise while a rarer benign group is ranked worse, which a site whose next cases hold more of that
+    group would pay for. Missing diagnoses count as "unknown" (as in evaluate.diagnosis_table).
+    Rows: most images first, then by name."""
+    y = np.asarray(y).astype(int)
+    trained, refitted = np.asarray(trained, dtype=np.float64), np.asarray(refitted, dtype=np.float64)
+    dx = np.asarray(pd.Series(diagnosis, dtype="string").fillna("unknown"), dtype=object)
+    melanomas = np.flatnonzero(y == 1)
+    rows = []
+    for value in sorted(set(dx[y == 0])):
+        idx = np.flatnonzero((dx == value) & (y == 0))
+        if len(idx) < min_images or not len(melanomas):
+            continue
+        both = np.concatenate([melanomas, idx])
+        rows.append({"diagnosis": str(value), "n_images": len(idx),
+                     "roc_auc_trained_head": M.roc_auc(y[both], trained[both]),
+                     "roc_auc_refitted_head": M.roc_auc(y[both], refitted[both])})
+    return sorted(rows, key=lambda r: (-r["n_images"], r["diagnosis"]))
+
+
+def ranks_worse_notes(rows: list[dict], min_images: int = MIN_PER_CLASS, margin: float = RANKS_WORSE) -> list[str]:
+    """A note for each diagnosis of `by_diagnosis` with at least `min_images` images that the refitted
+    head ranks at least `margin` worse against melanoma than the trained head (fewer images: too
+    noisy to name)."""
+    return [f"the refitted head ranks the sample's {r['diagnosis']} ({r['n_images']} images) worse against melanoma "
+            f"than the trained head (ROC-AUC {r['roc_auc_trained_head']:.3f} -> {r['roc_auc_refitted_head']:.3f}): "
+            "it follows the sample's case mix. If the site's next cases hold more of them than the sample, label a "
+            "sample like them, or calibrate with --no-refit-head."
+            for r in rows if r["n_images"] >= min_images
+            and r["roc_auc_trained_head"] - r["roc_auc_refitted_head"] >= margin]

@@ -529,7 +529,8 @@ def train(
              "chroma and white-point shifts in CIELAB). Default: rgb (see README, Models that travel).")] = "rgb",
     style_augment: Annotated[str, typer.Option(
         help="none, randconv (each batch also filtered by a random convolution: colour and texture change, "
-             "shapes stay) or mixstyle (early-feature statistics mixed between batch images); weight-free style "
+             "shapes stay), amplitude (each image given part of a batch partner's Fourier amplitude spectrum, its own "
+             "phase kept) or mixstyle (early-feature statistics mixed between batch images); weight-free style "
              "randomisation. Default: none (see README, Models that travel).")] = "none",
     illumination_augment: Annotated[str, typer.Option(
         help="none or random (each batch lit by a random illumination field: a lens vignette with a shifted "

@@ -525,21 +525,22 @@ def test_skin_tone_of_an_older_estimate_is_not_reported_as_current(tmp_path, dem
     assert not current_skin_tone(tmp_path) and not current_skin_tone(tmp_path / "missing")
 
 
-def test_style_augment_filters_every_training_batch_and_nothing_else(demo_prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("option", "module"), [("randconv", "RandomConvolution"), ("amplitude", "AmplitudeMix")])
+def test_style_augment_filters_every_training_batch_and_nothing_else(demo_prepared, tmp_path, monkeypatch, option,
+                                                                     module):
     import melanogan.classify.train as train_module
-    from melanogan.data.batch_augment import RandomConvolution
 
     calls = []
 
-    class Spy(RandomConvolution):
+    class Spy(getattr(train_module, module)):
         def forward(self, x, generator=None, params=None):
             calls.append(tuple(x.shape))
             return super().forward(x, generator, params)
 
-    monkeypatch.setattr(train_module, "RandomConvolution", Spy)
+    monkeypatch.setattr(train_module, module, Spy)
     train_classifier(demo_prepared, tmp_path / "plain", TrainConfig(**{**TINY, "epochs": 1}), progress=False)
     assert calls == []  # off by default
-    cfg = TrainConfig(**{**TINY, "epochs": 1, "style_augment": "randconv"})
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "style_augment": option})
     train_classifier(demo_prepared, tmp_path / "style", cfg, progress=False)
     steps = len((tmp_path / "style" / "stats.jsonl").read_text().splitlines())
     n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
@@ -548,7 +549,7 @@ def test_style_augment_filters_every_training_batch_and_nothing_else(demo_prepar
     plain = load_file(tmp_path / "plain" / "last" / "model.safetensors")
     style = load_file(tmp_path / "style" / "last" / "model.safetensors")
     assert any(not torch.equal(plain[k], style[k]) for k in plain)
-    assert load_model(tmp_path / "style" / "best")[1].style_augment == "randconv"  # the run records it
+    assert load_model(tmp_path / "style" / "best")[1].style_augment == option  # the run records it
 
 
 def test_source_balanced_sampling_draws_every_real_source_equally_and_keeps_the_synthetic_share():

@@ -121,6 +121,50 @@ def test_random_convolution_draws_as_documented():
         RandomConvolution(p=1.5)
 
 
+def test_amplitude_mix_keeps_the_phase_and_mixes_the_amplitudes():
+    from melanogan.data.batch_augment import amplitude_mix
+
+    # Constant images have only a DC term: amplitude |c|, phase 0 or pi. Mixing 0.25 of a partner's
+    # amplitude gives 0.75 * 0.2 + 0.25 * 0.6 = 0.3, with the image's own sign (phase pi for -0.2).
+    x = torch.stack([torch.full((3, 4, 6), 0.2), torch.full((3, 4, 6), -0.2), torch.full((3, 4, 6), 0.6)])
+    out = amplitude_mix(x, torch.tensor([2, 2, 0]), torch.tensor([0.25, 0.25, 0.0]))
+    assert torch.allclose(out[0], torch.full((3, 4, 6), 0.3), atol=1e-6)
+    assert torch.allclose(out[1], torch.full((3, 4, 6), -0.3), atol=1e-6)
+    assert torch.allclose(out[2], x[2], atol=1e-6)  # lam 0: unchanged
+    # A stripe keeps where its edges are (phase) and takes the partner's contrast (amplitude): the
+    # square wave 0/1 mixed fully with the same wave at contrast 0/3 becomes that wave (same phase).
+    stripe = torch.zeros(1, 8, 8)
+    stripe[:, :, :4] = 1.0
+    y = torch.stack([stripe, 3 * torch.roll(stripe, 2, dims=-1)])
+    out = amplitude_mix(y, torch.tensor([1, 0]), torch.tensor([1.0, 0.0]))
+    assert torch.allclose(out[0], 3 * stripe, atol=1e-5)  # the partner's amplitudes at its own place
+    assert torch.allclose(out[1], y[1], atol=1e-5)
+    # the result is real and in the input's dtype, the spectrum's amplitude the stated mix
+    z = torch.randn(4, 3, 8, 10, generator=torch.Generator().manual_seed(0))
+    lam = torch.tensor([0.0, 0.3, 0.7, 1.0])
+    partner = torch.tensor([1, 2, 3, 0])
+    out = amplitude_mix(z, partner, lam)
+    assert out.dtype == z.dtype and out.shape == z.shape
+    a = lam.view(-1, 1, 1, 1)
+    want = (1 - a) * torch.fft.rfft2(z).abs() + a * torch.fft.rfft2(z[partner]).abs()
+    assert torch.allclose(torch.fft.rfft2(out).abs(), want, atol=1e-4)
+
+
+def test_amplitude_mix_draws_as_documented():
+    from melanogan.data.batch_augment import AmplitudeMix
+
+    gen = torch.Generator().manual_seed(0)
+    draws = [AmplitudeMix(p=0.5).sample(1000, gen) for _ in range(5)]
+    assert all(torch.equal(d["partner"].sort().values, torch.arange(1000)) for d in draws)  # a permutation
+    lam = torch.cat([d["lam"] for d in draws])
+    assert (lam == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)  # 1 - p of the images untouched
+    assert lam[lam > 0].mean().item() == pytest.approx(0.5, abs=0.03)  # lam ~ U(0, 1)
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(AmplitudeMix(p=0.0)(x, gen), x, atol=1e-5)
+    with pytest.raises(ValueError, match="probability"):
+        AmplitudeMix(p=-0.1)
+
+
 def test_cielab_conversion_matches_the_published_values():
     from melanogan.data.batch_augment import lab_to_rgb, rgb_to_lab
 

@@ -35,7 +35,7 @@ from melanogan.classify import mixup
 from melanogan.classify.metrics import pr_auc, roc_auc, roc_auc_by_group
 from melanogan.classify.mixstyle import MixStyle
 from melanogan.classify.models import Classifier, create_classifier
-from melanogan.data.batch_augment import BatchAugment, RandomConvolution
+from melanogan.data.batch_augment import AmplitudeMix, BatchAugment, RandomConvolution
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.diagnoses import diagnosis_group
 from melanogan.data.manifest import default_cache, load_manifest, manifest_hash
@@ -85,10 +85,11 @@ class TrainConfig(BaseModel):
     # hurt with the ISIC set held out (README, "Models that travel"), so it fails the default rule.
     color_augment: Literal["rgb", "lab"] = "rgb"
     # Style randomisation on top of `augment`: "randconv" filters each training batch with a random
-    # convolution (data/batch_augment.py); "mixstyle" mixes early-feature statistics between batch
-    # images (classify/mixstyle.py). Off until `bench travel --vary style_augment=...` shows one helps
-    # on a source not trained on (README, "Models that travel").
-    style_augment: Literal["none", "randconv", "mixstyle"] = "none"
+    # convolution (data/batch_augment.py); "amplitude" gives each image part of a batch partner's Fourier
+    # amplitude spectrum, keeping its phase (data/batch_augment.py); "mixstyle" mixes early-feature
+    # statistics between batch images (classify/mixstyle.py). Off until `bench travel --vary
+    # style_augment=...` shows one helps on a source not trained on (README, "Models that travel").
+    style_augment: Literal["none", "randconv", "amplitude", "mixstyle"] = "none"
     # "random": each training batch lit by a random illumination field after the geometry (a lens
     # vignette with a shifted centre times a side-to-side gradient, data/batch_augment.py), for
     # dermoscopes whose light falls off differently. none: under leave-one-source-out it changed external
@@ -704,7 +705,8 @@ class _EpochRunner:
         self.batch_aug = BatchAugment(cfg.image_size, cfg.augment, color=cfg.color_augment,
                                       illumination=cfg.illumination_augment).to(fabric.device) \
             if uses_batch_augment(cfg) else None
-        self.style_aug = RandomConvolution() if cfg.style_augment == "randconv" else None
+        image_styles = {"randconv": RandomConvolution, "amplitude": AmplitudeMix}  # mixstyle acts on features
+        self.style_aug = image_styles[cfg.style_augment]() if cfg.style_augment in image_styles else None
         # the average is a copy made before MixStyle hooks the model, so it never mixes styles
         self.ema = average_of(self.raw, cfg, run_dir if state.epoch else None)
         # hooks on the unwrapped model's early stages; they act in training mode only

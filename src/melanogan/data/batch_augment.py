@@ -351,3 +351,45 @@ class RandomConvolution(torch.nn.Module):
                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         p = params or self.sample(len(x), generator)
         return random_convolution(x, p["kernel"].to(x.device), p["alpha"].to(x.device))
+
+
+def amplitude_mix(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Each image's Fourier phase with the amplitude spectrum (1 - lam) * |F(x)| + lam * |F(x[partner])|,
+    per image and channel (FACT's amplitude mix, Xu et al., CVPR 2021): `partner` (B,) indices into the
+    batch, `lam` (B,) in [0, 1] (0 leaves an image as it is, 1 gives it the partner's amplitudes).
+    rfft2/irfft2 keep the output real: both amplitude spectra are Hermitian-symmetric, and so is the mix."""
+    h, w = x.shape[-2:]
+    spectrum = torch.fft.rfft2(x.float())
+    amplitude, phase = spectrum.abs(), spectrum.angle()
+    a = lam.to(amplitude.device, amplitude.dtype).view(-1, 1, 1, 1)
+    mixed = (1 - a) * amplitude + a * amplitude[partner.to(amplitude.device)]
+    return torch.fft.irfft2(torch.polar(mixed, phase), s=(h, w)).to(x.dtype)
+
+
+class AmplitudeMix(torch.nn.Module):
+    """Fourier amplitude mixing between the batch's images (FACT, Xu et al., CVPR 2021; the low-frequency
+    variant is FDA, Yang & Soatto 2020), a lever of README's "Models that travel": an image's Fourier
+    phase carries where its edges and structures are, its amplitude spectrum much of its "style"
+    (overall colour, contrast, the texture's grain, a dermoscope's blur and noise). Giving an image part
+    of another's amplitudes keeps the lesion and changes the style; with two training sources about half
+    the partners come from the other one, so the model sees each source's lesions in the other's style.
+    No weights to download. Partners: a random permutation of the batch; lam ~ U(0, 1) (FACT's eta = 1);
+    an image is left as it is (lam = 0) with probability 1 - p. Applied to the normalised float batch,
+    after the classic augmentation; training only; the labels stay the image's own."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"AmplitudeMix p={p}: use a probability in [0, 1]")
+        self.p = p
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        partner = torch.randperm(n, generator=generator)
+        lam = torch.rand(n, generator=generator)
+        keep = torch.rand(n, generator=generator) >= self.p
+        return {"partner": partner, "lam": torch.where(keep, 0.0, lam)}
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        p = params or self.sample(len(x), generator)
+        return amplitude_mix(x, p["partner"], p["lam"])

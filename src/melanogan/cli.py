@@ -451,6 +451,7 @@ def calibrate(
     (cross-fitted, exact 95% CIs as wide as the sample is small). Use them with --site NAME in
     predict, explain, serve and export."""
     from melanogan import api
+    from melanogan.classify.site_head import difference_ci
 
     r = api.calibrate(run_dir, data, site, split=split, folds=folds, adapt_batchnorm=adapt_batchnorm,
                       adapt_layers=adapt_layers, refit_head=refit_head,
@@ -466,7 +467,8 @@ def calibrate(
                       f"{h['roc_auc_trained_head']:.3f}); the figures below are out-of-fold")
         for d in h.get("by_diagnosis") or []:
             console.print(f"  melanoma vs {d['diagnosis']} ({d['n_images']} images): ROC-AUC trained head "
-                          f"{d['roc_auc_trained_head']:.3f}, refitted {d['roc_auc_refitted_head']:.3f}")
+                          f"{d['roc_auc_trained_head']:.3f}, refitted {d['roc_auc_refitted_head']:.3f}"
+                          f"{difference_ci(d)}")
     console.print(f"site {site}: {r['n_images']} images ({r['n_melanoma']} melanoma), ROC-AUC {r['roc_auc']:.3f} "
                   f"[{r['roc_auc_ci95'][0]:.3f}, {r['roc_auc_ci95'][1]:.3f}], temperature {r['temperature']:.2f}")
     for name, t in r["thresholds"].items():

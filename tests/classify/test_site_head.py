@@ -112,14 +112,16 @@ def test_by_diagnosis_gives_each_benign_diagnosis_its_auc_against_all_melanomas_
     dx = np.array(["mel", "mel", "nevus", "nevus", "nevus", "bcc", "bcc", None], dtype=object)
     trained = np.array([2, 0, 1, -1, -2, 3, -3, 5.0])
     refitted = np.array([2, 0, -1, -2, -3, 3, 1, 5.0])
-    rows = by_diagnosis(y, trained, refitted, dx, min_images=2)
+    rows = by_diagnosis(y, trained, refitted, dx, min_images=2, bootstrap=0)
     # nevus: melanomas {2, 0} above {1, -1, -2} in 5 of 6 pairs, above {-1, -2, -3} in all;
     # bcc: {2, 0} above {3, -3} in 2 of 4 pairs, above {3, 1} in 1 of 4; the one unlabelled image too few
     assert rows == [{"diagnosis": "nevus", "n_images": 3, "roc_auc_trained_head": pytest.approx(5 / 6),
-                     "roc_auc_refitted_head": 1.0},
-                    {"diagnosis": "bcc", "n_images": 2, "roc_auc_trained_head": 0.5, "roc_auc_refitted_head": 0.25}]
-    assert by_diagnosis(y, trained, refitted, dx, min_images=1)[-1] == {
-        "diagnosis": "unknown", "n_images": 1, "roc_auc_trained_head": 0.0, "roc_auc_refitted_head": 0.0}
+                     "roc_auc_refitted_head": 1.0, "difference_ci95": None},
+                    {"diagnosis": "bcc", "n_images": 2, "roc_auc_trained_head": 0.5, "roc_auc_refitted_head": 0.25,
+                     "difference_ci95": None}]
+    assert by_diagnosis(y, trained, refitted, dx, min_images=1, bootstrap=0)[-1] == {
+        "diagnosis": "unknown", "n_images": 1, "roc_auc_trained_head": 0.0, "roc_auc_refitted_head": 0.0,
+        "difference_ci95": None}
     assert [r["diagnosis"] for r in by_diagnosis(y, trained, refitted, dx, min_images=3)] == ["nevus"]
 
     notes = ranks_worse_notes(rows, min_images=2)  # bcc fell 0.25; nevus rose
@@ -128,6 +130,29 @@ def test_by_diagnosis_gives_each_benign_diagnosis_its_auc_against_all_melanomas_
     edge = [{"diagnosis": "d", "n_images": 40, "roc_auc_trained_head": 0.8, "roc_auc_refitted_head": 0.76},
             {"diagnosis": "e", "n_images": 40, "roc_auc_trained_head": 0.8, "roc_auc_refitted_head": 0.74}]
     assert [n.split(" (")[0] for n in ranks_worse_notes(edge)] == ["the refitted head ranks the sample's e"]
+
+
+def test_by_diagnosis_gives_each_difference_a_paired_ci_over_the_groups_of_that_comparison():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(30, int), np.zeros(80, int)]
+    dx = np.r_[["mel"] * 30, ["nevus"] * 50, ["bcc"] * 30].astype(object)
+    groups = np.r_[np.arange(30) // 2, 100 + np.arange(50) // 5, 200 + np.arange(30) // 3]  # 2, 5, 3 per patient
+    trained = rng.normal(size=110) + y
+    refitted = trained + np.where(dx == "bcc", 0.8, -0.3) * rng.random(110)
+    rows = {r["diagnosis"]: r for r in by_diagnosis(y, trained, refitted, dx, groups=groups, bootstrap=400, seed=5)}
+    for name in ("nevus", "bcc"):
+        both = (y == 1) | (dx == name)  # all the melanomas and that group only, resampled by patient
+        d = M.paired_bootstrap_auc_difference(y[both], [refitted[both]], [trained[both]], groups[both], n=400, seed=5)
+        assert rows[name]["difference_ci95"] == [pytest.approx(d["ci_low"]), pytest.approx(d["ci_high"])]
+        assert d["ci_low"] <= d["difference"] <= d["ci_high"]
+    per_image = by_diagnosis(y, trained, refitted, dx, bootstrap=400, seed=5)
+    by_patient = {k: r["difference_ci95"] for k, r in rows.items()}
+    assert {r["diagnosis"]: r["difference_ci95"] for r in per_image} != by_patient  # the groups are used
+    same = by_diagnosis(y, trained, trained, dx, groups=groups, bootstrap=200)
+    assert [r["difference_ci95"] for r in same] == [[0.0, 0.0], [0.0, 0.0]]  # one head against itself
+    note = ranks_worse_notes([{**rows["nevus"], "roc_auc_refitted_head": rows["nevus"]["roc_auc_trained_head"] - 0.1}])
+    low, high = rows["nevus"]["difference_ci95"]
+    assert len(note) == 1 and f"difference 95% CI [{low:+.3f}, {high:+.3f}]" in note[0]
 
 
 def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(run_and_site, tmp_path):
@@ -157,10 +182,14 @@ def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(run_an
     assert h["roc_auc_trained_head"] == pytest.approx(M.roc_auc(y, sample["logit"]))
     assert r["temperature"] == pytest.approx(M.fit_temperature(oof, y))
     assert h["lambda"] == ("inf" if math.isinf(fit["lambda"]) else fit["lambda"])
-    # the site's one benign diagnosis (its folder, "nevus") against its melanomas: the overall AUCs
+    # the site's one benign diagnosis (its folder, "nevus") against its melanomas: the overall AUCs, and
+    # the refitted - trained difference's CI by a paired bootstrap over the sample's patients
+    d = M.paired_bootstrap_auc_difference(y, [oof], [sample["logit"].to_numpy()], sample["group"].to_numpy(),
+                                          n=1000, seed=cfg.seed)
     assert h["by_diagnosis"] == [{"diagnosis": "nevus", "n_images": 72,
                                   "roc_auc_trained_head": pytest.approx(M.roc_auc(y, sample["logit"])),
-                                  "roc_auc_refitted_head": pytest.approx(M.roc_auc(y, oof))}]
+                                  "roc_auc_refitted_head": pytest.approx(M.roc_auc(y, oof)),
+                                  "difference_ci95": [pytest.approx(d["ci_low"]), pytest.approx(d["ci_high"])]}]
 
     at_site, plain = Predictor(run, site="refit"), Predictor(run)
     files = sorted((tmp_path / "site" / "melanoma").glob("*.jpg"))[:4]

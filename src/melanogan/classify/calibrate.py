@@ -158,7 +158,8 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
                             folds=folds, seed=cfg.seed)
         auc_trained_head = M.roc_auc(y, z)
         diagnoses = by_diagnosis(y, z, fit["out_of_fold_logits"], ds.rows["diagnosis"].to_numpy(),
-                                 MIN_PER_CLASS_FOR_AUC) if "diagnosis" in ds.rows else []
+                                 MIN_PER_CLASS_FOR_AUC, groups=sample["group"].to_numpy(),
+                                 seed=cfg.seed) if "diagnosis" in ds.rows else []
         for note in ranks_worse_notes(diagnoses):
             if log:
                 log(note)
@@ -170,7 +171,8 @@ def calibrate_site(run_dir: Path, data_dir: Path, name: str, split: str = "all",
                 "note": "roc_auc, temperature, thresholds and expected come from out-of-fold logits (nested "
                         "cross-validation); roc_auc_trained_head: the trained head on the same sample; "
                         "by_diagnosis: all the sample's melanomas against each benign diagnosis alone, by "
-                        "both heads (the refitted one out-of-fold)"}
+                        "both heads (the refitted one out-of-fold), with the 95% CI of refitted - trained "
+                        "by a paired bootstrap over the sample's patients/lesions"}
         head_tensors = {"weight": torch.as_tensor(fit["weight"], dtype=torch.float32).reshape(1, -1),
                         "bias": torch.tensor([fit["bias"]], dtype=torch.float32)}
     temperature = M.fit_temperature(z, y)

@@ -185,16 +185,21 @@ RANKS_WORSE = 0.05
 
 
 def by_diagnosis(y: np.ndarray, trained: np.ndarray, refitted: np.ndarray, diagnosis: np.ndarray,
-                 min_images: int = 5) -> list[dict]:
+                 min_images: int = 5, groups: np.ndarray | None = None, bootstrap: int = 1000,
+                 seed: int = 0) -> list[dict]:
     """Per benign diagnosis of the site sample with at least `min_images` images: the ROC-AUC of all
     the sample's melanomas against it alone, by the trained head's logits and by the refitted head's
-    (out-of-fold) logits. Why: the refitted head learns the sample's case mix; its overall AUC can
-    rise while a rarer benign group is ranked worse, which a site whose next cases hold more of that
-    group would pay for. Missing diagnoses count as "unknown" (as in evaluate.diagnosis_table).
-    Rows: most images first, then by name."""
+    (out-of-fold) logits, and the 95% CI of refitted - trained by a paired bootstrap of `bootstrap`
+    resamples of whole `groups` (patients/lesions; each image its own group when None) of those images
+    (`difference_ci95`; None with bootstrap 0, or when too few resamples hold both classes). Why: the
+    refitted head learns the sample's case mix; its overall AUC can rise while a rarer benign group is
+    ranked worse, which a site whose next cases hold more of that group would pay for, and a group of
+    a few dozen images moves by chance alone. Missing diagnoses count as "unknown" (as in
+    evaluate.diagnosis_table). Rows: most images first, then by name."""
     y = np.asarray(y).astype(int)
     trained, refitted = np.asarray(trained, dtype=np.float64), np.asarray(refitted, dtype=np.float64)
     dx = np.asarray(pd.Series(diagnosis, dtype="string").fillna("unknown"), dtype=object)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     melanomas = np.flatnonzero(y == 1)
     rows = []
     for value in sorted(set(dx[y == 0])):
@@ -202,10 +207,21 @@ def by_diagnosis(y: np.ndarray, trained: np.ndarray, refitted: np.ndarray, diagn
         if len(idx) < min_images or not len(melanomas):
             continue
         both = np.concatenate([melanomas, idx])
+        ci = None
+        if bootstrap:
+            d = M.paired_bootstrap_auc_difference(y[both], [refitted[both]], [trained[both]], groups[both],
+                                                  n=bootstrap, seed=seed)
+            ci = None if math.isnan(d["ci_low"]) else [d["ci_low"], d["ci_high"]]
         rows.append({"diagnosis": str(value), "n_images": len(idx),
                      "roc_auc_trained_head": M.roc_auc(y[both], trained[both]),
-                     "roc_auc_refitted_head": M.roc_auc(y[both], refitted[both])})
+                     "roc_auc_refitted_head": M.roc_auc(y[both], refitted[both]), "difference_ci95": ci})
     return sorted(rows, key=lambda r: (-r["n_images"], r["diagnosis"]))
+
+
+def difference_ci(row: dict) -> str:
+    """", difference 95% CI [lo, hi]" for a by_diagnosis row that has one, else ""."""
+    ci = row.get("difference_ci95")
+    return f", difference 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
 
 
 def ranks_worse_notes(rows: list[dict], min_images: int = MIN_PER_CLASS, margin: float = RANKS_WORSE) -> list[str]:
@@ -213,8 +229,8 @@ def ranks_worse_notes(rows: list[dict], min_images: int = MIN_PER_CLASS, margin:
     head ranks at least `margin` worse against melanoma than the trained head (fewer images: too
     noisy to name)."""
     return [f"the refitted head ranks the sample's {r['diagnosis']} ({r['n_images']} images) worse against melanoma "
-            f"than the trained head (ROC-AUC {r['roc_auc_trained_head']:.3f} -> {r['roc_auc_refitted_head']:.3f}): "
-            "it follows the sample's case mix. If the site's next cases hold more of them than the sample, label a "
-            "sample like them, or calibrate with --no-refit-head."
+            f"than the trained head (ROC-AUC {r['roc_auc_trained_head']:.3f} -> {r['roc_auc_refitted_head']:.3f}"
+            f"{difference_ci(r)}): it follows the sample's case mix. If the site's next cases hold more of them "
+            "than the sample, label a sample like them, or calibrate with --no-refit-head."
             for r in rows if r["n_images"] >= min_images
             and r["roc_auc_trained_head"] - r["roc_auc_refitted_head"] >= margin]

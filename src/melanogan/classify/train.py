@@ -87,8 +87,9 @@ class TrainConfig(BaseModel):
     # Style randomisation on top of `augment`: "randconv" filters each training batch with a random
     # convolution (data/batch_augment.py); "amplitude" gives each image part of a batch partner's Fourier
     # amplitude spectrum, keeping its phase (data/batch_augment.py); "mixstyle" mixes early-feature
-    # statistics between batch images (classify/mixstyle.py). Off until `bench travel --vary
-    # style_augment=...` shows one helps on a source not trained on (README, "Models that travel").
+    # statistics between batch images (classify/mixstyle.py). none: under leave-one-source-out each
+    # lost with at least one held-out source (amplitude with all three: -0.094, -0.039, -0.006;
+    # README, "Models that travel"), so none passes the default rule.
     style_augment: Literal["none", "randconv", "amplitude", "mixstyle"] = "none"
     # "random": each training batch lit by a random illumination field after the geometry (a lens
     # vignette with a shifted centre times a side-to-side gradient, data/batch_augment.py), for

@@ -322,7 +322,28 @@ def random_convolution(x: torch.Tensor, kernel: torch.Tensor, alpha: torch.Tenso
     return a * x + (1 - a) * filtered
 
 
-class RandomConvolution(torch.nn.Module):
+class _StyleAugment(torch.nn.Module):
+    """A style augmentation of the normalised float batch that leaves each image as it is with
+    probability 1 - p: subclasses draw their parameters (`sample`) and apply them (`transform`)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{type(self).__name__} p={p}: use a probability in [0, 1]")
+        self.p = p
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def transform(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.transform(x, params or self.sample(len(x), generator))
+
+
+class RandomConvolution(_StyleAugment):
     """Random-convolution style augmentation (RandConv, Xu et al., ICLR 2021), a lever of README's
     "Models that travel": a randomly initialised convolution keeps shapes (the lesion's outline and
     structures) but changes local colour and texture, which is where dermoscopes and clinics differ;
@@ -334,12 +355,6 @@ class RandomConvolution(torch.nn.Module):
 
     KERNEL_SIZES = (1, 3, 5, 7)
 
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomConvolution p={p}: use a probability in [0, 1]")
-        self.p = p
-
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         k = self.KERNEL_SIZES[int(torch.randint(len(self.KERNEL_SIZES), (1,), generator=generator))]
         kernel = torch.randn(3, 3, k, k, generator=generator) / math.sqrt(3 * k * k)
@@ -347,9 +362,7 @@ class RandomConvolution(torch.nn.Module):
         keep = torch.rand(n, generator=generator) >= self.p
         return {"kernel": kernel, "alpha": torch.where(keep, 1.0, alpha)}
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        p = params or self.sample(len(x), generator)
+    def transform(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return random_convolution(x, p["kernel"].to(x.device), p["alpha"].to(x.device))
 
 
@@ -366,7 +379,7 @@ def amplitude_mix(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> 
     return torch.fft.irfft2(torch.polar(mixed, phase), s=(h, w)).to(x.dtype)
 
 
-class AmplitudeMix(torch.nn.Module):
+class AmplitudeMix(_StyleAugment):
     """Fourier amplitude mixing between the batch's images (FACT, Xu et al., CVPR 2021; the low-frequency
     variant is FDA, Yang & Soatto 2020), a lever of README's "Models that travel": an image's Fourier
     phase carries where its edges and structures are, its amplitude spectrum much of its "style"
@@ -377,19 +390,11 @@ class AmplitudeMix(torch.nn.Module):
     an image is left as it is (lam = 0) with probability 1 - p. Applied to the normalised float batch,
     after the classic augmentation; training only; the labels stay the image's own."""
 
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"AmplitudeMix p={p}: use a probability in [0, 1]")
-        self.p = p
-
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         partner = torch.randperm(n, generator=generator)
         lam = torch.rand(n, generator=generator)
         keep = torch.rand(n, generator=generator) >= self.p
         return {"partner": partner, "lam": torch.where(keep, 0.0, lam)}
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        p = params or self.sample(len(x), generator)
+    def transform(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return amplitude_mix(x, p["partner"], p["lam"])

@@ -370,13 +370,20 @@ def amplitude_mix(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> 
     """Each image's Fourier phase with the amplitude spectrum (1 - lam) * |F(x)| + lam * |F(x[partner])|,
     per image and channel (FACT's amplitude mix, Xu et al., CVPR 2021): `partner` (B,) indices into the
     batch, `lam` (B,) in [0, 1] (0 leaves an image as it is, 1 gives it the partner's amplitudes).
-    rfft2/irfft2 keep the output real: both amplitude spectra are Hermitian-symmetric, and so is the mix."""
+    rfft2/irfft2 keep the output real: both amplitude spectra are Hermitian-symmetric, and so is the mix.
+    Images with lam 0 are returned bitwise (no FFT round trip), and only the mixed ones are inverted."""
     h, w = x.shape[-2:]
-    spectrum = torch.fft.rfft2(x.float())
-    amplitude, phase = spectrum.abs(), spectrum.angle()
-    a = lam.to(amplitude.device, amplitude.dtype).view(-1, 1, 1, 1)
-    mixed = (1 - a) * amplitude + a * amplitude[partner.to(amplitude.device)]
-    return torch.fft.irfft2(torch.polar(mixed, phase), s=(h, w)).to(x.dtype)
+    lam = lam.to(x.device)
+    mixed_rows = torch.nonzero(lam > 0).flatten()
+    if not len(mixed_rows):
+        return x
+    amplitude = torch.fft.rfft2(x.float()).abs()  # every image's: any may be a partner
+    own = torch.fft.rfft2(x[mixed_rows].float())
+    a = lam[mixed_rows].to(amplitude.dtype).view(-1, 1, 1, 1)
+    mixed = (1 - a) * amplitude[mixed_rows] + a * amplitude[partner.to(x.device)[mixed_rows]]
+    out = x.clone()
+    out[mixed_rows] = torch.fft.irfft2(torch.polar(mixed, own.angle()), s=(h, w)).to(x.dtype)
+    return out
 
 
 class AmplitudeMix(_StyleAugment):

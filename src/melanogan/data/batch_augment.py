@@ -377,12 +377,12 @@ def amplitude_mix(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> 
     mixed_rows = torch.nonzero(lam > 0).flatten()
     if not len(mixed_rows):
         return x
-    amplitude = torch.fft.rfft2(x.float()).abs()  # every image's: any may be a partner
-    own = torch.fft.rfft2(x[mixed_rows].float())
+    spectrum = torch.fft.rfft2(x.float())  # every image's: any may be a partner
+    amplitude = spectrum.abs()
     a = lam[mixed_rows].to(amplitude.dtype).view(-1, 1, 1, 1)
     mixed = (1 - a) * amplitude[mixed_rows] + a * amplitude[partner.to(x.device)[mixed_rows]]
     out = x.clone()
-    out[mixed_rows] = torch.fft.irfft2(torch.polar(mixed, own.angle()), s=(h, w)).to(x.dtype)
+    out[mixed_rows] = torch.fft.irfft2(torch.polar(mixed, spectrum[mixed_rows].angle()), s=(h, w)).to(x.dtype)
     return out
 
 

@@ -541,6 +541,10 @@ def train(
     mixup: Annotated[float, typer.Option(
         help="Mixup's alpha: each training batch mixed with a shuffled copy of itself (lam ~ Beta(alpha, alpha)) "
              "and the losses mixed alike; 0 = off. Default: 0 (see README, Models that travel).")] = 0.0,
+    coral: Annotated[float, typer.Option(
+        help="Deep CORAL's weight: each training batch also pays for the difference between its training sources' "
+             "feature means and covariances (needs two or more sources); 0 = off. Default: 0 (see README, Models "
+             "that travel).")] = 0.0,
     excised_weight: Annotated[float, typer.Option(
         help="How often each excised benign training image (diagnosis confirmed by histopathology: HAM10000's "
              "dx_type 'histo') is drawn relative to the others; 1 = a plain shuffle. Default: 1 (see README, "
@@ -596,7 +600,8 @@ def train(
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
                         loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
                         style_augment=style_augment, illumination_augment=illumination_augment,
-                        mixup=mixup, excised_weight=excised_weight, diagnosis_weight=diagnosis_weight,
+                        mixup=mixup, coral=coral, excised_weight=excised_weight,
+                        diagnosis_weight=diagnosis_weight,
                         diagnosis_vocabulary=diagnosis_vocabulary, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
                         weight_average=weight_average, ema_decay=ema_decay, seed=seed, workers=workers,
@@ -874,7 +879,7 @@ def bench_travel(
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
         "hair_removal=true with +), image_size, augment, "
-        "color_augment, style_augment, illumination_augment, mixup, excised_weight, diagnosis_weight, "
+        "color_augment, style_augment, illumination_augment, mixup, coral, excised_weight, diagnosis_weight, "
         "diagnosis_vocabulary (source or shared), sampler, loss (bce, weighted or focal), "
         "model (another "
         "architecture, from scratch), "

@@ -47,6 +47,19 @@ def test_diagnosis_head_is_an_extra_output_that_inference_never_sees(tmp_path):
     assert other.diagnosis_head.out_features == 2
 
 
+def test_with_features_also_returns_the_backbone_features_the_heads_read():
+    torch.manual_seed(0)
+    model = create_classifier("small-cnn", 32, diagnosis_classes=5).eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits, diagnosis, features = model(x, with_diagnosis=True, with_features=True)
+    assert torch.equal(features, model.forward_features(x))
+    assert torch.equal(logits, model.head(features).squeeze(1))
+    assert torch.equal(diagnosis, model.diagnosis_head(features))
+    # without the diagnosis head asked for, its place is None (what a run without the head trains with)
+    plain_logits, none, same = model(x, with_features=True)
+    assert none is None and torch.equal(plain_logits, logits) and torch.equal(same, features)
+
+
 def test_original_cnn_matches_the_study_architecture():
     m = create_classifier("original-cnn", image_size=224)
     convs = [layer for layer in m.modules() if isinstance(layer, torch.nn.Conv2d)]

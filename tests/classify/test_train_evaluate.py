@@ -597,6 +597,53 @@ def test_the_source_sampler_reaches_the_training_loop_with_each_rows_source(demo
     assert len(seen) == 1 and sorted(seen[0].tolist()) == sorted(train_rows["source"].tolist())
 
 
+def test_coral_compares_each_training_batch_by_the_rows_sources(demo_raw, demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.coral as coral_module
+
+    seen = []
+    real = coral_module.coral_penalty
+
+    def spy(features, groups):
+        penalty = real(features, groups)
+        seen.append((features.detach().clone(), groups.clone(), float(penalty)))
+        return penalty
+
+    monkeypatch.setattr(coral_module, "coral_penalty", spy)
+    data = tmp_path / "data"
+    prepare([("siim-isic-2020", demo_raw)], data, CacheOptions(size=32), seed=0)
+    manifest = pd.read_parquet(data / "manifest.parquet")
+    # the demo data is one source: its rows are given two, as two `--source` options would
+    manifest["source"] = np.where(np.arange(len(manifest)) % 3 == 0, "clinic-a", "clinic-b")
+    write_parquet(data / "manifest.parquet", manifest)
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "coral": 1.0})
+    train_classifier(data, tmp_path / "run", cfg, progress=False)
+    train_rows = manifest[(manifest["split"] == "train") & manifest["label"].isin([0, 1])]
+    n_batches = len(train_rows) // TINY["batch_size"]
+    assert len(seen) == n_batches and all(len(g) == TINY["batch_size"] for _, g, _ in seen)
+    # each image's group is its row's source (codes in name order: clinic-a 0, clinic-b 1): over the
+    # epoch the batches hold the training rows' sources, each row once (drop_last leaves out the rest)
+    counts = np.bincount(torch.cat([g for _, g, _ in seen]).numpy(), minlength=2)
+    expected = train_rows["source"].map({"clinic-a": 0, "clinic-b": 1}).value_counts().sort_index().to_numpy()
+    assert (counts <= expected).all() and counts.sum() == n_batches * TINY["batch_size"]
+    assert expected.sum() - counts.sum() < TINY["batch_size"]
+    # the penalty is computed on the batch's backbone features (positive where two sources differ)
+    assert any(p > 0 for _, _, p in seen) and all(f.shape[1] == 256 for f, _, _ in seen)
+    record = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[0])
+    assert record["train_coral"] == pytest.approx(np.mean([p for _, _, p in seen]))
+    assert load_model(tmp_path / "run" / "best")[1].coral == 1.0
+    # a run without it never computes it, and records none
+    seen.clear()
+    train_classifier(data, tmp_path / "plain", TrainConfig(**{**TINY, "epochs": 1}), progress=False)
+    assert seen == [] and "train_coral" not in (tmp_path / "plain" / "stats.jsonl").read_text()
+    assert TrainConfig().coral == 0.0  # off until measured (README, Models that travel)
+    # one training source: nothing to align, refused before any training
+    with pytest.raises(MelanoganError, match="one source"):
+        train_classifier(demo_prepared, tmp_path / "one", cfg, progress=False)
+    assert not (tmp_path / "one" / "stats.jsonl").exists()
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(coral=1.0, mixup=0.2)
+
+
 def test_mixstyle_and_lab_colour_reach_the_training_loop(demo_prepared, tmp_path, monkeypatch):
     import melanogan.classify.train as train_module
     from melanogan.classify.mixstyle import MixStyle

@@ -52,9 +52,11 @@ class Classifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None, with_diagnosis: bool = False):
-        """Melanoma logits (N,); with `with_diagnosis`, also the diagnosis logits (N, K). A keyword
-        of forward (not another method) so that DDP's wrapper sees the call and syncs gradients.
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None, with_diagnosis: bool = False,
+                with_features: bool = False):
+        """Melanoma logits (N,); with `with_diagnosis`, also the diagnosis logits (N, K); with
+        `with_features`, (logits, diagnosis logits or None, the backbone's features (N, F)). Keywords
+        of forward (not other methods) so that DDP's wrapper sees the call and syncs gradients.
         `metadata` (N, D) for a model trained with it; None means "missing" for every image."""
         features = self.backbone(x)
         joined = features
@@ -63,11 +65,14 @@ class Classifier(nn.Module):
                 metadata = self.missing_metadata.expand(len(x), -1)
             joined = torch.cat([features, self.metadata_net(metadata.to(features.dtype))], dim=1)
         logits = self.head(joined).squeeze(1)
-        if not with_diagnosis:
+        if not (with_diagnosis or with_features):
             return logits
-        if self.diagnosis_head is None:
-            raise MelanoganError("this classifier has no diagnosis head (train with --diagnosis-weight > 0).")
-        return logits, self.diagnosis_head(features)
+        diagnosis = None
+        if with_diagnosis:
+            if self.diagnosis_head is None:
+                raise MelanoganError("this classifier has no diagnosis head (train with --diagnosis-weight > 0).")
+            diagnosis = self.diagnosis_head(features)
+        return (logits, diagnosis, features) if with_features else (logits, diagnosis)
 
 
 class OriginalCNN(nn.Module):

@@ -31,7 +31,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from melanogan import __version__
-from melanogan.classify import mixup
+from melanogan.classify import coral, mixup
 from melanogan.classify.metrics import pr_auc, roc_auc, roc_auc_by_group
 from melanogan.classify.mixstyle import MixStyle
 from melanogan.classify.models import Classifier, create_classifier
@@ -101,6 +101,10 @@ class TrainConfig(BaseModel):
     # 0.2 changed external AUC by +0.018 (Derm7pt), +0.072 (HAM10000, Holm-significant) and -0.009
     # (ISIC set, n.s.), failing "positive everywhere" (README, "Models that travel").
     mixup: float = Field(0.0, ge=0.0, le=10.0)
+    # Deep CORAL's weight (classify/coral.py): each training batch also pays for the difference between
+    # its training sources' feature means and covariances (every pair of sources with two or more images
+    # in the batch; synthetic images are a source of their own); 0 = off. 1 is DomainBed's default.
+    coral: float = Field(0.0, ge=0.0, le=100.0)
     # How often each excised benign training image (a diagnosis confirmed by histopathology: a lesion
     # that looked suspicious enough to cut out; HAM10000's dx_type 'histo') is drawn, relative to the
     # other images; 1 = a plain shuffle. Why: melanoma against an excised naevus is the pair no source
@@ -169,6 +173,10 @@ class TrainConfig(BaseModel):
         if self.diagnosis_vocabulary != "source" and self.diagnosis_weight == 0:
             raise ValueError(f"diagnosis_vocabulary {self.diagnosis_vocabulary!r} names the diagnosis head's classes, "
                              "but diagnosis_weight 0 turns the head off: drop one of them.")
+        if self.coral and self.mixup:
+            # a mixed image's features belong to two sources at once: which source's moments are they?
+            raise ValueError("coral compares each training source's features, and mixup makes images of two sources: "
+                             "use coral or mixup, not both.")
         if self.mixup and self.metadata:
             # metadata codes (age band, sex, site) are categories: a mix of two has no meaning
             raise ValueError("mixup mixes images and labels, not categorical metadata: use mixup or metadata, "
@@ -231,22 +239,24 @@ def diagnosis_classes(train_rows: pd.DataFrame, vocabulary: str = "source") -> l
 
 
 class WithDiagnosis(Dataset):
-    """(image, melanoma label, diagnosis index or IGNORE, metadata vector) over a cached dataset; the
-    metadata vector is empty for a run without metadata."""
+    """(image, melanoma label, diagnosis index or IGNORE, metadata vector, source index) over a cached
+    dataset; the metadata vector is empty for a run without metadata; `sources` gives each image's
+    index among the training sources (all 0 when not given)."""
 
     def __init__(self, dataset: CachedImageDataset, classes: list[str], metadata: list[str] | None = None,
-                 vocabulary: str = "source") -> None:
+                 vocabulary: str = "source", sources: np.ndarray | None = None) -> None:
         index = {c: i for i, c in enumerate(classes)}
         self.dataset = dataset
+        self.sources = np.zeros(len(dataset), np.int64) if sources is None else np.asarray(sources, np.int64)
         self.codes = _diagnosis_keys(dataset.rows, vocabulary).map(index).fillna(IGNORE).to_numpy(np.int64)
         self.metadata = torch.from_numpy(encode_metadata(dataset.rows, metadata or []))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, torch.Tensor, int]:
         x, y = self.dataset[i]
-        return x, y, int(self.codes[i]), self.metadata[i]
+        return x, y, int(self.codes[i]), self.metadata[i], int(self.sources[i])
 
 
 def diagnosis_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -277,8 +287,13 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     if val.labels.sum() == 0 or val.labels.sum() == len(val.labels):
         raise MelanoganError(f"{data_dir}: the validation split needs both classes to choose the best epoch "
                              "and thresholds; re-run `melanogan prepare` with a larger --val fraction.")
-    return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata, cfg.diagnosis_vocabulary)
-                          for p in parts]), val, labels
+    # each item's source as an index (CORAL compares sources within a batch): the real split's manifest
+    # `source`, every synthetic set SYNTHETIC_GROUP, as training_sources names them
+    names = [row_sources(parts[0].rows)] + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in parts[1:]]
+    index = {name: i for i, name in enumerate(sorted(set(np.concatenate(names).tolist())))}
+    return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata, cfg.diagnosis_vocabulary,
+                                        np.array([index[n] for n in part_names], np.int64))
+                          for p, part_names in zip(parts, names, strict=True)]), val, labels
 
 
 def row_sources(rows: pd.DataFrame) -> np.ndarray:
@@ -453,6 +468,18 @@ def training_sources(train_set: ConcatDataset) -> np.ndarray:
                           + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in synthetic])
 
 
+def check_coral_sources(train_set: ConcatDataset, cfg: TrainConfig) -> None:
+    """coral aligns training sources with each other: refuse a training set of one source, where the
+    penalty would be 0 on every batch and the run a plain one under another name."""
+    if not cfg.coral:
+        return
+    names = sorted(set(training_sources(train_set).tolist()))
+    if len(names) < 2:
+        raise MelanoganError(f"coral {cfg.coral:g} aligns the training sources' features, but every training image "
+                             f"comes from one source ({names[0] or 'unnamed'!r}). Prepare two or more with "
+                             "`prepare --source KIND=PATH` (repeated), or train with coral 0.")
+
+
 def source_balanced_indices(sources: np.ndarray, generator: torch.Generator, rank: int = 0,
                             world_size: int = 1) -> list[int]:
     """One epoch of indices drawn with replacement so that every real training source is drawn equally
@@ -554,6 +581,7 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     cfg = cfg.model_copy(update={"precision": fabric_prec})
     train_set, _, _ = build_datasets(data_dir, cfg)  # fail early with a clear message
     cfg, notes = resolve_diagnosis_head(cfg, train_set.datasets[0].dataset.rows, data_dir)  # real training rows
+    check_coral_sources(train_set, cfg)
     if cfg.excised_weight > 1:
         n_excised = int(excised_flags(train_set).sum())
         notes.append(f"excised_weight {cfg.excised_weight:g}: {n_excised} excised benign training images drawn that "
@@ -723,7 +751,7 @@ class _EpochRunner:
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         self.t_start = time.perf_counter() - state.seconds
         self.status = ""  # the last epoch's validation AUC, kept on the bar while the next epoch runs
-        self.seen, self.train_seconds, self.losses = 0, 0.0, []
+        self.seen, self.train_seconds, self.losses, self.penalties = 0, 0.0, [], []
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -758,10 +786,10 @@ class _EpochRunner:
         mix_rng = np.random.default_rng([cfg.seed, epoch, fabric.global_rank]) if cfg.mixup else None
         channels_last = fabric.device.type == "cpu"
         self.model.train()
-        self.losses, self.seen, t0 = [], 0, time.perf_counter()
+        self.losses, self.penalties, self.seen, t0 = [], [], 0, time.perf_counter()
         loader = self.loader(epoch)
         out_of_time = False
-        for x, y, diagnosis, meta in loader:
+        for x, y, diagnosis, meta, source in loader:
             meta = meta if cfg.metadata else None
             if self.batch_aug is not None:
                 x = self.batch_aug(x, aug_gen)
@@ -776,9 +804,14 @@ class _EpochRunner:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in self.optimizer.param_groups:
                 group["lr"] = _lr_at(_progress(state.step, self.total_steps, self.elapsed(), self.budget), cfg)
-            out = self.model(x, meta, with_diagnosis=True) if cfg.diagnosis_weight else (self.model(x, meta), None)
-            objective = partial(self.objective, *out)
+            logits, diagnosis_logits, features = self.model(x, meta, with_diagnosis=bool(cfg.diagnosis_weight),
+                                                            with_features=True)
+            objective = partial(self.objective, logits, diagnosis_logits)
             loss = objective(y, diagnosis) if mix is None else mixup.mixed_loss(objective, mix, y, diagnosis)
+            if cfg.coral:
+                penalty = coral.coral_penalty(features, source)
+                loss = loss + cfg.coral * penalty
+                self.penalties.append(float(penalty.detach()))
             if not torch.isfinite(loss):
                 raise MelanoganError(f"classifier loss became {float(loss)} at epoch {epoch + 1}; the best checkpoint "
                                      f"in {self.run_dir / 'best'} is kept. Lower --lr or use --precision 32.")
@@ -823,6 +856,8 @@ class _EpochRunner:
         # NaN when no source holds both classes (select 'worst_source_auc' refuses that at the start)
         record["val_auc_by_source"] = roc_auc_by_group(val_y, val_logits, self.val_sources)
         record["val_auc_worst_source"] = min(record["val_auc_by_source"].values(), default=float("nan"))
+        if self.cfg.coral:  # the unweighted CORAL penalty, mean over the epoch's batches (in train_loss, weighted)
+            record["train_coral"] = float(np.mean(self.penalties)) if self.penalties else float("nan")
         return record
 
     def scored(self) -> nn.Module:

@@ -10,8 +10,9 @@ import pytest
 
 from melanogan.data.audit import audit, audit_manifest
 from melanogan.data.cache import CacheOptions
-from melanogan.data.manifest import MANIFEST_COLUMNS, load_manifest, prepare
+from melanogan.data.manifest import MANIFEST_COLUMNS, load_manifest, prepare, squashed_copies_notes
 from melanogan.errors import DataError
+from melanogan.fileio import read_json
 from tests.conftest import write_jpeg
 
 
@@ -37,6 +38,32 @@ def test_rejections_are_reported_and_run_goes_on(tmp_path):
     rejected = pd.read_csv(tmp_path / "out" / "rejected.csv").set_index("image_id")["reason"].to_dict()
     assert rejected == {names[9]: "empty-file", names[10]: "not-an-image", names[11]: "missing-file"}
     assert len(result.manifest) == 9
+
+
+def test_square_copies_of_a_source_published_at_one_wider_size_are_named_with_their_squash():
+    manifest = pd.DataFrame({"source": ["ham10000"] * 4 + ["ham10000#2"] * 2 + ["folder"] * 2,
+                             "width": [224, 224, 180, 600, 600, 600, 180, 180],
+                             "height": [224, 224, 180, 450, 450, 450, 180, 180]})
+    kinds = {"ham10000": "ham10000", "ham10000#2": "ham10000", "folder": "folder"}
+    notes = squashed_copies_notes(manifest, kinds)
+    # the first HAM10000 source: 3 of its 4 images square, most of them 224x224, lesions 450/600 as wide;
+    # the second is published-size only; a folder source has no published size (square is its own)
+    assert len(notes) == 1
+    assert notes[0].startswith("ham10000: 3 of 4 images are square (most 224x224), but ham10000's photographs are "
+                               "published at 600x450") and "0.75 as wide" in notes[0]
+    assert squashed_copies_notes(manifest[manifest["source"] != "ham10000"], kinds) == []
+
+
+def test_prepare_says_when_ham10000_files_are_squashed_copies(tmp_path):
+    ids = [f"ISIC_{i:07d}" for i in range(4)]
+    pd.DataFrame({"lesion_id": [f"L{i}" for i in range(4)], "image_id": ids,
+                  "dx": ["mel", "nv", "nv", "nv"]}).to_csv(tmp_path / "HAM10000_metadata.csv", index=False)
+    for i, n in enumerate(ids):  # three square copies, one at the published 600x450 (4:3) shape
+        write_jpeg(tmp_path / "HAM10000_images_part_1" / f"{n}.jpg", i, (64, 64) if i < 3 else (60, 45))
+    result = prepare([("ham10000", tmp_path)], tmp_path / "out", CacheOptions(size=32))
+    squash = [n for n in result.notes if "squashed" in n]
+    assert len(squash) == 1 and squash[0].startswith("ham10000: 3 of 4 images are square (most 64x64)")
+    assert squash == [n for n in read_json(tmp_path / "out" / "prepare.json")["notes"] if "squashed" in n]
 
 
 def test_exact_duplicates_with_conflicting_labels_are_all_rejected(tmp_path):

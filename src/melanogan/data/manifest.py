@@ -98,6 +98,37 @@ def _name_sources(kinds: list[str]) -> list[str]:
     return names
 
 
+# The one size every photograph of a source kind is published at, where there is one (HAM10000: all
+# 10,015 images are 600x450). A square file of such a source was squashed to a square by whoever
+# resized it (a common Kaggle mirror); the cache takes a square file whole, so its lesions keep that
+# squash, while a source whose files keep their aspect is centre-cropped and keeps its lesions' shape.
+PUBLISHED_SIZE = {"ham10000": (600, 450)}
+
+
+def squashed_copies_notes(manifest: pd.DataFrame, kinds: dict[str, str]) -> list[str]:
+    """One note per source (`kinds`: source name -> kind) of a kind with a PUBLISHED_SIZE that is not
+    square, whose kept images include square ones: how many, their commonest size, and by how much
+    their lesions are squashed (published height / width). The pixels are left as they are: the note
+    says what the geometry is, so that a model trained on squashed lesions is not mistaken for one
+    trained on the published photographs."""
+    notes = []
+    for name, kind in kinds.items():
+        if kind not in PUBLISHED_SIZE or "width" not in manifest:
+            continue
+        width, height = PUBLISHED_SIZE[kind]
+        rows = manifest[manifest["source"] == name]
+        square = rows[(rows["width"] == rows["height"]) & (rows["width"] > 0)]
+        if width == height or square.empty:
+            continue
+        w, h = square.groupby(["width", "height"]).size().idxmax()
+        notes.append(f"{name}: {len(square):,} of {len(rows):,} images are square (most {w}x{h}), but {kind}'s "
+                     f"photographs are published at {width}x{height}: these are copies squashed to a square, and "
+                     f"are cached as they are, so their lesions are {height / width:.2f} as wide (for their height) "
+                     f"as in the published photographs and in any source whose files keep their aspect. Prepare "
+                     f"from the published files where you can; figures from these copies hold for squashed lesions.")
+    return notes
+
+
 def _resolve_exact_duplicates(ok: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Identical files: keep one row (labeled first); if their labels disagree, keep none."""
     ok = ok.sort_values(["unlabeled", "source_rank", "uid"], kind="stable")
@@ -201,6 +232,7 @@ def prepare(
         old = pd.read_parquet(out / MANIFEST, columns=["uid", "split"])
         existing = old.set_index("uid")["split"]
     ok["split"], notes = assign_splits(ok, fractions, seed, existing)
+    notes += squashed_copies_notes(ok, dict(zip(_name_sources(kinds), kinds, strict=True)))
 
     ok = ok.sort_values(["source_rank", "uid"], kind="stable")
     ok["label"] = ok["label"].astype(np.int8)

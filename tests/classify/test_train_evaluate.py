@@ -573,6 +573,16 @@ def test_source_balanced_sampling_draws_every_real_source_equally_and_keeps_the_
     assert sorted(shares[0] + shares[1]) == sorted(drawn.tolist())
 
 
+def _two_source_demo(demo_raw: Path, data: Path) -> pd.DataFrame:
+    """The demo data prepared at 32 px into `data`, its rows given two sources (every third row
+    clinic-a, the rest clinic-b), as two `--source` options would: the demo data is one source."""
+    prepare([("siim-isic-2020", demo_raw)], data, CacheOptions(size=32), seed=0)
+    manifest = pd.read_parquet(data / "manifest.parquet")
+    manifest["source"] = np.where(np.arange(len(manifest)) % 3 == 0, "clinic-a", "clinic-b")
+    write_parquet(data / "manifest.parquet", manifest)
+    return manifest
+
+
 def test_the_source_sampler_reaches_the_training_loop_with_each_rows_source(demo_raw, tmp_path, monkeypatch):
     import melanogan.classify.train as train_module
 
@@ -585,11 +595,7 @@ def test_the_source_sampler_reaches_the_training_loop_with_each_rows_source(demo
 
     monkeypatch.setattr(train_module, "source_balanced_indices", spy)
     data = tmp_path / "data"
-    prepare([("siim-isic-2020", demo_raw)], data, CacheOptions(size=32), seed=0)
-    manifest = pd.read_parquet(data / "manifest.parquet")
-    # the demo data is one source: its rows are given two sources, as two `--source` options would
-    manifest["source"] = np.where(np.arange(len(manifest)) % 3 == 0, "clinic-a", "clinic-b")
-    write_parquet(data / "manifest.parquet", manifest)
+    manifest = _two_source_demo(demo_raw, data)
     cfg = TrainConfig(**{**TINY, "epochs": 1, "sampler": "source"})
     train_classifier(data, tmp_path / "run", cfg, progress=False)
     train_rows = manifest[manifest["split"] == "train"]
@@ -610,11 +616,7 @@ def test_coral_compares_each_training_batch_by_the_rows_sources(demo_raw, demo_p
 
     monkeypatch.setattr(coral_module, "coral_penalty", spy)
     data = tmp_path / "data"
-    prepare([("siim-isic-2020", demo_raw)], data, CacheOptions(size=32), seed=0)
-    manifest = pd.read_parquet(data / "manifest.parquet")
-    # the demo data is one source: its rows are given two, as two `--source` options would
-    manifest["source"] = np.where(np.arange(len(manifest)) % 3 == 0, "clinic-a", "clinic-b")
-    write_parquet(data / "manifest.parquet", manifest)
+    manifest = _two_source_demo(demo_raw, data)
     cfg = TrainConfig(**{**TINY, "epochs": 1, "coral": 1.0})
     train_classifier(data, tmp_path / "run", cfg, progress=False)
     train_rows = manifest[(manifest["split"] == "train") & manifest["label"].isin([0, 1])]

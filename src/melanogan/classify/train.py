@@ -289,9 +289,8 @@ def build_datasets(data_dir: Path, cfg: TrainConfig) -> tuple[ConcatDataset, Cac
     if val.labels.sum() == 0 or val.labels.sum() == len(val.labels):
         raise MelanoganError(f"{data_dir}: the validation split needs both classes to choose the best epoch "
                              "and thresholds; re-run `melanogan prepare` with a larger --val fraction.")
-    # each item's source as an index (CORAL compares sources within a batch): the real split's manifest
-    # `source`, every synthetic set SYNTHETIC_GROUP, as training_sources names them
-    names = [row_sources(parts[0].rows)] + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in parts[1:]]
+    # each item's source as an index (CORAL compares sources within a batch)
+    names = part_sources(parts)
     index = {name: i for i, name in enumerate(sorted(set(np.concatenate(names).tolist())))}
     return ConcatDataset([WithDiagnosis(p, cfg.diagnosis_classes, cfg.metadata, cfg.diagnosis_vocabulary,
                                         np.array([index[n] for n in part_names], np.int64))
@@ -462,12 +461,16 @@ def weighted_draw(weights: np.ndarray, generator: torch.Generator, rank: int = 0
 SYNTHETIC_GROUP = "\0synthetic"
 
 
-def training_sources(train_set: ConcatDataset) -> np.ndarray:
-    """Each training item's source, in the order of `build_datasets`' parts: the real training split's
+def part_sources(parts: list[CachedImageDataset]) -> list[np.ndarray]:
+    """Each image's source, per part of `build_datasets`' training set: the real training split's
     manifest `source` (`row_sources`), then every synthetic set as SYNTHETIC_GROUP."""
-    real, *synthetic = train_set.datasets
-    return np.concatenate([row_sources(real.dataset.rows)]
-                          + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in synthetic])
+    real, *synthetic = parts
+    return [row_sources(real.rows)] + [np.full(len(p), SYNTHETIC_GROUP, dtype=object) for p in synthetic]
+
+
+def training_sources(train_set: ConcatDataset) -> np.ndarray:
+    """Each training item's source (`part_sources`), in the training set's order."""
+    return np.concatenate(part_sources([p.dataset for p in train_set.datasets]))
 
 
 def check_coral_sources(train_set: ConcatDataset, cfg: TrainConfig) -> None:

@@ -190,8 +190,9 @@ def prepare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = [k for k, _ in sources]
+    names = _name_sources(kinds)
     frames = []
-    for rank, ((kind, path), name) in enumerate(zip(sources, _name_sources(kinds), strict=True)):
+    for rank, ((kind, path), name) in enumerate(zip(sources, names, strict=True)):
         df = read_source(kind, path, melanoma_folders)
         df["source"] = name
         df["source_rank"] = rank
@@ -232,7 +233,7 @@ def prepare(
         old = pd.read_parquet(out / MANIFEST, columns=["uid", "split"])
         existing = old.set_index("uid")["split"]
     ok["split"], notes = assign_splits(ok, fractions, seed, existing)
-    notes += squashed_copies_notes(ok, dict(zip(_name_sources(kinds), kinds, strict=True)))
+    notes += squashed_copies_notes(ok, dict(zip(names, kinds, strict=True)))
 
     ok = ok.sort_values(["source_rank", "uid"], kind="stable")
     ok["label"] = ok["label"].astype(np.int8)
@@ -251,7 +252,7 @@ def prepare(
         "melanogan_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "sources": [{"kind": k, "path": str(Path(p).resolve()), "name": n}
-                    for (k, p), n in zip(sources, _name_sources(kinds), strict=True)],
+                    for (k, p), n in zip(sources, names, strict=True)],
         "cache": str(cache_root.relative_to(out)),
         "cache_options": options.to_dict(),
         "split": {"train": fractions.train, "val": fractions.val, "test": fractions.test, "seed": seed},

@@ -17,10 +17,10 @@ def test_moment_distance_is_the_mean_squared_difference_of_means_plus_that_of_co
     # a shifted copy: only the means differ, by (3, 3) -> 9; the same set: 0
     assert float(moment_distance(A, A + 3.0)) == pytest.approx(9.0)
     assert float(moment_distance(A, A)) == 0.0
-    # the covariance is unbiased (n - 1): three rows 0, 1, 2 on one feature have variance 1, not 2/3
+    # the covariance is unbiased (n - 1): three rows 0, 1, 2 on one feature have variance 1, not 2/3, so
+    # against two rows of 1 (same mean, variance 0) the distance is 1 (biased, it would be 4/9)
     c = torch.tensor([[0.0], [1.0], [2.0]])
-    # (biased, 2/3, it would be 4/9)
-    assert float(moment_distance(c, torch.tensor([[1.0], [1.0]]))) == pytest.approx(1.0)  # cov 1 vs 0, same mean
+    assert float(moment_distance(c, torch.tensor([[1.0], [1.0]]))) == pytest.approx(1.0)
 
 
 def test_the_penalty_compares_the_batch_sources_whatever_the_order_of_the_images():

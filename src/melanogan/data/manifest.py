@@ -113,12 +113,12 @@ def squashed_copies_notes(manifest: pd.DataFrame, kinds: dict[str, str]) -> list
     trained on the published photographs."""
     notes = []
     for name, kind in kinds.items():
-        if kind not in PUBLISHED_SIZE or "width" not in manifest:
+        width, height = PUBLISHED_SIZE.get(kind, (0, 0))
+        if width == height or "width" not in manifest:  # no published size, or a square one
             continue
-        width, height = PUBLISHED_SIZE[kind]
         rows = manifest[manifest["source"] == name]
         square = rows[(rows["width"] == rows["height"]) & (rows["width"] > 0)]
-        if width == height or square.empty:
+        if square.empty:
             continue
         w, h = square.groupby(["width", "height"]).size().idxmax()
         notes.append(f"{name}: {len(square):,} of {len(rows):,} images are square (most {w}x{h}), but {kind}'s "

@@ -538,6 +538,10 @@ def train(
         help="none or random (each batch lit by a random illumination field: a lens vignette with a shifted "
              "centre times a side-to-side gradient; batch augmentation only). Default: none (see README, Models "
              "that travel).")] = "none",
+    crop_aspect: Annotated[float | None, typer.Option(
+        help="The widest crop aspect ratio A of batch augmentation: drawn log-uniformly in [1/A, A] (a lesion up "
+             "to A times narrower or wider), A in 1-2. Default: the preset's own range (classic 0.85-1.18, "
+             "strong 0.75-1.33; see README, Models that travel).")] = None,
     mixup: Annotated[float, typer.Option(
         help="Mixup's alpha: each training batch mixed with a shuffled copy of itself (lam ~ Beta(alpha, alpha)) "
              "and the losses mixed alike; 0 = off. Default: 0 (see README, Models that travel).")] = 0.0,
@@ -600,7 +604,7 @@ def train(
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
                         loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
                         style_augment=style_augment, illumination_augment=illumination_augment,
-                        mixup=mixup, coral=coral, excised_weight=excised_weight,
+                        crop_aspect=crop_aspect, mixup=mixup, coral=coral, excised_weight=excised_weight,
                         diagnosis_weight=diagnosis_weight,
                         diagnosis_vocabulary=diagnosis_vocabulary, epochs=epochs,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
@@ -879,7 +883,8 @@ def bench_travel(
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
         "hair_removal=true with +), image_size, augment, "
-        "color_augment, style_augment, illumination_augment, mixup, coral, excised_weight, diagnosis_weight, "
+        "color_augment, style_augment, illumination_augment, crop_aspect, mixup, coral, excised_weight, "
+        "diagnosis_weight, "
         "diagnosis_vocabulary (source or shared), sampler, loss (bce, weighted or focal), "
         "model (another "
         "architecture, from scratch), "

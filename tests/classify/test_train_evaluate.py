@@ -694,6 +694,32 @@ def test_illumination_augment_lights_every_training_batch_and_is_recorded(demo_p
             TrainConfig(illumination_augment="random", **refused)
 
 
+def test_crop_aspect_reaches_every_training_batch_and_is_recorded(demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+    from melanogan.data.batch_augment import BatchAugment
+
+    seen = []
+
+    class Spy(BatchAugment):
+        def sample(self, n, generator=None):
+            p = super().sample(n, generator)
+            seen.append(self.aspect)
+            return p
+
+    monkeypatch.setattr(train_module, "BatchAugment", Spy)
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "crop_aspect": 4 / 3})
+    train_classifier(demo_prepared, tmp_path / "wide", cfg, progress=False)
+    n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
+    assert seen == [4 / 3] * (n_train // TINY["batch_size"])  # every training batch drew its crops from [3/4, 4/3]
+    assert load_model(tmp_path / "wide" / "best")[1].crop_aspect == 4 / 3
+    assert TrainConfig().crop_aspect is None  # the preset's own range until measured (README, Models that travel)
+    for refused in ({"batch_augment": False}, {"augment": "none"}):
+        with pytest.raises(ValueError, match="crop of batch augmentation"):
+            TrainConfig(crop_aspect=4 / 3, **refused)
+    with pytest.raises(ValueError):
+        TrainConfig(crop_aspect=0.75)  # A is the wider end: [1/A, A]
+
+
 def _rows(uids, hashes, ids, phashes):
     return pd.DataFrame({"uid": uids, "content_hash": hashes, "image_id": ids, "phash": phashes})
 

@@ -266,6 +266,47 @@ def test_illumination_draws_come_last_and_cover_their_ranges():
         BatchAugment(64, "none", illumination="random")
 
 
+def test_crop_aspect_widens_only_the_aspect_draw():
+    def ratios(p):  # w / h is the drawn aspect where neither side was clamped to the whole image
+        free = (p["w"] < 1) & (p["h"] < 1)
+        return p["w"][free] / p["h"][free]
+
+    for augment, preset_range in (("classic", (0.85, 1.18)), ("strong", (0.75, 1.33))):
+        own = BatchAugment(64, augment).sample(20000, torch.Generator().manual_seed(3))
+        wide = BatchAugment(64, augment, aspect=4 / 3).sample(20000, torch.Generator().manual_seed(3))
+        narrow = BatchAugment(64, augment, aspect=1.05).sample(20000, torch.Generator().manual_seed(3))
+        # every other draw (flips, rotation, area, colours) is the one the preset's own range made
+        assert all(torch.equal(own[k], wide[k]) for k in own if k not in ("w", "h", "cx", "cy"))
+        lo, hi = preset_range
+        r = ratios(own)
+        assert lo <= float(r.min()) < lo * 1.02 and hi / 1.02 < float(r.max()) <= hi
+        for p, a in ((wide, 4 / 3), (narrow, 1.05)):
+            r = ratios(p)
+            assert 1 / a - 1e-6 <= float(r.min()) < 1.02 / a and a / 1.02 < float(r.max()) <= a + 1e-6
+            # log-uniform: as many lesions narrowed as widened
+            assert abs(float((r > 1).float().mean()) - 0.5) < 0.03
+        # the crop still stays inside the image
+        assert bool(((wide["cx"].abs() + wide["w"]) <= 1 + 1e-6).all())
+        assert bool(((wide["cy"].abs() + wide["h"]) <= 1 + 1e-6).all())
+    for bad in (0.9, 2.5, float("nan")):
+        with pytest.raises(ValueError, match="1/A, A"):
+            BatchAugment(64, aspect=bad)
+    with pytest.raises(ValueError, match="'classic' and 'strong'"):
+        BatchAugment(64, "none", aspect=4 / 3)
+
+
+def test_a_crop_of_aspect_r_makes_a_lesion_1_over_r_as_wide_for_its_height():
+    # a square 8 px lesion in a 16 px image; a crop of 3/4 of the width and the whole height (aspect
+    # r = 0.75) resized to 12 px keeps its 8 px width and brings its height to 8 * 12/16 = 6 px:
+    # 4/3 as wide as tall, the squash of a 4:3 photograph copied to a square, undone
+    x = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    x[..., 4:12, 4:12] = 255
+    out = BatchAugment(12, mean=MEAN, std=STD)(x, params=_params(w=0.75, h=1.0))[0, 0]
+    expected = torch.zeros(12, 12)
+    expected[3:9, 2:10] = 1
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def _strong_params(**changes) -> dict[str, torch.Tensor]:
     p = {"zoom": 1.0, "sharpness": 1.0, "sigma": 0.0, "radius": 0.0, "shift_y": 0.0, "shift_x": 0.0}
     p.update(changes)

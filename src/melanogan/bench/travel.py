@@ -34,7 +34,8 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare", "hair_method": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
-          "style_augment": "train", "illumination_augment": "train", "mixup": "train", "coral": "train",
+          "style_augment": "train", "illumination_augment": "train", "crop_aspect": "train", "mixup": "train",
+          "coral": "train",
           "excised_weight": "train", "diagnosis_weight": "train", "diagnosis_vocabulary": "train",
           "sampler": "train", "loss": "train", "model": "train",
           "select": "train", "weight_average": "train",
@@ -53,7 +54,7 @@ REFIT_SITE = "choose-head"
 # minutes, epochs and ensemble become the budget and the members).
 # A patience no run reaches: early stopping off (the clock budget, or patience=off with epochs).
 _NEVER_STOP = 1000
-_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "mixup", "coral",
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "crop_aspect", "mixup", "coral",
                   "excised_weight", "diagnosis_weight", "diagnosis_vocabulary", "sampler", "loss", "select",
                   "weight_average")
 

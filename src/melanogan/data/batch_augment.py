@@ -15,6 +15,13 @@ rotation, as RandomResizedCrop places it.
 "Models that travel"): lightness contrast and offset, a chroma scale, and an offset of a* and b*,
 i.e. a shift of the white point, which is how dermoscopes' illuminants and sensors differ.
 
+`aspect=A` draws the crop's aspect ratio log-uniformly in [1/A, A] instead of the preset's range
+(classic 0.85-1.18, strong 0.75-1.33): a crop of aspect r resized to the square input makes a lesion
+1/r as wide for its height. Why a lever: two of our three sources reach the cache as copies squashed
+from 4:3 to a square (lesions 0.75 as wide; README "Sources"), the third cropped, so a model trained
+on one geometry meets the other at a held-out source; A = 4/3 covers that squash in either
+direction (with the rotation), and is RandomResizedCrop's own default range.
+
 `illumination="random"` multiplies each image by a smooth illumination field after the geometry and
 before the colour step (light reaches the skin before the sensor sees it): a lens vignette (darker
 towards a randomly shifted centre's periphery) times a linear gradient in a random direction (a ring
@@ -180,7 +187,7 @@ class BatchAugment(torch.nn.Module):
         "light_angle": (-math.pi, math.pi)}
 
     def __init__(self, size: int, augment: str = "classic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 color: str = "rgb", illumination: str = "none"):
+                 color: str = "rgb", illumination: str = "none", aspect: float | None = None):
         super().__init__()
         if augment not in ("none", "classic", "strong"):
             raise ValueError(f"batch augmentation supports 'none', 'classic' and 'strong', not {augment!r}")
@@ -192,7 +199,12 @@ class BatchAugment(torch.nn.Module):
             raise ValueError(f"illumination augmentation is 'none' or 'random', not {illumination!r}")
         if illumination != "none" and augment == "none":
             raise ValueError("illumination augmentation is a step of the 'classic' and 'strong' presets")
+        if aspect is not None and not (math.isfinite(aspect) and 1.0 <= aspect <= 2.0):
+            raise ValueError(f"the crop aspect range is [1/A, A] with A in [1, 2], not A = {aspect!r}")
+        if aspect is not None and augment == "none":
+            raise ValueError("a crop aspect range is a step of the 'classic' and 'strong' presets")
         self.size, self.augment, self.color, self.illumination = size, augment, color, illumination
+        self.aspect = aspect
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -204,7 +216,8 @@ class BatchAugment(torch.nn.Module):
 
         r = PRESETS["strong" if self.augment == "strong" else "classic"]
         area = uniform(*r["area"])
-        log_ratio = uniform(math.log(r["ratio"][0]), math.log(r["ratio"][1]))
+        lo, hi = (1 / self.aspect, self.aspect) if self.aspect is not None else r["ratio"]
+        log_ratio = uniform(math.log(lo), math.log(hi))
         ratio = torch.exp(log_ratio)
         # crop side lengths as fractions of the image (clamped to fit, as RandomResizedCrop retries)
         w = torch.sqrt(area * ratio).clamp(max=1.0)

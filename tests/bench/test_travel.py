@@ -61,7 +61,7 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("color_augment=hsv", "color_augment"), ("style_augment=mix", "style_augment"),
                          ("illumination_augment=flash", "illumination_augment"), ("mixup=-1", "mixup"),
                          ("coral=-1", "coral"), ("crop_aspect=0.75", "crop_aspect"),
-                         ("crop_aspect=1.3+augment=none", "crop of batch augmentation"),
+                         ("crop_aspect=1.3+augment=none", "step of batch augmentation"),
                          ("coral=1+mixup=0.2", "not both"),
                          ("excised_weight=0.5", "excised_weight"), ("excised_weight=3+sampler=balanced", "combined"),
                          ("epochs=0", "1 to 500"), ("epochs=2.5", "epochs"), ("select=pooled", "select"),

@@ -714,7 +714,7 @@ def test_crop_aspect_reaches_every_training_batch_and_is_recorded(demo_prepared,
     assert load_model(tmp_path / "wide" / "best")[1].crop_aspect == 4 / 3
     assert TrainConfig().crop_aspect is None  # the preset's own range until measured (README, Models that travel)
     for refused in ({"batch_augment": False}, {"augment": "none"}):
-        with pytest.raises(ValueError, match="crop of batch augmentation"):
+        with pytest.raises(ValueError, match="step of batch augmentation"):
             TrainConfig(crop_aspect=4 / 3, **refused)
     with pytest.raises(ValueError):
         TrainConfig(crop_aspect=0.75)  # A is the wider end: [1/A, A]

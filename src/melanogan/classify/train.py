@@ -174,12 +174,12 @@ class TrainConfig(BaseModel):
         if self.color_augment == "lab" and not (self.batch_augment and self.augment == "classic"):
             raise ValueError("color_augment 'lab' is the colour step of classic batch augmentation: use it with "
                              "augment 'classic' and batch augmentation on (not per-image or strong presets).")
-        if self.illumination_augment != "none" and not (self.batch_augment and self.augment != "none"):
-            raise ValueError("illumination_augment 'random' is a step of batch augmentation: use it with augment "
+        # settings only BatchAugment applies: refused where no batch augmentation runs
+        batch_only = [name for name, on in (("illumination_augment 'random'", self.illumination_augment != "none"),
+                                            (f"crop_aspect {self.crop_aspect}", self.crop_aspect is not None)) if on]
+        if batch_only and not (self.batch_augment and self.augment != "none"):
+            raise ValueError(f"{' and '.join(batch_only)}: a step of batch augmentation; use it with augment "
                              "'classic' or 'strong' and batch augmentation on (not --per-image-augment).")
-        if self.crop_aspect is not None and not (self.batch_augment and self.augment != "none"):
-            raise ValueError("crop_aspect sets the crop of batch augmentation: use it with augment 'classic' or "
-                             "'strong' and batch augmentation on (not --per-image-augment).")
         if self.excised_weight > 1 and self.sampler != "none":
             raise ValueError(f"excised_weight draws excised benign images more often in a weighted draw of its own; "
                              f"it cannot be combined with sampler {self.sampler!r}: use one of them.")

@@ -113,7 +113,8 @@ class TrainConfig(BaseModel):
     # its training sources' feature means and covariances (every pair of sources with two or more images
     # in the batch; synthetic images are a source of their own); 0 = off. 1 is DomainBed's default.
     # Off: under leave-one-source-out (split 27000) 1 changed external AUC by -0.009 (HAM10000 held
-    # out), -0.012 (ISIC set) and +0.003 (Derm7pt), none significant (README, "Models that travel").
+    # out), -0.012 (ISIC set) and +0.003 (Derm7pt), none significant; with sampler 'source' (split
+    # 29000) +0.000, -0.024 and +0.008 (README, "Models that travel").
     coral: float = Field(0.0, ge=0.0, le=100.0)
     # How often each excised benign training image (a diagnosis confirmed by histopathology: a lesion
     # that looked suspicious enough to cut out; HAM10000's dx_type 'histo') is drawn, relative to the

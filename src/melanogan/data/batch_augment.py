@@ -197,12 +197,13 @@ class BatchAugment(torch.nn.Module):
             raise ValueError("'lab' colour augmentation is the colour step of the classic preset")
         if illumination not in ("none", "random"):
             raise ValueError(f"illumination augmentation is 'none' or 'random', not {illumination!r}")
-        if illumination != "none" and augment == "none":
-            raise ValueError("illumination augmentation is a step of the 'classic' and 'strong' presets")
         if aspect is not None and not (math.isfinite(aspect) and 1.0 <= aspect <= 2.0):
             raise ValueError(f"the crop aspect range is [1/A, A] with A in [1, 2], not A = {aspect!r}")
-        if aspect is not None and augment == "none":
-            raise ValueError("a crop aspect range is a step of the 'classic' and 'strong' presets")
+        # steps of the augmenting presets: 'none' only resizes, so it would silently drop them
+        steps = [name for name, on in (("illumination augmentation", illumination != "none"),
+                                       ("a crop aspect range", aspect is not None)) if on]
+        if steps and augment == "none":
+            raise ValueError(f"{' and '.join(steps)}: a step of the 'classic' and 'strong' presets, not of 'none'")
         self.size, self.augment, self.color, self.illumination = size, augment, color, illumination
         self.aspect = aspect
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))

@@ -563,6 +563,9 @@ def train(
              "travel).")] = "source",
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes, keeping the best.")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="Stop after this many optimisation steps (the schedule spans them): a budget that is the same on a "
+             "fast and a slow machine.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up then cosine).")] = 2e-3,
     patience: Annotated[int, typer.Option(help="Epochs without better validation AUC before stopping.")] = 8,
@@ -607,7 +610,8 @@ def train(
                         crop_aspect=crop_aspect, mixup=mixup, coral=coral, excised_weight=excised_weight,
                         diagnosis_weight=diagnosis_weight,
                         diagnosis_vocabulary=diagnosis_vocabulary, epochs=epochs,
-                        max_minutes=max_minutes, batch_size=batch_size, lr=lr, patience=patience, select=select,
+                        max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, patience=patience,
+                        select=select,
                         weight_average=weight_average, ema_decay=ema_decay, seed=seed, workers=workers,
                         batch_augment=batch_augment, precision=precision, metadata=metadata,
                         accelerator=accelerator, devices=devices, resume=resume, logger=logger).summary
@@ -901,6 +905,11 @@ def bench_travel(
     repeats: Annotated[int, typer.Option(help=(
         "Train every variant this many times (training seeds seed, seed+1000, ...; the same splits) and also "
         "compare each lever over all of them: a single run moves by up to 0.03 AUC."))] = 1,
+    match_steps: Annotated[bool, typer.Option(
+        "--match-steps", help="Every lever that trains stops at the defaults' step count (same held-out source and "
+        "seed) instead of its own clock, so that the machine's speed from run to run does not count as the "
+        "lever's effect; its cost shows in its minutes. Refused with the budget levers (minutes, epochs, "
+        "patience, ensemble).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
 ) -> None:
     """Leave one source out (HAM10000, ISIC 9-class, Derm7pt): train on two with the default pipeline,
@@ -909,7 +918,7 @@ def bench_travel(
     from melanogan.bench.travel import case_mix_lines, diagnosis_lines, run, table
 
     results = run(shared, minutes, tuple(h for h in holdout.split(",") if h), model, weights, image_size, seed,
-                  accelerator, tuple(vary or ()), json_out, batch_size, repeats)
+                  accelerator, tuple(vary or ()), json_out, batch_size, repeats, match_steps)
     _print_bench(results, json_out)
     console.print(table(results), markup=False, highlight=False, soft_wrap=True)
     by_diagnosis = diagnosis_lines(results)

@@ -135,7 +135,8 @@ def _fake_pipeline(tmp_path, monkeypatch) -> dict:
         Path(run_dir).mkdir(parents=True)
         (Path(run_dir) / "skill.txt").write_text("2.0" if cfg.augment == "strong" else "1.0")
         (Path(run_dir) / "stats.jsonl").write_text('{"epoch": 1, "img_per_s": 10.0}\n{"epoch": 2, "img_per_s": 30.0}\n')
-        return {"epochs": 3}
+        # a clock-budgeted run's steps differ from seed to seed (as a machine's speed does from run to run)
+        return {"epochs": 3, "steps": cfg.max_steps or 100 + cfg.seed}
 
     def fake_evaluate(run_dir, data_dir=None, split=None, bootstrap=1000, tta=1, out=None, **kw):
         calls["evaluate"].append((Path(run_dir).name, tta))
@@ -291,6 +292,35 @@ def test_an_epoch_budget_trains_like_train_and_select_and_ema_change_only_their_
     assert {k: v for k, v in no_stop.items() if defaults[k] != v} == {"max_minutes": None, "epochs": 30}
     assert no_stop["patience"] >= 30
     assert {k: v for k, v in short.items() if defaults[k] != v} == {"max_minutes": None, "epochs": 12, "patience": 3}
+
+
+def test_match_steps_stops_every_training_lever_at_the_defaults_step_and_leaves_the_rest_alone(tmp_path,
+                                                                                              monkeypatch):
+    from melanogan.bench.ledger import ledger_table
+
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=strong", "resize_mode=lesion", "tta=2"),
+                        batch_size=16, seed=3, repeats=2, match_steps=True)
+    # per seed: the defaults on the clock, then the two training levers at the defaults' steps of that seed;
+    # TTA rescores the defaults' model (no training of its own)
+    budgets = [(c.seed, c.max_minutes, c.max_steps, c.epochs) for c in calls["cfg"]]
+    assert budgets == [(3, 8.0, None, 200), (3, None, 103, 200), (3, None, 103, 200),
+                       (1003, 8.0, None, 200), (1003, None, 1103, 200), (1003, None, 1103, 200)]
+    assert all(c.patience >= 200 for c in calls["cfg"])  # no early stopping: the steps are the budget
+    lever = calls["cfg"][1].model_dump()
+    assert {k: v for k, v in lever.items() if calls["cfg"][0].model_dump()[k] != v} == {
+        "augment": "strong", "max_minutes": None, "max_steps": 103}
+    assert [r["steps"] for r in result["rows"]] == [103, 103, 103, 103, 1103, 1103, 1103, 1103]
+    assert result["match_steps"] is True
+    # the table puts each run's steps, minutes and speed beside its epochs; the ledger names the budget
+    assert "| augment=strong (seed 3) | 3 (103 steps, " in travel.table(result)
+    assert "| augment=strong (the defaults' steps) |" in ledger_table({"x.json": result})
+    without = travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=strong",), batch_size=16, seed=5)
+    assert without["match_steps"] is False and calls["cfg"][-1].max_steps is None
+    assert "steps" not in travel.table(without) and "(the defaults' steps)" not in ledger_table({"y.json": without})
+    for budget in ("minutes=4", "epochs=30+patience=off", "ensemble=2"):
+        with pytest.raises(MelanoganError, match="changes the budget itself"):
+            travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=strong", budget), match_steps=True)
 
 
 def test_the_adapt_lever_adapts_the_defaults_model_on_the_choose_part_and_reports_on_the_other(tmp_path,

@@ -957,3 +957,37 @@ def test_mixup_mixes_every_training_batch_and_its_targets_and_keeps_the_augmenta
         TrainConfig(mixup=0.2, metadata="age,sex")
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         TrainConfig(mixup=-0.1)
+
+
+def test_a_step_budget_stops_mid_epoch_at_that_step_and_the_schedule_spans_it(demo_prepared, tmp_path, monkeypatch):
+    import melanogan.classify.train as train_module
+
+    n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
+    per_epoch = n_train // TINY["batch_size"]
+    budget = per_epoch + 2  # two steps into the second of three epochs
+    progress = []
+
+    def spy(step, total_steps, elapsed, limit):
+        progress.append(_progress(step, total_steps, elapsed, limit))
+        return progress[-1]
+
+    monkeypatch.setattr(train_module, "_progress", spy)
+    cfg = TrainConfig(**{**TINY, "epochs": 3, "max_steps": budget})
+    summary = train_classifier(demo_prepared, tmp_path / "run", cfg, progress=False)
+    assert (summary["steps"], summary["epochs"], summary["stopped_by"]) == (budget, 2, "step budget")
+    # the learning-rate schedule ends at the step budget (cosine to zero at its last step), not at epoch 3
+    assert progress == pytest.approx([(i + 1) / budget for i in range(budget)])
+    records = (tmp_path / "run" / "stats.jsonl").read_text().splitlines()
+    assert len(records) == 2  # the cut epoch is validated and kept like a full one
+    # resuming a run whose step budget is spent trains nothing more
+    again = train_classifier(demo_prepared, tmp_path / "run", cfg, resume=True, progress=False)
+    assert (again["steps"], again["epochs"], again["stopped_by"]) == (budget, 2, "step budget")
+    assert len(progress) == budget
+    # larger than the epochs allow: the epochs end the run as before, and the schedule spans them
+    progress.clear()
+    summary = train_classifier(demo_prepared, tmp_path / "long", cfg.model_copy(update={"max_steps": 10_000}),
+                               progress=False)
+    assert (summary["steps"], summary["stopped_by"]) == (3 * per_epoch, "epochs")
+    assert progress[-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        TrainConfig(max_steps=0)

@@ -111,13 +111,15 @@ def _decide(sources: dict) -> dict:
 
 def ledger(results: dict[str, dict]) -> list[dict]:
     """One entry per lever per comparison, in file order: the file, its split seed, training seeds,
-    the defaults' input size and whether the run completed, and the lever's verdict."""
+    the defaults' input size, whether the run completed and whether the levers trained the defaults'
+    steps (`--match-steps`) or their own clock, and the lever's verdict."""
     out = []
     for name, res in results.items():
         for lever in res["levers"]:
             out.append({"file": name, "split_seed": res.get("seed"), "train_seeds": res.get("train_seeds") or
                         [res.get("seed")], "image_size": res.get("image_size"),
-                        "complete": res.get("complete") is not False, **verdict(res, lever)})
+                        "complete": res.get("complete") is not False, "match_steps": bool(res.get("match_steps")),
+                        **verdict(res, lever)})
     return out
 
 
@@ -166,7 +168,8 @@ def ledger_table(results: dict[str, dict]) -> str:
             cells.append(f"{s['difference']:+.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}] ({p}){internal}")
         seeds = ", ".join(str(s) for s in e["train_seeds"])
         incomplete = " (run incomplete)" if not e["complete"] else ""
-        lines.append(f"| {e['file']}{incomplete} | {e['split_seed']} | {seeds} | {e['lever']} | "
+        matched = " (the defaults' steps)" if e["match_steps"] else ""
+        lines.append(f"| {e['file']}{incomplete} | {e['split_seed']} | {seeds} | {e['lever']}{matched} | "
                      + " | ".join(cells) + f" | {e['verdict']}: {e['reason']} |")
     spread = defaults_spread(results)
     lines += ["", "The defaults' external ROC-AUC in each comparison (first training seed):", "",

@@ -58,6 +58,16 @@ _CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_aug
                   "excised_weight", "diagnosis_weight", "diagnosis_vocabulary", "sampler", "loss", "select",
                   "weight_average")
 
+# Levers that are the training budget: --match-steps (which fixes the budget) refuses them.
+_BUDGET_LEVERS = {"minutes", "epochs", "patience", "ensemble"}
+
+
+def _trains(settings: dict, defaults: dict) -> bool:
+    """Whether a variant trains a model of its own: it changes a setting of prepare or train (an
+    evaluation-only lever, TTA or adapt, rescores the defaults' model)."""
+    return any(settings[k] != defaults.get(k) for k, stage in LEVERS.items() if stage != "evaluate" and k in settings)
+
+
 # The GAN arm (`gan=N`): a cWGAN-GP trained on the training sources' train split only (never on the
 # held-out source), N synthetic melanomas and N synthetic non-melanomas added to the classifier's
 # training set (both classes, so that "synthetic" cannot stand for the label), the classifier's own
@@ -221,7 +231,7 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
 def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[str, ...] = tuple(SOURCES),
         model: str = "small-cnn", weights: str | None = None, image_size: int = 96, seed: int = 0,
         accelerator: str = "auto", vary: tuple[str, ...] = (), json_out: Path | None = None,
-        batch_size: int = 32, repeats: int = 1) -> dict:
+        batch_size: int = 32, repeats: int = 1, match_steps: bool = False) -> dict:
     """`batch_size`: the training batch (raise it on a GPU, which 32 leaves mostly idle). `json_out`: also
     written after each variant (`"complete": false` until the last), so that an hour-long
     comparison stopped midway (a machine's time limit) keeps every variant it measured.
@@ -230,7 +240,14 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     the report images, stay those of `seed`): a time-budgeted run moves by up to 0.03 of AUC from
     seed to seed, which one run's paired bootstrap (over images) does not see. Each lever is then
     also compared over all repeats at once (`combined`: the mean of the per-seed differences, its
-    bootstrap over the same image resamples, and each seed's own difference)."""
+    bootstrap over the same image resamples, and each seed's own difference).
+
+    `match_steps`: every lever that trains stops at the optimisation step the defaults reached on the
+    same held-out source and training seed (their clock's budget), instead of at its own clock: one run
+    of 8 minutes gets 18 epochs and the next 20 on the same machine (its speed varies by 10-20% from run
+    to run), which the comparison would otherwise count as the lever's effect. The lever's own cost per
+    step then shows in its training minutes and images per second instead of in its epochs, so budget
+    levers (minutes, epochs, patience, ensemble), whose point is the budget, are refused with it."""
     from melanogan.classify.train import TrainConfig
     from melanogan.errors import MelanoganError
     from melanogan.fileio import write_json
@@ -244,6 +261,11 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     if weights and any("model" in settings for _, settings in levers):
         raise MelanoganError(f"--vary model=... with --weights {weights}: the weights belong to --model {model}; "
                              "compare architectures from scratch (no --weights), or run the bench once per model.")
+    budget_levers = [name for name, settings in levers if set(settings) & _BUDGET_LEVERS]
+    if match_steps and budget_levers:
+        raise MelanoganError(f"--match-steps with --vary {', '.join(budget_levers)}: that lever changes the budget "
+                             "itself, which --match-steps fixes at the defaults' steps; run it without "
+                             "--match-steps.")
     if not 1 <= repeats <= 10:
         raise MelanoganError(f"--repeats {repeats}: use 1 to 10 (each repeat trains every variant again).")
     missing = [folder for _, folder in SOURCES.values() if not (data / folder).is_dir()]
@@ -259,17 +281,21 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
         tmp = Path(tmp)
         for held in holdout:
-            prepared, trained, report_preds = {}, {}, {}
+            prepared, trained, report_preds, steps = {}, {}, {}, {}
             for r, train_seed in enumerate(train_seeds):  # every variant of one seed before the next seed
                 for name, settings in variants:
+                    if match_steps and name != "defaults" and _trains(settings, defaults):
+                        settings = {**settings, "max_steps": steps[r]}
                     row, report_preds[name, r] = _one(data, tmp, held, settings, model, weights, seed, accelerator,
                                                       prepared, trained, train_seed)
                     rows.append({**row, "variant": name, "repeat": r, "train_seed": train_seed})
+                    if name == "defaults":
+                        steps[r] = row["steps"]
                     if name != "defaults":  # paired on the same report images: the lever's own effect
                         rows[-1]["vs_defaults"] = _paired(report_preds["defaults", r], report_preds[name, r])
                     if json_out:  # every variant kept as it finishes: a GAN lever alone can take an hour
                         write_json(json_out, _result(rows, combined, model, weights, image_size, minutes, seed,
-                                                     train_seeds, variants, False))
+                                                     train_seeds, variants, False, match_steps))
             if repeats > 1:
                 for name, _ in variants[1:]:
                     per_seed = [x["vs_defaults"]["difference"] for x in rows
@@ -279,14 +305,14 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                                                [report_preds[name, r] for r in range(repeats)]),
                                      "per_seed_differences": per_seed})
             result = _result(rows, combined, model, weights, image_size, minutes, seed, train_seeds, variants,
-                             held == holdout[-1])
+                             held == holdout[-1], match_steps)
             if json_out:
                 write_json(json_out, result)
     return result
 
 
 def _result(rows: list[dict], combined: list[dict], model, weights, image_size, minutes, seed, train_seeds,
-            variants, complete: bool) -> dict:
+            variants, complete: bool, match_steps: bool = False) -> dict:
     """The figures so far, p-values Holm-adjusted over every lever and held-out source compared so far
     (the per-seed comparisons and the combined ones each a family of their own)."""
     for family in ([r["vs_defaults"] for r in rows if "vs_defaults" in r], combined):
@@ -294,7 +320,7 @@ def _result(rows: list[dict], combined: list[dict], model, weights, image_size, 
             r["p_holm"] = round(p, 4)
     return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
             "train_seeds": train_seeds, "batch_size": variants[0][1]["batch_size"],
-            "levers": [name for name, _ in variants[1:]], "complete": complete,
+            "levers": [name for name, _ in variants[1:]], "complete": complete, "match_steps": match_steps,
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on; each "
                         "lever changes one setting of the defaults and is compared on the same report images",
@@ -328,7 +354,9 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         prepare([(kind, data / folder)], tmp / f"site-{tag}", options, SplitFractions(0.5, 0.0, 0.5), seed=seed)
         prepared[options.key] = (tmp / f"train-{tag}", tmp / f"site-{tag}", prepare_minutes)
     train_dir, site_dir, prepare_minutes = prepared[options.key]
-    if settings["epochs"]:  # `train`'s own kind of budget: an epoch count, early stopping (off: 0), no clock
+    if settings.get("max_steps"):  # --match-steps: the defaults' step count, neither the clock nor early stopping
+        budget = {"epochs": 200, "max_minutes": None, "max_steps": settings["max_steps"], "patience": _NEVER_STOP}
+    elif settings["epochs"]:  # `train`'s own kind of budget: an epoch count, early stopping (off: 0), no clock
         budget = {"epochs": settings["epochs"], "max_minutes": None,
                   "patience": settings["patience"] or _NEVER_STOP}
     else:  # the clock alone ends the run
@@ -364,7 +392,8 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         preds = _mean_logits([pd.read_csv(Path(r["out"]) / "predictions.csv") for r in report])
     row = {
         "held_out": held, "trained_on": [n for n in SOURCES if n != held], "members": members,
-        "epochs": sum(r["epochs"] for r in runs), "train_minutes": round(sum(r["minutes"] for r in runs), 1),
+        "epochs": sum(r["epochs"] for r in runs), "steps": sum(r["steps"] for r in runs),
+        "train_minutes": round(sum(r["minutes"] for r in runs), 1),
         "prepare_minutes": round(prepare_minutes, 1),
         "train_img_per_s": runs[0]["img_per_s"], "tta": tta,
         "report_images": report[0]["n_images"], "report_melanoma": report[0]["n_melanoma"],
@@ -473,7 +502,8 @@ def _train(train_dir: Path, tmp: Path, held: str, data_key: str, cfg, accelerato
         summary = train_classifier(train_dir, run_dir, cfg, accelerator=accelerator, progress=False)
         stats = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines() if x.strip()]
         speeds = [r["img_per_s"] for r in stats if "img_per_s" in r]
-        trained[key] = {"run_dir": run_dir, "epochs": summary["epochs"], "minutes": (time.perf_counter() - t0) / 60,
+        trained[key] = {"run_dir": run_dir, "epochs": summary["epochs"], "steps": summary["steps"],
+                        "minutes": (time.perf_counter() - t0) / 60,
                         "img_per_s": round(float(np.median(speeds)), 1) if speeds else None}
     return trained[key]
 
@@ -567,8 +597,11 @@ def table(results: dict) -> str:
         internal = f"{r['internal_test_auc']:.3f}"
         if r.get("internal_test_auc_ci95"):  # rows of earlier runs have none
             internal += " [{:.3f}, {:.3f}]".format(*r["internal_test_auc_ci95"])
+        epochs = str(r["epochs"])
+        if results.get("match_steps"):  # equal steps: the lever's cost shows in its minutes and speed instead
+            epochs += f" ({r['steps']:,} steps, {r['train_minutes']} min, {r['train_img_per_s']} img/s)"
         lines.append(f"| {NAMES[r['held_out']]} ({r['report_images']:,} images, {r['report_melanoma']} mel) | "
-                     f"{setting} | {r['epochs']} | {internal} | {r['external_auc']:.3f} "
+                     f"{setting} | {epochs} | {internal} | {r['external_auc']:.3f} "
                      f"[{low:.3f}, {high:.3f}] | {diff} | {pair(r.get('validation_threshold'))} | "
                      f"{pair(r.get('site_threshold'))} |")
     if results.get("combined"):

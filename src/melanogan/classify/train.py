@@ -61,6 +61,11 @@ class TrainConfig(BaseModel):
     image_size: int = 96
     epochs: int = 30
     max_minutes: float | None = None
+    # A budget in optimisation steps (the schedule then spans them; the run may stop mid-epoch, as
+    # the clock does): unlike --max-minutes it is the same on a fast and a slow machine, so two runs
+    # compared at one step count saw the same number of images whatever each machine's speed was
+    # (bench travel --match-steps). The epoch count and the clock still stop a run first if they end sooner.
+    max_steps: int | None = Field(None, ge=1)
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -669,7 +674,10 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
     log = RunLog(fabric, run_dir / "stats.jsonl")
     try:
         for epoch in range(state.epoch, last_epoch):
-            out_of_time = run.train_one_epoch(epoch, bar)
+            if cfg.max_steps and state.step >= cfg.max_steps:  # resumed after the step budget ran out
+                stopped_by = "step budget"
+                break
+            out_of_budget = run.train_one_epoch(epoch, bar)
             record = run.validate(epoch)
             improved = run.score(record) > state.best_auc
             state.epoch, state.seconds = epoch + 1, run.elapsed()
@@ -684,8 +692,8 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
                 if bar:
                     run.status = f"| val AUC {record['val_auc']:.3f} ({record['img_per_s']:.0f} img/s)"
                     bar.update(run.status, completed=epoch + 1)
-            if out_of_time:
-                stopped_by = "time budget"
+            if out_of_budget:
+                stopped_by = out_of_budget
                 break
             if state.bad_epochs >= cfg.patience:
                 stopped_by = "early stopping"
@@ -696,7 +704,7 @@ def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: TrainConfig, resum
         log.close()
     fabric.barrier()
     shutdown_distributed(fabric)
-    return {"run_dir": str(run_dir), "epochs": state.epoch, "best_epoch": state.best_epoch,
+    return {"run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step, "best_epoch": state.best_epoch,
             "best_val_auc": state.best_auc, "select": cfg.select, "stopped_by": stopped_by,
             "seconds": round(state.seconds, 1)}
 
@@ -766,6 +774,8 @@ class _EpochRunner:
         excised = excised_flags(train_set) if cfg.excised_weight > 1 else None
         self.excised = excised if excised is not None and excised.any() else None  # none: train_classifier said so
         self.total_steps = max(1, len(train_set) // (cfg.batch_size * fabric.world_size)) * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         self.t_start = time.perf_counter() - state.seconds
         self.status = ""  # the last epoch's validation AUC, kept on the bar while the next epoch runs
@@ -796,8 +806,8 @@ class _EpochRunner:
                                 num_workers=loader_workers(cfg), generator=gen)
         return fabric.setup_dataloaders(loader, use_distributed_sampler=sampler is None)
 
-    def train_one_epoch(self, epoch: int, bar) -> bool:
-        """One pass over the loader; True when the time budget ran out during it."""
+    def train_one_epoch(self, epoch: int, bar) -> str | None:
+        """One pass over the loader; which budget ran out during it ("time budget", "step budget"), if one did."""
         cfg, fabric, state = self.cfg, self.fabric, self.state
         aug_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + fabric.global_rank + 1)
         # mixup's own stream: the augmentation draws stay those of the same run without mixup
@@ -806,7 +816,7 @@ class _EpochRunner:
         self.model.train()
         self.losses, self.penalties, self.seen, t0 = [], [], 0, time.perf_counter()
         loader = self.loader(epoch)
-        out_of_time = False
+        out_of_budget = None
         for x, y, diagnosis, meta, source in loader:
             meta = meta if cfg.metadata else None
             if self.batch_aug is not None:
@@ -845,10 +855,13 @@ class _EpochRunner:
                 bar.update(f"epoch {epoch + 1} batch {len(self.losses)}/{len(loader)} "
                            f"loss {float(np.mean(self.losses[-20:])):.3f} {self.status}")
             if self.elapsed() > self.budget:
-                out_of_time = True
+                out_of_budget = "time budget"
+                break
+            if cfg.max_steps and state.step >= cfg.max_steps:
+                out_of_budget = "step budget"
                 break
         self.train_seconds = time.perf_counter() - t0
-        return out_of_time
+        return out_of_budget
 
     def objective(self, logits: torch.Tensor, diagnosis_logits: torch.Tensor | None, y: torch.Tensor,
                   diagnosis: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,13 @@ def test_by_diagnosis_gives_each_difference_a_paired_ci_over_the_groups_of_that_
     note = ranks_worse_notes([{**rows["nevus"], "roc_auc_refitted_head": rows["nevus"]["roc_auc_trained_head"] - 0.1}])
     low, high = rows["nevus"]["difference_ci95"]
     assert len(note) == 1 and f"difference 95% CI [{low:+.3f}, {high:+.3f}]" in note[0]
+    # a CI that reaches zero: the note says the sample cannot tell, instead of stating the loss
+    worse = {"diagnosis": "bcc", "n_images": 40, "roc_auc_trained_head": 0.8, "roc_auc_refitted_head": 0.7}
+    (sure,) = ranks_worse_notes([{**worse, "difference_ci95": [-0.18, -0.02]}])
+    (unsure,) = ranks_worse_notes([{**worse, "difference_ci95": [-0.18, 0.0]}])
+    assert sure.startswith("the refitted head ranks the sample's bcc") and "cannot tell" not in sure
+    assert unsure.startswith("the refitted head may rank the sample's bcc") and "cannot tell that loss from chance" \
+        in unsure and "--no-refit-head" not in unsure
 
 
 def test_a_site_with_a_refitted_head_scores_with_it_in_predict_and_export(run_and_site, tmp_path):

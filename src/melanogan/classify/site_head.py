@@ -227,10 +227,20 @@ def difference_ci(row: dict) -> str:
 def ranks_worse_notes(rows: list[dict], min_images: int = MIN_PER_CLASS, margin: float = RANKS_WORSE) -> list[str]:
     """A note for each diagnosis of `by_diagnosis` with at least `min_images` images that the refitted
     head ranks at least `margin` worse against melanoma than the trained head (fewer images: too
-    noisy to name)."""
-    return [f"the refitted head ranks the sample's {r['diagnosis']} ({r['n_images']} images) worse against melanoma "
-            f"than the trained head (ROC-AUC {r['roc_auc_trained_head']:.3f} -> {r['roc_auc_refitted_head']:.3f}"
-            f"{difference_ci(r)}): it follows the sample's case mix. If the site's next cases hold more of them "
-            "than the sample, label a sample like them, or calibrate with --no-refit-head."
-            for r in rows if r["n_images"] >= min_images
-            and r["roc_auc_trained_head"] - r["roc_auc_refitted_head"] >= margin]
+    noisy to name). Where the difference's CI reaches zero the note says the sample cannot tell the
+    loss from chance, instead of stating it: a group of a few dozen images moves by 0.05 by chance."""
+    notes = []
+    for r in rows:
+        if r["n_images"] < min_images or r["roc_auc_trained_head"] - r["roc_auc_refitted_head"] < margin:
+            continue
+        ci = r.get("difference_ci95")
+        uncertain = ci is not None and ci[1] >= 0
+        verb = "may rank" if uncertain else "ranks"
+        tail = ("; the CI reaches no change, so this sample cannot tell that loss from chance: label more of "
+                "them to find out" if uncertain else
+                ": it follows the sample's case mix. If the site's next cases hold more of them than the sample, "
+                "label a sample like them, or calibrate with --no-refit-head.")
+        notes.append(f"the refitted head {verb} the sample's {r['diagnosis']} ({r['n_images']} images) worse against "
+                     f"melanoma than the trained head (ROC-AUC {r['roc_auc_trained_head']:.3f} -> "
+                     f"{r['roc_auc_refitted_head']:.3f}{difference_ci(r)}){tail}" + ("." if uncertain else ""))
+    return notes

@@ -289,9 +289,9 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                     row, report_preds[name, r] = _one(data, tmp, held, settings, model, weights, seed, accelerator,
                                                       prepared, trained, train_seed)
                     rows.append({**row, "variant": name, "repeat": r, "train_seed": train_seed})
-                    if name == "defaults":
+                    if name == "defaults":  # the step count --match-steps holds this seed's levers to
                         steps[r] = row["steps"]
-                    if name != "defaults":  # paired on the same report images: the lever's own effect
+                    else:  # paired on the same report images: the lever's own effect
                         rows[-1]["vs_defaults"] = _paired(report_preds["defaults", r], report_preds[name, r])
                     if json_out:  # every variant kept as it finishes: a GAN lever alone can take an hour
                         write_json(json_out, _result(rows, combined, model, weights, image_size, minutes, seed,

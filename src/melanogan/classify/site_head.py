@@ -237,10 +237,10 @@ def ranks_worse_notes(rows: list[dict], min_images: int = MIN_PER_CLASS, margin:
         uncertain = ci is not None and ci[1] >= 0
         verb = "may rank" if uncertain else "ranks"
         tail = ("; the CI reaches no change, so this sample cannot tell that loss from chance: label more of "
-                "them to find out" if uncertain else
+                "them to find out." if uncertain else
                 ": it follows the sample's case mix. If the site's next cases hold more of them than the sample, "
                 "label a sample like them, or calibrate with --no-refit-head.")
         notes.append(f"the refitted head {verb} the sample's {r['diagnosis']} ({r['n_images']} images) worse against "
                      f"melanoma than the trained head (ROC-AUC {r['roc_auc_trained_head']:.3f} -> "
-                     f"{r['roc_auc_refitted_head']:.3f}{difference_ci(r)}){tail}" + ("." if uncertain else ""))
+                     f"{r['roc_auc_refitted_head']:.3f}{difference_ci(r)}){tail}")
     return notes

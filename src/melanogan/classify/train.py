@@ -107,7 +107,9 @@ class TrainConfig(BaseModel):
     # copies are squashed from 4:3 to a square and Derm7pt's are cropped (README, "Sources"), so a model
     # meets the other geometry at a held-out source; 4/3 covers that squash. None: under
     # leave-one-source-out (split 28000) 4/3 changed external AUC by -0.049 (HAM10000 held out,
-    # Holm-significant), +0.012 (ISIC set) and +0.004 (Derm7pt) (README, "Models that travel").
+    # Holm-significant, with 2 epochs fewer than the defaults), +0.012 (ISIC set) and +0.004 (Derm7pt);
+    # at the defaults' step count (split 30000) +0.006, +0.005 and +0.000, none significant and inside
+    # an identical-settings control's spread (README, "Models that travel").
     crop_aspect: float | None = Field(None, ge=1.0, le=2.0)
     # Mixup's alpha (classify/mixup.py): each training batch mixed with a shuffled copy of itself,
     # lam ~ Beta(alpha, alpha), and the losses mixed alike; 0 = off. Off: under leave-one-source-out

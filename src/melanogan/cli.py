@@ -542,6 +542,9 @@ def train(
         help="The widest crop aspect ratio A of batch augmentation: drawn log-uniformly in [1/A, A] (a lesion up "
              "to A times narrower or wider), A in 1-2. Default: the preset's own range (classic 0.85-1.18, "
              "strong 0.75-1.33; see README, Models that travel).")] = None,
+    grayscale: Annotated[float, typer.Option(
+        help="The share of training images made grey (luminance in all three channels) after batch augmentation's "
+             "colour step, 0-1; 0 = off. Default: 0 (see README, Models that travel).")] = 0.0,
     mixup: Annotated[float, typer.Option(
         help="Mixup's alpha: each training batch mixed with a shuffled copy of itself (lam ~ Beta(alpha, alpha)) "
              "and the losses mixed alike; 0 = off. Default: 0 (see README, Models that travel).")] = 0.0,
@@ -607,8 +610,8 @@ def train(
     summary = api.train(data_dir, out, model=model, weights=weights, image_size=image_size, synthetic=synthetic,
                         loss=loss, sampler=sampler, augment=augment, color_augment=color_augment,
                         style_augment=style_augment, illumination_augment=illumination_augment,
-                        crop_aspect=crop_aspect, mixup=mixup, coral=coral, excised_weight=excised_weight,
-                        diagnosis_weight=diagnosis_weight,
+                        crop_aspect=crop_aspect, grayscale=grayscale, mixup=mixup, coral=coral,
+                        excised_weight=excised_weight, diagnosis_weight=diagnosis_weight,
                         diagnosis_vocabulary=diagnosis_vocabulary, epochs=epochs,
                         max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, patience=patience,
                         select=select,
@@ -887,7 +890,7 @@ def bench_travel(
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
         "hair_removal=true with +), image_size, augment, "
-        "color_augment, style_augment, illumination_augment, crop_aspect, mixup, coral, excised_weight, "
+        "color_augment, style_augment, illumination_augment, crop_aspect, grayscale, mixup, coral, excised_weight, "
         "diagnosis_weight, "
         "diagnosis_vocabulary (source or shared), sampler, loss (bce, weighted or focal), "
         "model (another "

@@ -48,13 +48,13 @@ def test_levers_are_typed_and_checked_before_any_work():
                            "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
                            "style_augment=mixstyle", "epochs=30", "select=worst_source_auc", "weight_average=ema",
                            "illumination_augment=random", "mixup=0.2", "excised_weight=3", "loss=focal", "coral=1",
-                           "crop_aspect=1.3333"))
+                           "crop_aspect=1.3333", "grayscale=0.2"))
     assert [(k, v) for _, settings in levers for k, v in settings.items()] == [
         ("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192), ("tta", 8),
         ("color_constancy", False), ("minutes", 2.5), ("ensemble", 3), ("color_augment", "lab"),
         ("style_augment", "mixstyle"), ("epochs", 30), ("select", "worst_source_auc"), ("weight_average", "ema"),
         ("illumination_augment", "random"), ("mixup", 0.2), ("excised_weight", 3.0), ("loss", "focal"),
-        ("coral", 1.0), ("crop_aspect", 1.3333)]
+        ("coral", 1.0), ("crop_aspect", 1.3333), ("grayscale", 0.2)]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
                          ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
@@ -62,6 +62,7 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("illumination_augment=flash", "illumination_augment"), ("mixup=-1", "mixup"),
                          ("coral=-1", "coral"), ("crop_aspect=0.75", "crop_aspect"),
                          ("crop_aspect=1.3+augment=none", "step of batch augmentation"),
+                         ("grayscale=1.5", "grayscale"), ("grayscale=0.2+augment=none", "step of batch augmentation"),
                          ("coral=1+mixup=0.2", "not both"),
                          ("excised_weight=0.5", "excised_weight"), ("excised_weight=3+sampler=balanced", "combined"),
                          ("epochs=0", "1 to 500"), ("epochs=2.5", "epochs"), ("select=pooled", "select"),

@@ -694,7 +694,7 @@ def test_illumination_augment_lights_every_training_batch_and_is_recorded(demo_p
             TrainConfig(illumination_augment="random", **refused)
 
 
-def test_crop_aspect_reaches_every_training_batch_and_is_recorded(demo_prepared, tmp_path, monkeypatch):
+def test_crop_aspect_and_grayscale_reach_every_training_batch_and_are_recorded(demo_prepared, tmp_path, monkeypatch):
     import melanogan.classify.train as train_module
     from melanogan.data.batch_augment import BatchAugment
 
@@ -703,21 +703,27 @@ def test_crop_aspect_reaches_every_training_batch_and_is_recorded(demo_prepared,
     class Spy(BatchAugment):
         def sample(self, n, generator=None):
             p = super().sample(n, generator)
-            seen.append(self.aspect)
+            seen.append((self.aspect, self.grayscale, "grey" in p))
             return p
 
     monkeypatch.setattr(train_module, "BatchAugment", Spy)
-    cfg = TrainConfig(**{**TINY, "epochs": 1, "crop_aspect": 4 / 3})
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "crop_aspect": 4 / 3, "grayscale": 0.2})
     train_classifier(demo_prepared, tmp_path / "wide", cfg, progress=False)
     n_train = int((pd.read_parquet(demo_prepared / "manifest.parquet")["split"] == "train").sum())
-    assert seen == [4 / 3] * (n_train // TINY["batch_size"])  # every training batch drew its crops from [3/4, 4/3]
-    assert load_model(tmp_path / "wide" / "best")[1].crop_aspect == 4 / 3
-    assert TrainConfig().crop_aspect is None  # the preset's own range until measured (README, Models that travel)
+    # every training batch drew its crops from [3/4, 4/3] and which of its images turn grey
+    assert seen == [(4 / 3, 0.2, True)] * (n_train // TINY["batch_size"])
+    saved = load_model(tmp_path / "wide" / "best")[1]
+    assert (saved.crop_aspect, saved.grayscale) == (4 / 3, 0.2)
+    # the preset's own range and no greyscale until measured (README, Models that travel)
+    assert (TrainConfig().crop_aspect, TrainConfig().grayscale) == (None, 0.0)
     for refused in ({"batch_augment": False}, {"augment": "none"}):
-        with pytest.raises(ValueError, match="step of batch augmentation"):
-            TrainConfig(crop_aspect=4 / 3, **refused)
+        for setting in ({"crop_aspect": 4 / 3}, {"grayscale": 0.2}):
+            with pytest.raises(ValueError, match="step of batch augmentation"):
+                TrainConfig(**setting, **refused)
     with pytest.raises(ValueError):
         TrainConfig(crop_aspect=0.75)  # A is the wider end: [1/A, A]
+    with pytest.raises(ValueError):
+        TrainConfig(grayscale=1.5)
 
 
 def _rows(uids, hashes, ids, phashes):

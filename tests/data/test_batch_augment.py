@@ -295,6 +295,27 @@ def test_crop_aspect_widens_only_the_aspect_draw():
         BatchAugment(64, "none", aspect=4 / 3)
 
 
+def test_grayscale_makes_the_drawn_images_their_luminance_after_the_colour_step():
+    x = torch.cat([_image(seed=0), _image(seed=1)])
+    aug = BatchAugment(8, mean=MEAN, std=STD, grayscale=0.5)
+    params = {k: torch.cat([v, v]) for k, v in _params(brightness=1.1).items()}
+    out = aug(x, params={**params, "grey": torch.tensor([True, False])})
+    bright = (x.float() / 255 * 1.1).clamp(0, 1)  # the colour step comes first, then the grey
+    luminance = (bright[0] * torch.tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)).sum(0)
+    assert torch.allclose(out[0], luminance.expand(3, 8, 8), atol=1e-5)  # every channel the luminance
+    assert torch.allclose(out[1], bright[1], atol=1e-5)  # the other image keeps its colours
+    plain = BatchAugment(64).sample(20000, torch.Generator().manual_seed(4))
+    drawn = BatchAugment(64, grayscale=0.2).sample(20000, torch.Generator().manual_seed(4))
+    assert all(torch.equal(plain[k], drawn[k]) for k in plain)  # drawn last: every other draw unchanged
+    assert abs(float(drawn["grey"].float().mean()) - 0.2) < 0.01
+    assert "grey" not in plain  # 0: no draw and no change
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="probability"):
+            BatchAugment(64, grayscale=bad)
+    with pytest.raises(ValueError, match="'classic' and 'strong'"):
+        BatchAugment(64, "none", grayscale=0.2)
+
+
 def test_a_crop_of_aspect_r_makes_a_lesion_1_over_r_as_wide_for_its_height():
     # a square 8 px lesion in a 16 px image; a crop of 3/4 of the width and the whole height (aspect
     # r = 0.75) resized to 12 px keeps its 8 px width and brings its height to 8 * 12/16 = 6 px:

@@ -34,7 +34,8 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare", "hair_method": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
-          "style_augment": "train", "illumination_augment": "train", "crop_aspect": "train", "mixup": "train",
+          "style_augment": "train", "illumination_augment": "train", "crop_aspect": "train", "grayscale": "train",
+          "mixup": "train",
           "coral": "train",
           "excised_weight": "train", "diagnosis_weight": "train", "diagnosis_vocabulary": "train",
           "sampler": "train", "loss": "train", "model": "train",
@@ -54,7 +55,8 @@ REFIT_SITE = "choose-head"
 # minutes, epochs and ensemble become the budget and the members).
 # A patience no run reaches: early stopping off (the clock budget, or patience=off with epochs).
 _NEVER_STOP = 1000
-_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "crop_aspect", "mixup", "coral",
+_CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "crop_aspect", "grayscale",
+                  "mixup", "coral",
                   "excised_weight", "diagnosis_weight", "diagnosis_vocabulary", "sampler", "loss", "select",
                   "weight_average")
 

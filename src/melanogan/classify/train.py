@@ -111,6 +111,11 @@ class TrainConfig(BaseModel):
     # at the defaults' step count (split 30000) +0.006, +0.005 and +0.000, none significant and inside
     # an identical-settings control's spread (README, "Models that travel").
     crop_aspect: float | None = Field(None, ge=1.0, le=2.0)
+    # The share of training images made grey (their luminance in all three channels) after batch
+    # augmentation's colour step (BatchAugment); 0 = off. Why a lever: dermoscopes and clinics differ
+    # most in colour (hue casts, saturation), and a model that must find melanoma without colour on part
+    # of its batches leans more on structure. Off until measured (README, "Models that travel").
+    grayscale: float = Field(0.0, ge=0.0, le=1.0)
     # Mixup's alpha (classify/mixup.py): each training batch mixed with a shuffled copy of itself,
     # lam ~ Beta(alpha, alpha), and the losses mixed alike; 0 = off. Off: under leave-one-source-out
     # 0.2 changed external AUC by +0.018 (Derm7pt), +0.072 (HAM10000, Holm-significant) and -0.009
@@ -184,7 +189,8 @@ class TrainConfig(BaseModel):
                              "augment 'classic' and batch augmentation on (not per-image or strong presets).")
         # settings only BatchAugment applies: refused where no batch augmentation runs
         batch_only = [name for name, on in (("illumination_augment 'random'", self.illumination_augment != "none"),
-                                            (f"crop_aspect {self.crop_aspect}", self.crop_aspect is not None)) if on]
+                                            (f"crop_aspect {self.crop_aspect}", self.crop_aspect is not None),
+                                            (f"grayscale {self.grayscale}", self.grayscale > 0)) if on]
         if batch_only and not (self.batch_augment and self.augment != "none"):
             raise ValueError(f"{' and '.join(batch_only)}: a step of batch augmentation; use it with augment "
                              "'classic' or 'strong' and batch augmentation on (not --per-image-augment).")
@@ -760,7 +766,7 @@ class _EpochRunner:
         self.compute_loss = loss_fn(cfg, labels)
         self.batch_aug = BatchAugment(cfg.image_size, cfg.augment, color=cfg.color_augment,
                                       illumination=cfg.illumination_augment,
-                                      aspect=cfg.crop_aspect).to(fabric.device) \
+                                      aspect=cfg.crop_aspect, grayscale=cfg.grayscale).to(fabric.device) \
             if uses_batch_augment(cfg) else None
         image_styles = {"randconv": RandomConvolution, "amplitude": AmplitudeMix}  # mixstyle acts on features
         self.style_aug = image_styles[cfg.style_augment]() if cfg.style_augment in image_styles else None

@@ -26,6 +26,11 @@ direction (with the rotation), and is RandomResizedCrop's own default range.
 before the colour step (light reaches the skin before the sensor sees it): a lens vignette (darker
 towards a randomly shifted centre's periphery) times a linear gradient in a random direction (a ring
 light that is brighter on one side), another lever of "Models that travel" (`illumination_field`).
+
+`grayscale=P` replaces each image, with probability P, by its luminance in all three channels (the
+ITU-R 601-2 weights, as torchvision's RandomGrayscale) after the colour step: a model that must find
+melanoma without colour on part of its batches leans less on the hues and casts that differ between
+dermoscopes and clinics, and more on structure (another lever of "Models that travel"; weight-free).
 """
 
 from __future__ import annotations
@@ -187,7 +192,8 @@ class BatchAugment(torch.nn.Module):
         "light_angle": (-math.pi, math.pi)}
 
     def __init__(self, size: int, augment: str = "classic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 color: str = "rgb", illumination: str = "none", aspect: float | None = None):
+                 color: str = "rgb", illumination: str = "none", aspect: float | None = None,
+                 grayscale: float = 0.0):
         super().__init__()
         if augment not in ("none", "classic", "strong"):
             raise ValueError(f"batch augmentation supports 'none', 'classic' and 'strong', not {augment!r}")
@@ -199,13 +205,16 @@ class BatchAugment(torch.nn.Module):
             raise ValueError(f"illumination augmentation is 'none' or 'random', not {illumination!r}")
         if aspect is not None and not (math.isfinite(aspect) and 1.0 <= aspect <= 2.0):
             raise ValueError(f"the crop aspect range is [1/A, A] with A in [1, 2], not A = {aspect!r}")
+        if not (math.isfinite(grayscale) and 0.0 <= grayscale <= 1.0):
+            raise ValueError(f"grayscale is the share of images made grey, a probability in [0, 1], not {grayscale!r}")
         # steps of the augmenting presets: 'none' only resizes, so it would silently drop them
         steps = [name for name, on in (("illumination augmentation", illumination != "none"),
-                                       ("a crop aspect range", aspect is not None)) if on]
+                                       ("a crop aspect range", aspect is not None),
+                                       ("random greyscale", grayscale > 0)) if on]
         if steps and augment == "none":
             raise ValueError(f"{' and '.join(steps)}: a step of the 'classic' and 'strong' presets, not of 'none'")
         self.size, self.augment, self.color, self.illumination = size, augment, color, illumination
-        self.aspect = aspect
+        self.aspect, self.grayscale = aspect, grayscale
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -240,6 +249,8 @@ class BatchAugment(torch.nn.Module):
             p["shift_y"], p["shift_x"] = uniform(*r["shift"]), uniform(*r["shift"])
         if self.illumination == "random":  # drawn last, so every other draw stays what it was without it
             p.update({k: uniform(lo, hi) for k, (lo, hi) in self.ILLUMINATION_RANGES.items()})
+        if self.grayscale > 0:  # after illumination's, so the draws without greyscale stay what they were
+            p["grey"] = torch.rand(n, generator=generator) < self.grayscale
         return p
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -256,6 +267,8 @@ class BatchAugment(torch.nn.Module):
                 x = (x * illumination_field(self.size, p["vignette"], p["light_y"], p["light_x"], p["gradient"],
                                             p["light_angle"], x.device).to(x.dtype)).clamp_(0, 1)
             x = self._colour(x, p) if self.color == "rgb" else self._colour_lab(x, p)
+            if self.grayscale > 0:
+                x = to_grey(x, p["grey"])
             if self.augment == "strong":  # the per-image preset's order: sharpness, blur, field of view
                 x = gaussian_blur(sharpen(x, p["sharpness"]), p["sigma"])
                 x = x * microscope_mask(len(x), self.size, p["radius"], p["shift_y"], p["shift_x"], x.device)
@@ -315,6 +328,14 @@ class BatchAugment(torch.nn.Module):
 
     def _colour_lab(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return lab_jitter(x, p)
+
+
+def to_grey(x: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+    """The images where `grey` (B,) is True replaced by their luminance (ITU-R 601-2 weights) in all
+    three channels, as torchvision's rgb_to_grayscale(num_output_channels=3); the others as they are."""
+    weights = torch.tensor(_GREY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    luminance = (x * weights).sum(1, keepdim=True).expand_as(x)
+    return torch.where(grey.to(x.device).view(-1, 1, 1, 1), luminance, x)
 
 
 def lab_jitter(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -84,6 +84,34 @@ def test_with_several_seeds_the_pooled_comparison_decides_and_every_seed_keeps_t
                                                     "held out")
 
 
+def test_controls_are_not_judged_and_a_pass_within_their_noise_is_flagged():
+    control = _results((0.016, 0.003, -0.009), (0.012, 0.9, 0.9), lever="augment=classic")
+    control["controls"] = ["augment=classic"]
+    v = verdict(control, "augment=classic")
+    assert (v["verdict"], v["reason"]) == ("control", "the defaults' own settings, trained again: its differences "
+                                                      "are the protocol's training noise")
+    # a pass whose only significant gain (Derm7pt held out, +0.015) is inside the control's 0.016 there
+    small = _results((0.015, 0.01, 0.005), (0.03, 0.4, 0.9))
+    # the same pass with a gain beyond the control's difference: no flag
+    large = _results((0.017, 0.01, 0.005), (0.03, 0.4, 0.9))
+    entries = ledger({"control.json": control, "small.json": small, "large.json": large})
+    assert [(e["lever"], e["verdict"]) for e in entries] == [
+        ("augment=classic", "control"), ("mixup=0.2", "default"), ("mixup=0.2", "default")]
+    assert entries[1]["reason"] == ("every condition holds; but no significant gain is larger than an "
+                                    "identical-settings control's difference (Derm7pt held out: +0.015 vs "
+                                    "0.016): repeat it (--repeats) before trusting it")
+    assert entries[2]["reason"] == "every condition holds"
+    # a significant gain where no control held that source out cannot be judged against one: no flag
+    only_ham = _results((0.001, 0.02, 0.005), (0.9, 0.01, 0.9))
+    assert ledger({"control.json": control, "ham.json": only_ham})[1]["reason"] == "every condition holds"
+    control["rows"] = [r for r in control["rows"] if r["held_out"] != "ham10000"]
+    assert ledger({"control.json": control, "ham.json": only_ham})[1]["reason"] == "every condition holds"
+    text = ledger_table({"control.json": control, "small.json": small})
+    assert "the largest |difference| with each source held out, Derm7pt 0.016, ISIC 9-class 0.009." in text
+    assert "| augment=classic | +0.016 [-0.004, +0.036] (0.012) | - | -0.009 [-0.029, +0.011] (0.900) | control: " \
+        in text
+
+
 def test_defaults_spread_counts_runs_and_splits():
     a = _results((0.01, 0.01, 0.01), (0.5, 0.5, 0.5))
     b = _results((0.01, 0.01), (0.5, 0.5), sources=("derm7pt", "isic9"))
@@ -108,6 +136,11 @@ def test_load_refuses_what_is_not_a_travel_result(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(_results((0.01, 0.01, 0.01), (0.5, 0.5, 0.5))))
     assert list(load([good])) == ["good.json"]
+    assert "controls" not in load([good])["good.json"]
+    # a comparison saved before `bench travel` recorded its controls gets the ones pre-registered for it
+    known = tmp_path / "travel-match_steps-split30000.json"
+    known.write_text(good.read_text())
+    assert load([known])[known.name]["controls"] == ["augment=classic"]
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "other.json").write_text(json.dumps({"images_per_s": 90}))
     for path, message in [(tmp_path / "missing.json", "no such file"), (tmp_path / "bad.json", "not JSON"),
@@ -139,11 +172,16 @@ def test_bench_ledger_command_writes_the_verdicts_and_names_a_bad_file(tmp_path)
     res = _results((0.02, 0.01, 0.005), (0.03, 0.4, 0.9))
     (tmp_path / "mixup.json").write_text(json.dumps(res))
     out = tmp_path / "ledger.json"
-    r = runner.invoke(app, ["bench", "ledger", str(tmp_path / "mixup.json"), "--json", str(out)])
+    control = _results((0.016, -0.003, 0.009), (0.012, 0.9, 0.9), lever="augment=classic")
+    (tmp_path / "control.json").write_text(json.dumps({**control, "controls": ["augment=classic"]}))
+    r = runner.invoke(app, ["bench", "ledger", str(tmp_path / "mixup.json"), str(tmp_path / "control.json"),
+                            "--json", str(out)])
     assert r.exit_code == 0, r.output
     saved = json.loads(out.read_text())
-    assert [(e["lever"], e["verdict"]) for e in saved["levers"]] == [("mixup=0.2", "default")]
+    assert [(e["lever"], e["verdict"]) for e in saved["levers"]] == [("mixup=0.2", "default"),
+                                                                    ("augment=classic", "control")]
     assert saved["defaults"]["by_source"]["ham10000"]["median"] == 0.7
+    assert saved["control_noise"] == {"derm7pt": 0.016, "ham10000": 0.003, "isic9": 0.009}
     assert "default: every condition holds" in r.output
     r = runner.invoke(app, ["bench", "ledger", str(tmp_path / "gone.json")])
     assert isinstance(r.exception, MelanoganError) and "gone.json: no such file" in str(r.exception)

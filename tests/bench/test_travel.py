@@ -373,6 +373,27 @@ def test_the_adapt_lever_adapts_the_defaults_model_on_the_choose_part_and_report
     assert row["vs_defaults"]["difference"] > 0 and row["epochs"] == 3
 
 
+def test_a_variant_of_the_defaults_own_settings_is_recorded_as_a_control_and_trains_its_own_model(tmp_path,
+                                                                                                monkeypatch):
+    defaults = {"minutes": 8.0, "image_size": 96, "tta": 1, "adapt": "none", "ensemble": 1, "gan": 0}
+    for settings, control in [({"augment": "classic"}, True), ({"color_constancy": True}, True),
+                              ({"model": "small-cnn"}, True), ({"image_size": 96, "mixup": 0.0}, True),
+                              ({"augment": "strong"}, False), ({"augment": "classic", "mixup": 0.2}, False),
+                              ({"model": "small-cnn-ibn"}, False), ({"image_size": 128}, False),
+                              ({"color_constancy": False}, False), ({"tta": 8}, False)]:
+        assert travel.is_control(settings, defaults, "small-cnn") is control, settings
+    calls = _fake_pipeline(tmp_path, monkeypatch)
+    result = travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=classic", "augment=strong"), seed=3,
+                        batch_size=16, match_steps=True)
+    assert result["controls"] == ["augment=classic"]
+    # the control trains a model of its own, at the defaults' steps, with the defaults' settings
+    assert len(calls["cfg"]) == 3
+    assert {k: v for k, v in calls["cfg"][1].model_dump().items() if calls["cfg"][0].model_dump()[k] != v} == {
+        "max_minutes": None, "max_steps": 103}
+    assert "| augment=classic (control) | 3 (103 steps, " in travel.table(result)
+    assert "| augment=strong | 3 (103 steps, " in travel.table(result)
+
+
 def test_the_table_shows_each_row_with_its_paired_difference():
     row = {"held_out": "derm7pt", "report_images": 1505, "report_melanoma": 126, "epochs": 16,
            "internal_test_auc": 0.8694, "external_auc": 0.7403, "external_auc_ci95": [0.6842, 0.7881],

@@ -70,6 +70,21 @@ def _trains(settings: dict, defaults: dict) -> bool:
     return any(settings[k] != defaults.get(k) for k, stage in LEVERS.items() if stage != "evaluate" and k in settings)
 
 
+def is_control(settings: dict, defaults: dict, model: str) -> bool:
+    """Whether a variant sets only values the defaults already have (e.g. `augment=classic`): an
+    identical-settings control. It still trains a model of its own (`_trains` compares with the bench's
+    own settings only), so its difference from the defaults is what this protocol reads for a lever that
+    changes nothing: training noise (CPU arithmetic is not bit-reproducible) and, with --match-steps,
+    the step schedule against the clock's. The ledger judges levers beside it, not it by the rule."""
+    from melanogan.classify.train import TrainConfig
+    from melanogan.data.cache import CacheOptions
+
+    config, cache = TrainConfig(), CacheOptions()
+    own = {**{k: getattr(config, k) for k in _CONFIG_LEVERS},
+           **{k: getattr(cache, k) for k, stage in LEVERS.items() if stage == "prepare"}, "model": model, **defaults}
+    return all(k in own and own[k] == v for k, v in settings.items())
+
+
 # The GAN arm (`gan=N`): a cWGAN-GP trained on the training sources' train split only (never on the
 # held-out source), N synthetic melanomas and N synthetic non-melanomas added to the classifier's
 # training set (both classes, so that "synthetic" cannot stand for the label), the classifier's own
@@ -278,6 +293,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                 "tta": 1, "adapt": "none", "adapt_layers": None, "batch_size": batch_size, "ensemble": 1,
                 **GAN_DEFAULTS}
     variants = [("defaults", defaults)] + [(name, {**defaults, **settings}) for name, settings in levers]
+    controls = [name for name, settings in levers if is_control(settings, defaults, model)]
     train_seeds = [seed + 1000 * r for r in range(repeats)]
     rows, combined = [], []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
@@ -297,7 +313,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                         rows[-1]["vs_defaults"] = _paired(report_preds["defaults", r], report_preds[name, r])
                     if json_out:  # every variant kept as it finishes: a GAN lever alone can take an hour
                         write_json(json_out, _result(rows, combined, model, weights, image_size, minutes, seed,
-                                                     train_seeds, variants, False, match_steps))
+                                                     train_seeds, variants, False, match_steps, controls))
             if repeats > 1:
                 for name, _ in variants[1:]:
                     per_seed = [x["vs_defaults"]["difference"] for x in rows
@@ -307,14 +323,14 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                                                [report_preds[name, r] for r in range(repeats)]),
                                      "per_seed_differences": per_seed})
             result = _result(rows, combined, model, weights, image_size, minutes, seed, train_seeds, variants,
-                             held == holdout[-1], match_steps)
+                             held == holdout[-1], match_steps, controls)
             if json_out:
                 write_json(json_out, result)
     return result
 
 
 def _result(rows: list[dict], combined: list[dict], model, weights, image_size, minutes, seed, train_seeds,
-            variants, complete: bool, match_steps: bool = False) -> dict:
+            variants, complete: bool, match_steps: bool = False, controls: list[str] | None = None) -> dict:
     """The figures so far, p-values Holm-adjusted over every lever and held-out source compared so far
     (the per-seed comparisons and the combined ones each a family of their own)."""
     for family in ([r["vs_defaults"] for r in rows if "vs_defaults" in r], combined):
@@ -323,6 +339,7 @@ def _result(rows: list[dict], combined: list[dict], model, weights, image_size, 
     return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
             "train_seeds": train_seeds, "batch_size": variants[0][1]["batch_size"],
             "levers": [name for name, _ in variants[1:]], "complete": complete, "match_steps": match_steps,
+            "controls": controls or [],
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on; each "
                         "lever changes one setting of the defaults and is compared on the same report images",
@@ -590,6 +607,8 @@ def table(results: dict) -> str:
         low, high = r["external_auc_ci95"]
         several = len(results.get("train_seeds", [0])) > 1
         setting = f"{r['variant']} (seed {r['train_seed']})" if several else r["variant"]
+        if r["variant"] in results.get("controls", ()):  # the defaults' own settings: training noise
+            setting += " (control)"
         if r.get("gan"):  # the GAN's own cost, beside the classifier's epochs
             diverged = ", diverged: images from its last good checkpoint" if r["gan"].get("diverged") else ""
             effect = r["gan"].get("label_effect")  # rows of runs before it have none

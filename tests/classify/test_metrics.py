@@ -127,6 +127,23 @@ def test_grouped_bootstrap_is_wider_when_groups_are_duplicated():
     assert (hi4 - lo4) > 0.8 * (hi1 - lo1)
 
 
+def test_group_resamples_draw_whole_groups_in_the_order_drawn():
+    # groups of 1, 2 and 3 images, interleaved and named out of order: "b" = images 0 and 3, "a" = 1,
+    # "c" = 2, 4 and 5; np.unique sorts the names, so group 0 is "a", 1 is "b", 2 is "c"
+    groups = np.array(["b", "a", "c", "b", "c", "c"])
+    y = np.array([0, 1, 0, 1, 0, 1])
+    members = {0: [1], 1: [0, 3], 2: [2, 4, 5]}
+    rng = np.random.default_rng(11)  # the generator the resamples draw from, replayed
+    resamples = list(M._group_resamples(y, groups, 50, seed=11))
+    expected = []
+    for _ in range(50):
+        idx = [i for g in rng.integers(0, 3, 3) for i in members[int(g)]]
+        if len(set(y[idx])) == 2:  # one class only: no AUC, left out
+            expected.append(idx)
+    assert 0 < len(expected) < 50  # both kinds of resample occurred
+    assert [r.tolist() for r in resamples] == expected
+
+
 def test_summarize_over_seeds():
     s = M.summarize([0.8, 0.82, 0.84])
     assert s["mean"] == pytest.approx(0.82) and s["ci_low"] < 0.82 < s["ci_high"] and s["n"] == 3

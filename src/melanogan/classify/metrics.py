@@ -228,13 +228,24 @@ def bootstrap_ci(y, s, groups, metric=roc_auc, n: int = 1000, seed: int = 0,
 
 
 def _group_resamples(y: np.ndarray, groups, n: int, seed: int):
-    """Index arrays of `n` bootstrap resamples of whole groups drawn with replacement; resamples with
-    one class only (no AUC) are left out."""
-    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    """Index arrays of `n` bootstrap resamples of whole groups drawn with replacement (each drawn
+    group's images in ascending order, the groups in the order drawn); resamples with one class only
+    (no AUC) are left out.
+
+    Why vectorised: concatenating one small array per drawn group cost ~1.2 ms a resample on a
+    2,600-image report part (twice the two AUCs it feeds); the images sorted by group and one gather
+    give the same indices at a tenth of that."""
+    inverse = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    order = np.argsort(inverse, kind="stable")  # every group's images together, ascending
+    counts = np.bincount(inverse)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        drawn = rng.integers(0, len(counts), len(counts))
+        lengths = counts[drawn]
+        # position j of the k-th drawn group's run: its start + j, written as one arange shifted per run
+        shift = np.repeat(starts[drawn] - (np.cumsum(lengths) - lengths), lengths)
+        idx = order[np.arange(int(lengths.sum())) + shift]
         if _both_classes(y[idx]):
             yield idx
 

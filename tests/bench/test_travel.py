@@ -392,6 +392,13 @@ def test_a_variant_of_the_defaults_own_settings_is_recorded_as_a_control_and_tra
         "max_minutes": None, "max_steps": 103}
     assert "| augment=classic (control) | 3 (103 steps, " in travel.table(result)
     assert "| augment=strong | 3 (103 steps, " in travel.table(result)
+    # on the clock too, and for a setting of the bench's own (the input size) as much as of train's: a run
+    # of its own, not the defaults' model again (whose difference would be exactly 0)
+    on_clock = travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=classic", "image_size=96"), seed=4,
+                          batch_size=16)
+    assert on_clock["controls"] == ["augment=classic", "image_size=96"]
+    assert len(calls["cfg"]) == 6 and all(c.max_minutes == 8.0 for c in calls["cfg"][3:])
+    assert all(r["vs_defaults"]["difference"] != 0 for r in on_clock["rows"][1:])
 
 
 def test_the_table_shows_each_row_with_its_paired_difference():

@@ -72,10 +72,11 @@ def _trains(settings: dict, defaults: dict) -> bool:
 
 def is_control(settings: dict, defaults: dict, model: str) -> bool:
     """Whether a variant sets only values the defaults already have (e.g. `augment=classic`): an
-    identical-settings control. It still trains a model of its own (`_trains` compares with the bench's
-    own settings only), so its difference from the defaults is what this protocol reads for a lever that
-    changes nothing: training noise (CPU arithmetic is not bit-reproducible) and, with --match-steps,
-    the step schedule against the clock's. The ledger judges levers beside it, not it by the rule."""
+    identical-settings control. `run` trains it a model of its own (at the defaults' steps with
+    --match-steps) instead of reusing the defaults' one, so its difference from the defaults is what
+    this protocol reads for a lever that changes nothing: training noise (CPU arithmetic is not
+    bit-reproducible) and, with --match-steps, the step schedule against the clock's. The ledger
+    judges levers beside it, not it by the rule."""
     from melanogan.classify.train import TrainConfig
     from melanogan.data.cache import CacheOptions
 
@@ -302,10 +303,11 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
             prepared, trained, report_preds, steps = {}, {}, {}, {}
             for r, train_seed in enumerate(train_seeds):  # every variant of one seed before the next seed
                 for name, settings in variants:
-                    if match_steps and name != "defaults" and _trains(settings, defaults):
+                    control = name in controls
+                    if match_steps and name != "defaults" and (_trains(settings, defaults) or control):
                         settings = {**settings, "max_steps": steps[r]}
                     row, report_preds[name, r] = _one(data, tmp, held, settings, model, weights, seed, accelerator,
-                                                      prepared, trained, train_seed)
+                                                      prepared, trained, train_seed, own_run=name if control else None)
                     rows.append({**row, "variant": name, "repeat": r, "train_seed": train_seed})
                     if name == "defaults":  # the step count --match-steps holds this seed's levers to
                         steps[r] = row["steps"]
@@ -347,10 +349,13 @@ def _result(rows: list[dict], combined: list[dict], model, weights, image_size, 
 
 
 def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: str | None, seed: int,
-         accelerator: str, prepared: dict, trained: dict, train_seed: int) -> tuple[dict, pd.DataFrame]:
+         accelerator: str, prepared: dict, trained: dict, train_seed: int,
+         own_run: str | None = None) -> tuple[dict, pd.DataFrame]:
     """Train on the two other sources, report on half of `held`, choose the site threshold on the other
     half. `prepared` and `trained` hold what earlier variants made, so that a lever reuses the data
-    (and the model) it does not change. `seed` splits the data; `train_seed` trains."""
+    (and the model) it does not change. `seed` splits the data; `train_seed` trains. `own_run` (a
+    control's name): train a model of its own even where the settings equal an earlier variant's, since
+    reusing the defaults' model would give a control a difference of exactly 0."""
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import diagnosis_table, evaluate_run, json_safe
     from melanogan.classify.train import TrainConfig
@@ -393,7 +398,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
                 for i in range(members)]
     else:
         cfgs = [cfg]
-    runs = [_train(train_dir, tmp, held, options.key, c, accelerator, trained) for c in cfgs]
+    runs = [_train(train_dir, tmp, held, options.key, c, accelerator, trained, own_run) for c in cfgs]
     tta, adapted = settings["tta"], settings["adapt"] != "none"
     internal = [evaluate_run(r["run_dir"], bootstrap=300, tta=tta, out=tmp / f"eval-{held}-{time.monotonic_ns()}")
                 for r in runs]
@@ -510,11 +515,13 @@ def _adapted_report(run_dir: Path, site_dir: Path, name: str) -> tuple[dict, pd.
             "n_images": len(preds), "n_melanoma": int(y.sum()), "excluded_overlap": len(overlap)}, preds
 
 
-def _train(train_dir: Path, tmp: Path, held: str, data_key: str, cfg, accelerator: str, trained: dict) -> dict:
-    """Train `cfg` on `train_dir` once: a later variant with the same data and settings reuses the run."""
+def _train(train_dir: Path, tmp: Path, held: str, data_key: str, cfg, accelerator: str, trained: dict,
+           own_run: str | None = None) -> dict:
+    """Train `cfg` on `train_dir` once: a later variant with the same data and settings reuses the run,
+    unless it asks for a run of its own (`own_run`, a control)."""
     from melanogan.classify.train import train_classifier
 
-    key = json.dumps([data_key, cfg.model_dump()], sort_keys=True, default=str)
+    key = json.dumps([data_key, cfg.model_dump(), own_run], sort_keys=True, default=str)
     if key not in trained:
         run_dir = tmp / f"run-{held}-{len(trained)}"
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from melanogan.bench.ledger import defaults_spread, ledger, ledger_table, load, verdict
+from melanogan.bench.ledger import defaults_spread, ledger, ledger_table, load, verdict, verdict_lines
 from melanogan.errors import MelanoganError
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "docs" / "measurements"
@@ -90,6 +90,8 @@ def test_controls_are_not_judged_and_a_pass_within_their_noise_is_flagged():
     v = verdict(control, "augment=classic")
     assert (v["verdict"], v["reason"]) == ("control", "the defaults' own settings, trained again: its differences "
                                                       "are the protocol's training noise")
+    assert verdict_lines(control) == ("augment=classic: control (the defaults' own settings, trained again: its "
+                                      "differences are the protocol's training noise)")  # not judged "by the rule"
     # a pass whose only significant gain (Derm7pt held out, +0.015) is inside the control's 0.016 there
     small = _results((0.015, 0.01, 0.005), (0.03, 0.4, 0.9))
     # the same pass with a gain beyond the control's difference: no flag

@@ -174,7 +174,8 @@ def verdict_lines(results: dict) -> str:
     lines = []
     for lever in results.get("levers", []):
         v = verdict(results, lever)
-        lines.append(f"{lever}: {v['verdict']} by the rule ({v['reason']})")
+        judged = "" if v["verdict"] == "control" else " by the rule"  # a control is not judged by it
+        lines.append(f"{lever}: {v['verdict']}{judged} ({v['reason']})")
     return "\n".join(lines)
 
 

@@ -948,14 +948,14 @@ def bench_ledger(
     (positive with all three sources held out, Holm-significant with one, internal AUC within the
     defaults' CI), and the defaults' own external AUC from run to run. Reads saved figures only.
     E.g. `melanogan bench ledger docs/measurements/travel-*.json`."""
-    from melanogan.bench.ledger import defaults_spread, ledger, ledger_table, load, noise_floor
+    from melanogan.bench.ledger import control_noise, defaults_spread, ledger, ledger_table, load, seed_noise
 
     results = load(files)
     if json_out:
         from melanogan.fileio import write_json
 
         write_json(json_out, {"levers": ledger(results), "defaults": defaults_spread(results),
-                              "control_noise": noise_floor(results)})
+                              "control_noise": control_noise(results), "seed_noise": seed_noise(results)})
     console.print(ledger_table(results), markup=False, highlight=False, soft_wrap=True)
 
 

@@ -3,7 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from melanogan.bench.ledger import defaults_spread, ledger, ledger_table, load, verdict, verdict_lines
+from melanogan.bench.ledger import (
+    control_noise,
+    defaults_spread,
+    ledger,
+    ledger_table,
+    load,
+    noise_floor,
+    seed_noise,
+    verdict,
+    verdict_lines,
+)
 from melanogan.errors import MelanoganError
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "docs" / "measurements"
@@ -88,10 +98,10 @@ def test_controls_are_not_judged_and_a_pass_within_their_noise_is_flagged():
     control = _results((0.016, 0.003, -0.009), (0.012, 0.9, 0.9), lever="augment=classic")
     control["controls"] = ["augment=classic"]
     v = verdict(control, "augment=classic")
-    assert (v["verdict"], v["reason"]) == ("control", "the defaults' own settings, trained again: its differences "
-                                                      "are the protocol's training noise")
-    assert verdict_lines(control) == ("augment=classic: control (the defaults' own settings, trained again: its "
-                                      "differences are the protocol's training noise)")  # not judged "by the rule"
+    assert (v["verdict"], v["reason"]) == ("control", "the defaults' own settings and training seed, trained again: "
+                                                      "its differences are run-to-run noise")
+    assert verdict_lines(control) == ("augment=classic: control (the defaults' own settings and training seed, "
+                                      "trained again: its differences are run-to-run noise)")  # not "by the rule"
     # a pass whose only significant gain (Derm7pt held out, +0.015) is inside the control's 0.016 there
     small = _results((0.015, 0.01, 0.005), (0.03, 0.4, 0.9))
     # the same pass with a gain beyond the control's difference: no flag
@@ -99,9 +109,9 @@ def test_controls_are_not_judged_and_a_pass_within_their_noise_is_flagged():
     entries = ledger({"control.json": control, "small.json": small, "large.json": large})
     assert [(e["lever"], e["verdict"]) for e in entries] == [
         ("augment=classic", "control"), ("mixup=0.2", "default"), ("mixup=0.2", "default")]
-    assert entries[1]["reason"] == ("every condition holds; but no significant gain is larger than an "
-                                    "identical-settings control's difference (Derm7pt held out: +0.015 vs "
-                                    "0.016): repeat it (--repeats) before trusting it")
+    assert entries[1]["reason"] == ("every condition holds; but no significant gain is larger than the "
+                                    "run-to-run noise (Derm7pt held out: +0.015 vs 0.016): repeat it "
+                                    "(--repeats) before trusting it")
     assert entries[2]["reason"] == "every condition holds"
     # a significant gain where no control held that source out cannot be judged against one: no flag
     only_ham = _results((0.001, 0.02, 0.005), (0.9, 0.01, 0.9))
@@ -109,9 +119,37 @@ def test_controls_are_not_judged_and_a_pass_within_their_noise_is_flagged():
     control["rows"] = [r for r in control["rows"] if r["held_out"] != "ham10000"]
     assert ledger({"control.json": control, "ham.json": only_ham})[1]["reason"] == "every condition holds"
     text = ledger_table({"control.json": control, "small.json": small})
-    assert "the largest |difference| with each source held out, Derm7pt 0.016, ISIC 9-class 0.009." in text
+    assert ("identical-settings controls (the defaults' settings and training seed, trained again; not judged by "
+            "the rule) Derm7pt 0.016, ISIC 9-class 0.009; the defaults trained with another seed on the same split "
+            "(comparisons with --repeats) none.") in text
     assert "| augment=classic | +0.016 [-0.004, +0.036] (0.012) | - | -0.009 [-0.029, +0.011] (0.900) | control: " \
         in text
+
+
+def test_another_training_seed_of_the_defaults_raises_the_noise_floor_above_the_same_seed_controls():
+    control = _results((0.016, 0.003, -0.009), (0.012, 0.9, 0.9), lever="augment=classic")
+    control["controls"] = ["augment=classic"]
+    # a comparison with two training seeds: the defaults read 0.700 and 0.740 with Derm7pt held out
+    repeated = _results((0.01, 0.01), (0.5, 0.5), sources=("derm7pt", "isic9"))
+    repeated["train_seeds"] = [7, 1007]
+    repeated["rows"] += [_row("derm7pt", "defaults", 0.74, repeat=1), _row("isic9", "defaults", 0.695, repeat=1)]
+    results = {"control.json": control, "repeated.json": repeated}
+    assert seed_noise(results) == {"derm7pt": 0.04, "isic9": 0.005}
+    assert control_noise(results) == {"derm7pt": 0.016, "ham10000": 0.003, "isic9": 0.009}
+    assert noise_floor(results) == {"derm7pt": 0.04, "ham10000": 0.003, "isic9": 0.009}
+    # a pass at +0.03 with Derm7pt held out beats the same-seed control (0.016) but not another seed (0.040)
+    gain = _results((0.03, 0.01, 0.005), (0.03, 0.4, 0.9))
+    entries = ledger({**results, "gain.json": gain})
+    assert entries[-1]["reason"] == ("every condition holds; but no significant gain is larger than the "
+                                     "run-to-run noise (Derm7pt held out: +0.030 vs 0.040): repeat it "
+                                     "(--repeats) before trusting it")
+    assert ledger({"control.json": control, "gain.json": gain})[-1]["reason"] == "every condition holds"
+    # one training seed per comparison: no seed noise, whatever the number of defaults' rows per source
+    assert seed_noise({"control.json": control}) == {}
+    text = ledger_table(results)
+    assert ("identical-settings controls (the defaults' settings and training seed, trained again; not judged by "
+            "the rule) Derm7pt 0.016, HAM10000 0.003, ISIC 9-class 0.009; the defaults trained with another seed "
+            "on the same split (comparisons with --repeats) Derm7pt 0.040, ISIC 9-class 0.005.") in text
 
 
 def test_defaults_spread_counts_runs_and_splits():
@@ -184,6 +222,7 @@ def test_bench_ledger_command_writes_the_verdicts_and_names_a_bad_file(tmp_path)
                                                                     ("augment=classic", "control")]
     assert saved["defaults"]["by_source"]["ham10000"]["median"] == 0.7
     assert saved["control_noise"] == {"derm7pt": 0.016, "ham10000": 0.003, "isic9": 0.009}
+    assert saved["seed_noise"] == {}  # one training seed in each comparison
     assert "default: every condition holds" in r.output
     r = runner.invoke(app, ["bench", "ledger", str(tmp_path / "gone.json")])
     assert isinstance(r.exception, MelanoganError) and "gone.json: no such file" in str(r.exception)

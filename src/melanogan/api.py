@@ -184,8 +184,9 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
           diagnosis_weight: float | None = None, diagnosis_vocabulary: str = "source",
           epochs: int = 30,
           max_minutes: float | None = None, max_steps: int | None = None,
-          batch_size: int = 32, lr: float = 2e-3, patience: int = 8, select: str = "auc",
-          weight_average: str = "none", ema_decay: float = 0.998, seed: int = 0, workers: int | None = None,
+          batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 1e-4, patience: int = 8,
+          select: str = "auc", weight_average: str = "none", ema_decay: float = 0.998, seed: int = 0,
+          workers: int | None = None,
           batch_augment: bool = True, precision: str = "auto", metadata: str = "", accelerator: str = "auto",
           devices: int = 1, resume: bool = False, logger: str | None = None, progress: bool = True) -> TrainRun:
     """Train a melanoma classifier on DATA_DIR's training split (plus synthetic sets); the best epoch by
@@ -195,8 +196,8 @@ def train(data_dir: str | Path, out: str | Path, model: str = "small-cnn", weigh
     try:
         cfg = TrainConfig(model=model, weights=weights, image_size=image_size, epochs=epochs, max_minutes=max_minutes,
                           max_steps=max_steps,
-                          batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, augment=augment,
-                          color_augment=color_augment, style_augment=style_augment,
+                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss, sampler=sampler,
+                          augment=augment, color_augment=color_augment, style_augment=style_augment,
                           illumination_augment=illumination_augment, crop_aspect=crop_aspect, grayscale=grayscale,
                           mixup=mixup,
                           coral=coral,

@@ -571,6 +571,8 @@ def train(
              "fast and a slow machine.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up then cosine).")] = 2e-3,
+    weight_decay: Annotated[float, typer.Option(
+        help="AdamW's decoupled weight decay, 0-1. Default: 1e-4 (see README, Models that travel).")] = 1e-4,
     patience: Annotated[int, typer.Option(help="Epochs without better validation AUC before stopping.")] = 8,
     select: Annotated[str, typer.Option(
         help="Validation figure that picks the best epoch: auc (over the whole validation split) or "
@@ -613,8 +615,8 @@ def train(
                         crop_aspect=crop_aspect, grayscale=grayscale, mixup=mixup, coral=coral,
                         excised_weight=excised_weight, diagnosis_weight=diagnosis_weight,
                         diagnosis_vocabulary=diagnosis_vocabulary, epochs=epochs,
-                        max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, patience=patience,
-                        select=select,
+                        max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, patience=patience, select=select,
                         weight_average=weight_average, ema_decay=ema_decay, seed=seed, workers=workers,
                         batch_augment=batch_augment, precision=precision, metadata=metadata,
                         accelerator=accelerator, devices=devices, resume=resume, logger=logger).summary

@@ -48,13 +48,13 @@ def test_levers_are_typed_and_checked_before_any_work():
                            "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
                            "style_augment=mixstyle", "epochs=30", "select=worst_source_auc", "weight_average=ema",
                            "illumination_augment=random", "mixup=0.2", "excised_weight=3", "loss=focal", "coral=1",
-                           "crop_aspect=1.3333", "grayscale=0.2"))
+                           "crop_aspect=1.3333", "grayscale=0.2", "weight_decay=0.05", "lr=5e-3"))
     assert [(k, v) for _, settings in levers for k, v in settings.items()] == [
         ("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192), ("tta", 8),
         ("color_constancy", False), ("minutes", 2.5), ("ensemble", 3), ("color_augment", "lab"),
         ("style_augment", "mixstyle"), ("epochs", 30), ("select", "worst_source_auc"), ("weight_average", "ema"),
         ("illumination_augment", "random"), ("mixup", 0.2), ("excised_weight", 3.0), ("loss", "focal"),
-        ("coral", 1.0), ("crop_aspect", 1.3333), ("grayscale", 0.2)]
+        ("coral", 1.0), ("crop_aspect", 1.3333), ("grayscale", 0.2), ("weight_decay", 0.05), ("lr", 0.005)]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
                          ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
@@ -63,7 +63,8 @@ def test_levers_are_typed_and_checked_before_any_work():
                          ("coral=-1", "coral"), ("crop_aspect=0.75", "crop_aspect"),
                          ("crop_aspect=1.3+augment=none", "step of batch augmentation"),
                          ("grayscale=1.5", "grayscale"), ("grayscale=0.2+augment=none", "step of batch augmentation"),
-                         ("coral=1+mixup=0.2", "not both"),
+                         ("coral=1+mixup=0.2", "not both"), ("weight_decay=-0.01", "weight_decay"),
+                         ("weight_decay=2", "weight_decay"), ("lr=0", "lr"), ("lr=nan", "lr"),
                          ("excised_weight=0.5", "excised_weight"), ("excised_weight=3+sampler=balanced", "combined"),
                          ("epochs=0", "1 to 500"), ("epochs=2.5", "epochs"), ("select=pooled", "select"),
                          ("weight_average=swa", "weight_average"), ("patience=off", "join it to one"),
@@ -380,7 +381,9 @@ def test_a_variant_of_the_defaults_own_settings_is_recorded_as_a_control_and_tra
                               ({"model": "small-cnn"}, True), ({"image_size": 96, "mixup": 0.0}, True),
                               ({"augment": "strong"}, False), ({"augment": "classic", "mixup": 0.2}, False),
                               ({"model": "small-cnn-ibn"}, False), ({"image_size": 128}, False),
-                              ({"color_constancy": False}, False), ({"tta": 8}, False)]:
+                              ({"color_constancy": False}, False), ({"tta": 8}, False),
+                              ({"weight_decay": 1e-4}, True), ({"lr": 2e-3}, True), ({"weight_decay": 0.05}, False),
+                              ({"lr": 5e-3}, False)]:
         assert travel.is_control(settings, defaults, "small-cnn") is control, settings
     calls = _fake_pipeline(tmp_path, monkeypatch)
     result = travel.run(tmp_path, holdout=("derm7pt",), vary=("augment=classic", "augment=strong"), seed=3,
@@ -391,6 +394,14 @@ def test_a_variant_of_the_defaults_own_settings_is_recorded_as_a_control_and_tra
     assert {k: v for k, v in calls["cfg"][1].model_dump().items() if calls["cfg"][0].model_dump()[k] != v} == {
         "max_minutes": None, "max_steps": 103}
     assert "| augment=classic (control) | 3 (103 steps, " in travel.table(result)
+    # the optimiser's settings are levers like any other: the variant changes its own value only
+    calls["cfg"].clear()
+    travel.run(tmp_path, holdout=("derm7pt",), vary=("weight_decay=0.05", "lr=5e-3"), seed=3, batch_size=16,
+               match_steps=True)
+    base = calls["cfg"][0].model_dump()
+    assert [{k: v for k, v in c.model_dump().items() if base[k] != v} for c in calls["cfg"][1:]] == [
+        {"weight_decay": 0.05, "max_minutes": None, "max_steps": 103},
+        {"lr": 0.005, "max_minutes": None, "max_steps": 103}]
     assert "| augment=strong | 3 (103 steps, " in travel.table(result)
     # on the clock too, and for a setting of the bench's own (the input size) as much as of train's: a run
     # of its own, not the defaults' model again (whose difference would be exactly 0)

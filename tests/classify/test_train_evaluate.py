@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from melanogan.classify import metrics as M
@@ -724,6 +725,20 @@ def test_crop_aspect_and_grayscale_reach_every_training_batch_and_are_recorded(d
         TrainConfig(crop_aspect=0.75)  # A is the wider end: [1/A, A]
     with pytest.raises(ValueError):
         TrainConfig(grayscale=1.5)
+
+
+def test_weight_decay_reaches_the_optimiser_and_the_run_and_bad_optimiser_settings_are_refused(demo_prepared,
+                                                                                                tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "weight_decay": 0.05})
+    train_classifier(demo_prepared, tmp_path / "wd", cfg, progress=False)
+    groups = torch.load(tmp_path / "wd" / "last" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05]  # what AdamW applied, not only what was asked
+    assert yaml.safe_load((tmp_path / "wd" / "config.yaml").read_text())["weight_decay"] == 0.05
+    assert (TrainConfig().lr, TrainConfig().weight_decay) == (2e-3, 1e-4)  # unchanged until measured
+    for bad in ({"lr": 0.0}, {"lr": -1e-3}, {"lr": float("nan")}, {"weight_decay": -0.01},
+                {"weight_decay": float("nan")}, {"weight_decay": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
 
 
 def _rows(uids, hashes, ids, phashes):

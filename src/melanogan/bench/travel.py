@@ -38,7 +38,7 @@ LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal"
           "mixup": "train",
           "coral": "train",
           "excised_weight": "train", "diagnosis_weight": "train", "diagnosis_vocabulary": "train",
-          "sampler": "train", "loss": "train", "model": "train",
+          "sampler": "train", "loss": "train", "model": "train", "lr": "train", "weight_decay": "train",
           "select": "train", "weight_average": "train",
           "minutes": "train", "epochs": "train", "patience": "train", "ensemble": "train",
           "gan": "train", "gan_steps": "train", "gan_resolution": "train", "gan_preset": "train",
@@ -58,7 +58,7 @@ _NEVER_STOP = 1000
 _CONFIG_LEVERS = ("augment", "color_augment", "style_augment", "illumination_augment", "crop_aspect", "grayscale",
                   "mixup", "coral",
                   "excised_weight", "diagnosis_weight", "diagnosis_vocabulary", "sampler", "loss", "select",
-                  "weight_average")
+                  "weight_average", "lr", "weight_decay")
 
 # Levers that are the training budget: --match-steps (which fixes the budget) refuses them.
 _BUDGET_LEVERS = {"minutes", "epochs", "patience", "ensemble"}

@@ -67,8 +67,11 @@ class TrainConfig(BaseModel):
     # (bench travel --match-steps). The epoch count and the clock still stop a run first if they end sooner.
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    # AdamW's peak learning rate and decoupled weight decay (applied to every parameter). Bounded so that
+    # a typo (0, a negative decay, NaN) is refused here rather than read as a slow or diverging run.
+    # Both are bench travel levers (README, "The options compared").
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     warmup_fraction: float = 0.05
     loss: Literal["bce", "weighted", "focal"] = "bce"
     focal_gamma: float = 2.0

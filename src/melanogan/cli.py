@@ -597,7 +597,9 @@ def train(
              "values get their own code). Off by default; predict/serve then take it or use 'missing'.")] = "",
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices; more than one trains with DDP.")] = 1,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN_DIR/last.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from RUN_DIR/last with the run's own settings (options given that differ from "
+                         "them are named in a note and not used).")] = False,
     logger: Annotated[str | None, typer.Option(
         help="Also log to csv (RUN_DIR/csv/) or tensorboard (RUN_DIR/tensorboard/; pip install "
              "'melanogan[tensorboard]'); stats.jsonl is always written.")] = None,

@@ -25,6 +25,7 @@ from melanogan.classify.train import (
     diagnosis_classes,
     diagnosis_loss,
     load_model,
+    not_used_on_resume,
     train_classifier,
 )
 from melanogan.data.cache import CacheOptions
@@ -68,6 +69,19 @@ def test_deterministic_and_resumable(demo_prepared, tmp_path):
     sa = [json.loads(x)["val_auc"] for x in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
     sb = [json.loads(x)["val_auc"] for x in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
     assert sa == pytest.approx(sb)
+    # options given with --resume that differ from the run's own are named, not silently dropped
+    again = train_classifier(demo_prepared, tmp_path / "c", cfg, progress=False, stop_after_epochs=1)
+    assert not [n for n in again["notes"] if "resumed" in n]
+    other = TrainConfig(**{**TINY, "epochs": 3, "lr": 5e-3, "augment": "strong"})
+    resumed = train_classifier(demo_prepared, tmp_path / "c", other, resume=True, progress=False)
+    assert [n for n in resumed["notes"] if n.startswith("resumed")] == [
+        "resumed with the run's own settings (last/state.json); these options differ from them and were not used: "
+        "lr 0.005 (the run's: 0.002); augment 'strong' (the run's: 'classic'). Train a new run (another --out) "
+        "to change them."]
+    assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["lr"] == 2e-3
+    same = not_used_on_resume(TrainConfig(**TINY), TrainConfig(**{**TINY, "precision": "bf16-mixed",
+                                                                    "diagnosis_weight": 0.5}))
+    assert same is None  # what a run resolved at its start (auto precision, the recommended head) is no request
 
 
 def test_evaluation_uses_validation_thresholds_and_writes_everything(demo_prepared, tmp_path):

@@ -605,10 +605,13 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     from lightning_fabric import Fabric
 
     run_dir = Path(run_dir)
+    resumed_notes = []
     if resume:
         if not (run_dir / "last" / "state.json").is_file():
             raise MelanoganError(f"{run_dir}: nothing to resume (no last/ checkpoint). Drop --resume.")
-        cfg = TrainConfig(**read_json(run_dir / "last" / "state.json")["config"])
+        stored = TrainConfig(**read_json(run_dir / "last" / "state.json")["config"])
+        resumed_notes = [note for note in [not_used_on_resume(cfg, stored)] if note]
+        cfg = stored
     elif (run_dir / "stats.jsonl").is_file():
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")
     fabric_prec = fabric_precision(cfg.precision, accelerator)
@@ -633,7 +636,27 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
     fabric = Fabric(accelerator=accelerator, devices=devices, precision=fabric_prec, strategy=ddp_strategy(devices),
                     loggers=fabric_loggers(logger, run_dir))
     summary = fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, resume, progress, stop_after_epochs)
-    return {**summary, "notes": notes}
+    return {**summary, "notes": resumed_notes + notes}
+
+
+def not_used_on_resume(given: TrainConfig, stored: TrainConfig) -> str | None:
+    """A resumed run continues with its own stored settings: its optimiser state, schedule, step budget
+    and data order belong to them, and its checkpoints and card must describe one run. Options passed
+    with --resume that differ from them are therefore not used; this says which, instead of dropping
+    them silently. Values a run resolves when it starts (precision auto, the recommended diagnosis
+    head) are not a request for another setting and are skipped."""
+    differ = []
+    for key in TrainConfig.model_fields:
+        mine, theirs = getattr(given, key), getattr(stored, key)
+        if key == "diagnosis_classes" or (key == "precision" and mine == "auto") or \
+                (key == "diagnosis_weight" and mine is None):
+            continue
+        if mine != theirs:
+            differ.append(f"{key} {mine!r} (the run's: {theirs!r})")
+    if not differ:
+        return None
+    return (f"resumed with the run's own settings (last/state.json); these options differ from them and were not "
+            f"used: {'; '.join(differ)}. Train a new run (another --out) to change them.")
 
 
 def resolve_diagnosis_head(cfg: TrainConfig, train_rows: pd.DataFrame, data_dir: Path) -> tuple[TrainConfig, list]:

@@ -610,7 +610,8 @@ def train_classifier(data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bo
         if not (run_dir / "last" / "state.json").is_file():
             raise MelanoganError(f"{run_dir}: nothing to resume (no last/ checkpoint). Drop --resume.")
         stored = TrainConfig(**read_json(run_dir / "last" / "state.json")["config"])
-        resumed_notes = [note for note in [not_used_on_resume(cfg, stored)] if note]
+        ignored = not_used_on_resume(cfg, stored)
+        resumed_notes = [ignored] if ignored else []
         cfg = stored
     elif (run_dir / "stats.jsonl").is_file():
         raise MelanoganError(f"{run_dir}: already holds a classifier run. Pass --resume, or a new --out.")

@@ -63,3 +63,20 @@ def test_a_classifier_run_stores_the_precision_auto_chose(demo_prepared, tmp_pat
     assert cfg.precision == "auto"
     train_classifier(demo_prepared, tmp_path / "run", cfg, accelerator="cpu", progress=False)
     assert json.loads((tmp_path / "run" / "best" / "state.json").read_text())["config"]["precision"] == "32-true"
+
+
+def test_machine_info_names_the_cpu_model_the_cores_allowed_and_the_gpu_only_when_used(monkeypatch):
+    import torch
+
+    from melanogan import runtime
+
+    monkeypatch.setattr(runtime.Path, "read_text", lambda self: "processor\t: 0\nmodel name\t: Test CPU 9000 @ 2GHz\n"
+                        if str(self) == "/proc/cpuinfo" else "")
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Test GPU")
+    info = runtime.machine_info("cuda")
+    assert info == {"cpu": "Test CPU 9000 @ 2GHz", "cores": 3, "cpu_native_bf16": True, "gpu": "Test GPU",
+                    "torch": torch.__version__}
+    assert runtime.machine_info("cpu")["gpu"] is None  # a CPU run on a machine that has a GPU

@@ -133,16 +133,18 @@ def train_gan(data_dir: str | Path, out: str | Path, preset: str = "default", co
               num_nodes: int = 1, precision: str = "auto", max_steps: int | None = None,
               logger: str | None = None, progress: bool = True) -> GanRun:
     """Train the conditional WGAN-GP on the training split of DATA_DIR (None = the preset's value)."""
-    from melanogan.gan.config import load_config
+    from melanogan.gan.config import load_config, requested_fields
     from melanogan.gan.train import train_gan as run_train_gan
 
-    cfg = load_config(preset, Path(config) if config else None, resolution=resolution, steps=steps,
-                      batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                      sample_every=sample_every, log_every=log_every, kid_every=kid_every, kid_features=kid_features)
+    options = dict(resolution=resolution, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                   checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
+                   kid_every=kid_every, kid_features=kid_features)
+    config_file = Path(config) if config else None
+    cfg = load_config(preset, config_file, **options)
     s = run_train_gan(Path(data_dir), Path(out), cfg, resume=resume, accelerator=accelerator, devices=devices,
                       num_nodes=num_nodes, precision=precision, stop_after=max_steps, resume_steps=steps,
-                      progress=progress, logger=logger)
-    return GanRun(Path(out), s["step"], s["finished"], s["training_images"])
+                      progress=progress, logger=logger, requested=requested_fields(preset, config_file, **options))
+    return GanRun(Path(out), s["step"], s["finished"], s["training_images"], s["notes"])
 
 
 def generate(run_dir: str | Path, out: str | Path, n: int = 1000, label: str = "melanoma", seed: int = 0,

@@ -276,7 +276,9 @@ def train_gan_cmd(
     kid_every: Annotated[int | None, typer.Option(
         help="Steps between KID evaluations (kid.jsonl); keeps checkpoints/best-kid. 0 = off.")] = None,
     kid_features: Annotated[str | None, typer.Option(help="KID features: pixels or classifier:RUN_DIR.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the run's last checkpoint with the run's own settings (options given "
+                         "that differ from them are named and not used; --steps can extend the run).")] = False,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices per node; more than one trains with DDP.")] = 1,
     num_nodes: Annotated[int, typer.Option(help="Machines (launch with torchrun or SLURM).")] = 1,
@@ -302,6 +304,8 @@ def train_gan_cmd(
                       sample_every=sample_every, log_every=log_every, kid_every=kid_every, kid_features=kid_features,
                       resume=resume, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                       precision=precision, max_steps=max_steps, logger=logger)
+    for note in r.notes:
+        console.print(f"note: {note}")
     state = "finished" if r.finished else "paused (resume with --resume)"
     console.print(f"GAN {state} at step {r.step}; trained on {r.training_images}. Run: {out}")
 

@@ -132,6 +132,8 @@ class GanRun:
     step: int
     finished: bool
     training_images: dict
+    # what the run wants its user to know, e.g. options given with --resume that were not used
+    notes: list[str] = field(default_factory=list)
 
     @property
     def stats(self) -> pd.DataFrame:

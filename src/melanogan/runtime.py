@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import warnings
+from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,6 +26,20 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):  # an older or other build: no way to tell, so no bf16
         return False
+
+
+def machine_info(accelerator: str = "auto") -> dict:
+    """What a measurement ran on, for a benchmark's record. Why: throughput, and so the steps a clock
+    budget buys, depend on the machine (small-cnn trained at ~80 images/s on a 2-core CPU without native
+    bf16 and ~260 on one with it), so figures from two machines are not one series unless they say so."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):  # Linux names the model here; platform.processor()
+        # often gives only the architecture
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "cpu_native_bf16": cpu_has_native_bf16(),
+            "gpu": torch.cuda.get_device_name(0) if _uses_cuda(accelerator) else None, "torch": torch.__version__}
 
 
 def _uses_cuda(accelerator: str) -> bool:

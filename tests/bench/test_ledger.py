@@ -169,7 +169,20 @@ def test_defaults_spread_counts_runs_and_splits():
     assert [r["auc"].get("isic9", {}).get("external_auc") for r in spread["runs"]] == [0.7, 0.8, None]
     text = ledger_table({"a.json": a, "b.json": b})
     assert "| a.json | 7 | 7 | mixup=0.2 | +0.010 [-0.010, +0.030] (0.500) |" in text
-    assert "0.600-0.700 (median 0.650; 2 runs, 2 splits)" in text
+    assert "| range | | | | 0.600-0.700 (median 0.650; 2 runs, 2 splits) |" in text
+
+
+def test_defaults_spread_says_how_fast_the_defaults_trained_and_in_what_precision():
+    # the median over the defaults' rows of the first training seed; the lever's speed is not the defaults'
+    a = _results((0.01, 0.01, 0.01), (0.5, 0.5, 0.5))
+    for r, speed in zip(a["rows"], (250.0, 90.0, 270.0, 90.0, 262.0, 90.0), strict=True):
+        r["train_img_per_s"], r["precision"] = speed, "bf16-mixed" if r["variant"] == "defaults" else "32-true"
+    old = _results((0.01,), (0.5,), sources=("derm7pt",))  # saved before speed and precision were kept
+    spread = defaults_spread({"a.json": a, "old.json": old})
+    assert [(r["img_per_s"], r["precision"]) for r in spread["runs"]] == [(262.0, "bf16-mixed"), (None, None)]
+    text = ledger_table({"a.json": a, "old.json": old})
+    assert "| a.json | 7 | 96 px | 262 img/s (bf16-mixed) | 0.700 | 0.700 | 0.700 |" in text
+    assert "| old.json | 7 | 96 px | - (not recorded) | 0.700 | - | - |" in text
 
 
 def test_load_refuses_what_is_not_a_travel_result(tmp_path):

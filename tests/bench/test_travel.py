@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from melanogan.bench import travel
 from melanogan.bench.travel import _paired, parse_levers, run
 from melanogan.errors import MelanoganError
+from melanogan.runtime import machine_info
 
 
 def test_lever_difference_is_paired_on_the_images_both_runs_scored():
@@ -137,6 +139,10 @@ def _fake_pipeline(tmp_path, monkeypatch) -> dict:
         Path(run_dir).mkdir(parents=True)
         (Path(run_dir) / "skill.txt").write_text("2.0" if cfg.augment == "strong" else "1.0")
         (Path(run_dir) / "stats.jsonl").write_text('{"epoch": 1, "img_per_s": 10.0}\n{"epoch": 2, "img_per_s": 30.0}\n')
+        # the precision a run resolved, as train writes it (a strong-augment run "resolves" another, so
+        # that the row's precision is seen to be its own run's)
+        (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(
+            {**cfg.model_dump(mode="json"), "precision": "bf16-mixed" if cfg.augment == "strong" else "32-true"}))
         # a clock-budgeted run's steps differ from seed to seed (as a machine's speed does from run to run)
         return {"epochs": 3, "steps": cfg.max_steps or 100 + cfg.seed}
 
@@ -206,6 +212,8 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     assert rows["tta=8"]["site_threshold"] is None and rows["tta=8"]["vs_defaults"]["difference"] == 0
     assert rows["augment=strong"]["vs_defaults"]["difference"] > 0
     assert "vs_defaults" not in rows["defaults"] and rows["defaults"]["train_img_per_s"] == 20.0
+    assert (rows["defaults"]["precision"], rows["augment=strong"]["precision"]) == ("32-true", "bf16-mixed")
+    assert result["machine"] == machine_info("auto")  # what the figures were measured on
     ensemble = rows["ensemble=2"]  # scored by the members' mean logit
     rng3, rng4 = np.random.default_rng(3), np.random.default_rng(4)
     mean = (rng3.normal(size=n) + rng4.normal(size=n)) / 2 + label

@@ -8,15 +8,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from melanogan import api
 from melanogan.data.dataset import CachedImageDataset
 from melanogan.data.transforms import eval_preset
 from melanogan.errors import MelanoganError
 from melanogan.gan import train as train_mod
 from melanogan.gan.checkpoint import latest_checkpoint, load_checkpoint
-from melanogan.gan.config import load_config
-from melanogan.gan.train import GanDivergedError, train_gan
+from melanogan.gan.config import load_config, requested_fields
+from melanogan.gan.train import GanDivergedError, not_used_on_resume, train_gan
 
 
 def _stats(run_dir):
@@ -196,3 +198,40 @@ def test_a_sampling_copy_without_critic_generates_but_does_not_resume(demo_prepa
     assert len(manifest) == 3
     with pytest.raises(MelanoganError, match="sampling only"):
         train_gan(demo_prepared, tmp_path / "run", tiny_cfg, resume=True, resume_steps=6, progress=False)
+
+
+def test_requested_fields_are_only_what_was_asked_for(tmp_path):
+    file = tmp_path / "gan.yaml"
+    file.write_text("n_critic: 3\ngp_lambda: 5.0\n")
+    assert requested_fields() == set()  # the default preset, no file, no option: nothing requested
+    assert requested_fields("default", None, lr=None, steps=40) == {"steps"}
+    assert requested_fields("original", file, lr=1e-3, seed=None) == {"preset", "n_critic", "gp_lambda", "lr"}
+
+
+def test_not_used_on_resume_names_what_differs_and_lets_steps_grow(tiny_cfg):
+    assert not_used_on_resume({"lr": tiny_cfg.lr, "steps": tiny_cfg.steps}, tiny_cfg) is None
+    note = not_used_on_resume({"lr": 1e-3, "steps": 6, "seed": 0}, tiny_cfg)
+    assert note == ("resumed with the run's own settings (its checkpoint's config); these options differ from them "
+                    "and were not used: lr 0.001 (the run's: 0.0005); steps 6 (the run's: 12) (--steps can extend a "
+                    "resumed run, not shorten it; --max-steps pauses it). Train a new run (another --out) to change "
+                    "them.")
+
+
+def test_train_gan_resume_names_the_options_it_did_not_use(demo_prepared, tmp_path, tiny_cfg):
+    """Through the API as the CLI calls it: the run's settings come from a --config file and options;
+    resuming with the same file plus a different lr and a smaller --steps keeps the run's lr and steps and
+    says so, while a larger --steps extends the run without a note."""
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(tiny_cfg.model_dump(mode="json", exclude={"steps", "lr"})))
+    out = tmp_path / "run"
+    first = api.train_gan(demo_prepared, out, config=file, steps=6, lr=5e-4, max_steps=4, progress=False)
+    assert (first.step, first.finished, first.notes) == (4, False, [])
+    resumed = api.train_gan(demo_prepared, out, config=file, steps=5, lr=1e-3, resume=True, progress=False)
+    assert resumed.step == 6 and resumed.finished
+    assert resumed.notes == ["resumed with the run's own settings (its checkpoint's config); these options differ "
+                             "from them and were not used: lr 0.001 (the run's: 0.0005); steps 5 (the run's: 6) "
+                             "(--steps can extend a resumed run, not shorten it; --max-steps pauses it). Train a new "
+                             "run (another --out) to change them."]
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 5e-4
+    extended = api.train_gan(demo_prepared, out, config=file, steps=8, lr=5e-4, resume=True, progress=False)
+    assert (extended.step, extended.notes) == (8, [])

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from melanogan.classify import metrics as M
 
@@ -269,6 +270,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     from melanogan.classify.train import TrainConfig
     from melanogan.errors import MelanoganError
     from melanogan.fileio import write_json
+    from melanogan.runtime import machine_info
 
     data = Path(shared) / "data"
     levers = parse_levers(tuple(vary))  # a typo fails here, before any work
@@ -296,6 +298,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     variants = [("defaults", defaults)] + [(name, {**defaults, **settings}) for name, settings in levers]
     controls = [name for name, settings in levers if is_control(settings, defaults, model)]
     train_seeds = [seed + 1000 * r for r in range(repeats)]
+    machine = machine_info(accelerator)
     rows, combined = [], []
     with tempfile.TemporaryDirectory(prefix="melanogan-bench-travel-") as tmp:
         tmp = Path(tmp)
@@ -315,7 +318,7 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                         rows[-1]["vs_defaults"] = _paired(report_preds["defaults", r], report_preds[name, r])
                     if json_out:  # every variant kept as it finishes: a GAN lever alone can take an hour
                         write_json(json_out, _result(rows, combined, model, weights, image_size, minutes, seed,
-                                                     train_seeds, variants, False, match_steps, controls))
+                                                     train_seeds, variants, False, match_steps, controls, machine))
             if repeats > 1:
                 for name, _ in variants[1:]:
                     per_seed = [x["vs_defaults"]["difference"] for x in rows
@@ -325,23 +328,25 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
                                                [report_preds[name, r] for r in range(repeats)]),
                                      "per_seed_differences": per_seed})
             result = _result(rows, combined, model, weights, image_size, minutes, seed, train_seeds, variants,
-                             held == holdout[-1], match_steps, controls)
+                             held == holdout[-1], match_steps, controls, machine)
             if json_out:
                 write_json(json_out, result)
     return result
 
 
 def _result(rows: list[dict], combined: list[dict], model, weights, image_size, minutes, seed, train_seeds,
-            variants, complete: bool, match_steps: bool = False, controls: list[str] | None = None) -> dict:
+            variants, complete: bool, match_steps: bool = False, controls: list[str] | None = None,
+            machine: dict | None = None) -> dict:
     """The figures so far, p-values Holm-adjusted over every lever and held-out source compared so far
-    (the per-seed comparisons and the combined ones each a family of their own)."""
+    (the per-seed comparisons and the combined ones each a family of their own), with the machine they
+    were measured on (runtime.machine_info)."""
     for family in ([r["vs_defaults"] for r in rows if "vs_defaults" in r], combined):
         for r, p in zip(family, M.holm([r["p_value"] for r in family]), strict=True):
             r["p_holm"] = round(p, 4)
     return {"model": model, "weights": weights, "image_size": image_size, "minutes": minutes, "seed": seed,
             "train_seeds": train_seeds, "batch_size": variants[0][1]["batch_size"],
             "levers": [name for name, _ in variants[1:]], "complete": complete, "match_steps": match_steps,
-            "controls": controls or [],
+            "controls": controls or [], "machine": machine,
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on; each "
                         "lever changes one setting of the defaults and is compared on the same report images",
@@ -419,7 +424,7 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
         "epochs": sum(r["epochs"] for r in runs), "steps": sum(r["steps"] for r in runs),
         "train_minutes": round(sum(r["minutes"] for r in runs), 1),
         "prepare_minutes": round(prepare_minutes, 1),
-        "train_img_per_s": runs[0]["img_per_s"], "tta": tta,
+        "train_img_per_s": runs[0]["img_per_s"], "precision": runs[0]["precision"], "tta": tta,
         "report_images": report[0]["n_images"], "report_melanoma": report[0]["n_melanoma"],
         "excluded_overlap": report[0]["excluded_overlap"],
     }
@@ -530,7 +535,9 @@ def _train(train_dir: Path, tmp: Path, held: str, data_key: str, cfg, accelerato
         speeds = [r["img_per_s"] for r in stats if "img_per_s" in r]
         trained[key] = {"run_dir": run_dir, "epochs": summary["epochs"], "steps": summary["steps"],
                         "minutes": (time.perf_counter() - t0) / 60,
-                        "img_per_s": round(float(np.median(speeds)), 1) if speeds else None}
+                        "img_per_s": round(float(np.median(speeds)), 1) if speeds else None,
+                        # as the run resolved it (precision auto: bf16-mixed or 32-true on this machine)
+                        "precision": yaml.safe_load((run_dir / "config.yaml").read_text())["precision"]}
     return trained[key]
 
 

@@ -73,6 +73,22 @@ class GanConfig(BaseModel):
         return self.lr * factor
 
 
+def requested_fields(preset: str = "default", config_file: Path | None = None, **overrides) -> set[str]:
+    """The GanConfig fields a load_config call sets on purpose: its overrides that are not None, the
+    fields of its config file and, unless it is the default, the preset's name (an omitted --preset
+    cannot be told from --preset default). A resumed run compares these with its own config
+    (gan.train.not_used_on_resume); the preset's other values are not a request."""
+    fields = {k for k, v in overrides.items() if v is not None}
+    if config_file is not None:
+        try:
+            fields |= set(yaml.safe_load(Path(config_file).read_text()) or {})
+        except (OSError, yaml.YAMLError) as exc:
+            raise MelanoganError(f"{config_file}: cannot read the GAN config ({exc}).") from exc
+    if preset != "default":
+        fields.add("preset")
+    return fields
+
+
 def load_config(preset: str = "default", config_file: Path | None = None, **overrides) -> GanConfig:
     """A preset (shipped YAML), then a user YAML file, then explicit overrides (None = keep)."""
     if preset not in PRESETS:

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -240,22 +241,46 @@ def train_gan(
     stop_after: int | None = None,
     resume_steps: int | None = None,
     logger: str | None = None,
+    requested: Iterable[str] = (),
 ) -> dict:
     """Train (or resume) a cWGAN-GP; returns a summary. On resume the run's own config is used
-    (`cfg` is ignored) and `resume_steps` may extend its total steps. `stop_after` ends this
-    invocation after that many steps (the run stays resumable): for time-boxed CPU sessions. `logger`:
-    csv or tensorboard beside stats.jsonl (runtime.fabric_loggers)."""
+    (`cfg` is ignored) and `resume_steps` may extend its total steps; the fields of `cfg` named in
+    `requested` (those the user set explicitly) that differ from the run's are listed in the summary's
+    notes as not used. `stop_after` ends this invocation after that many steps (the run stays
+    resumable): for time-boxed CPU sessions. `logger`: csv or tensorboard beside stats.jsonl
+    (runtime.fabric_loggers)."""
     from lightning_fabric import Fabric
 
     fabric_prec = fabric_precision(precision, accelerator)
     run_dir = Path(run_dir)
+    given = cfg
     cfg, ckpt = prepare_run_dir(run_dir, cfg, resume, resume_steps)
+    ignored = not_used_on_resume({k: getattr(given, k) for k in requested}, cfg) if ckpt and requested else None
     BatchSource(data_dir, cfg, preload=False)  # fail early, in the launching process, on an empty class
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=fabric_prec,
                     loggers=fabric_loggers(logger, run_dir),
                     strategy=ddp_strategy(devices * num_nodes))
-    return fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, str(ckpt) if ckpt else None,
-                         fabric_prec, progress, stop_after)
+    summary = fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, str(ckpt) if ckpt else None,
+                            fabric_prec, progress, stop_after)
+    return {**summary, "notes": [ignored] if ignored else []}
+
+
+def not_used_on_resume(requested: dict, resumed: GanConfig) -> str | None:
+    """A resumed run continues with its own config (its checkpoints, schedule and samples belong to one
+    run; only its total steps may grow). Settings the user asked for with --resume that differ from it
+    are therefore not used; this says which, instead of dropping them silently. `requested` holds only
+    what was asked for explicitly (an option, a --config file's fields, a preset other than the default),
+    so a preset's values the run had overridden at its start are not mistaken for a request."""
+    differ = []
+    for key, mine in requested.items():
+        theirs = getattr(resumed, key)
+        if mine != theirs:
+            why = " (--steps can extend a resumed run, not shorten it; --max-steps pauses it)" if key == "steps" else ""
+            differ.append(f"{key} {mine!r} (the run's: {theirs!r}){why}")
+    if not differ:
+        return None
+    return (f"resumed with the run's own settings (its checkpoint's config); these options differ from them and "
+            f"were not used: {'; '.join(differ)}. Train a new run (another --out) to change them.")
 
 
 def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: str | None, precision: str,

@@ -222,7 +222,7 @@ def defaults_spread(results: dict[str, dict]) -> dict:
                 by_source[r["held_out"]].append(r["external_auc"])
                 if r.get("train_img_per_s"):
                     speeds.append(r["train_img_per_s"])
-                if r.get("precision"):  # recorded since split 38000
+                if r.get("precision"):  # recorded since split 39000
                     precisions.add(r["precision"])
         # The machine moves the defaults' figures too: the clock buys ~3x the steps where the CPU runs bf16
         # natively, so each comparison says how fast its defaults trained and, where recorded, in what precision.

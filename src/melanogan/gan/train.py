@@ -256,7 +256,8 @@ def train_gan(
     given = cfg
     cfg, ckpt = prepare_run_dir(run_dir, cfg, resume, resume_steps)
     # in the config's own field order: `requested` is a set, and a note must read the same from run to run
-    asked = {k: getattr(given, k) for k in GanConfig.model_fields if k in set(requested)}
+    wanted = set(requested)
+    asked = {k: getattr(given, k) for k in GanConfig.model_fields if k in wanted}
     ignored = not_used_on_resume(asked, cfg) if ckpt and asked else None
     BatchSource(data_dir, cfg, preload=False)  # fail early, in the launching process, on an empty class
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=fabric_prec,

@@ -391,6 +391,7 @@ def test_the_optimisers_settings_are_levers_that_change_their_own_value_only(tmp
         {"weight_decay": 0.05, "max_minutes": None, "max_steps": 103},
         {"lr": 0.005, "max_minutes": None, "max_steps": 103}]
 
+
 def test_a_variant_of_the_defaults_own_settings_is_recorded_as_a_control_and_trains_its_own_model(tmp_path,
                                                                                                 monkeypatch):
     defaults = {"minutes": 8.0, "image_size": 96, "tta": 1, "adapt": "none", "ensemble": 1, "gan": 0}

@@ -89,6 +89,10 @@ def prepare(
         "--color-constancy/--no-color-constancy",
         help="Shades of Gray colour constancy (p=6): the largest measured factor in how a model does on other "
              "clinics' images (recommended, on by default).")] = CacheOptions.color_constancy,
+    white_level: Annotated[int, typer.Option(
+        help="Exposure normalisation: scale each image so that its illuminant's grey level (Shades of Gray's "
+             "estimate) is this value, 16..255; 0 (the default) keeps the exposure as captured.")] =
+        CacheOptions.white_level,
     train: Annotated[float, typer.Option(help="Training fraction.")] = SplitFractions.train,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = SplitFractions.val,
     test: Annotated[float, typer.Option(help="Test fraction.")] = SplitFractions.test,
@@ -112,7 +116,8 @@ def prepare(
 
     t0 = time.perf_counter()
     result = api.prepare(source, out, size=size, resize_mode=resize_mode, hair_removal=hair_removal,
-                         hair_method=hair_method, color_constancy=color_constancy, train=train, val=val, test=test,
+                         hair_method=hair_method, color_constancy=color_constancy, white_level=white_level,
+                         train=train, val=val, test=test,
                          seed=seed, workers=workers, melanoma_folders=melanoma_folders, phash_distance=phash_distance)
     _print_prepare_summary(result, time.perf_counter() - t0)
 
@@ -897,7 +902,7 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
-        "hair_removal=true with +), image_size, augment, "
+        "hair_removal=true with +), white_level (exposure normalisation), image_size, augment, "
         "color_augment, style_augment, illumination_augment, crop_aspect, grayscale, mixup, coral, excised_weight, "
         "diagnosis_weight, "
         "diagnosis_vocabulary (source or shared), sampler, loss (bce, weighted or focal), "

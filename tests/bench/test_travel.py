@@ -50,19 +50,21 @@ def test_levers_are_typed_and_checked_before_any_work():
                            "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
                            "style_augment=mixstyle", "epochs=30", "select=worst_source_auc", "weight_average=ema",
                            "illumination_augment=random", "mixup=0.2", "excised_weight=3", "loss=focal", "coral=1",
-                           "crop_aspect=1.3333", "grayscale=0.2", "weight_decay=0.05", "lr=5e-3"))
+                           "crop_aspect=1.3333", "grayscale=0.2", "weight_decay=0.05", "lr=5e-3", "white_level=180"))
     assert [(k, v) for _, settings in levers for k, v in settings.items()] == [
         ("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192), ("tta", 8),
         ("color_constancy", False), ("minutes", 2.5), ("ensemble", 3), ("color_augment", "lab"),
         ("style_augment", "mixstyle"), ("epochs", 30), ("select", "worst_source_auc"), ("weight_average", "ema"),
         ("illumination_augment", "random"), ("mixup", 0.2), ("excised_weight", 3.0), ("loss", "focal"),
-        ("coral", 1.0), ("crop_aspect", 1.3333), ("grayscale", 0.2), ("weight_decay", 0.05), ("lr", 0.005)]
+        ("coral", 1.0), ("crop_aspect", 1.3333), ("grayscale", 0.2), ("weight_decay", 0.05), ("lr", 0.005),
+        ("white_level", 180)]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
                          ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
                          ("color_augment=hsv", "color_augment"), ("style_augment=mix", "style_augment"),
                          ("illumination_augment=flash", "illumination_augment"), ("mixup=-1", "mixup"),
-                         ("coral=-1", "coral"), ("crop_aspect=0.75", "crop_aspect"),
+                         ("coral=-1", "coral"), ("white_level=300", "white level 300 is out of range"),
+                         ("white_level=bright", "invalid literal"), ("crop_aspect=0.75", "crop_aspect"),
                          ("crop_aspect=1.3+augment=none", "step of batch augmentation"),
                          ("grayscale=1.5", "grayscale"), ("grayscale=0.2+augment=none", "step of batch augmentation"),
                          ("coral=1+mixup=0.2", "not both"), ("weight_decay=-0.01", "weight_decay"),

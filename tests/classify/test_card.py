@@ -69,3 +69,14 @@ def test_the_card_names_the_hair_mask_a_run_was_trained_with():
     # a run from before --hair-method recorded none: it was trained with the black-hat mask
     assert _hair({**recorded, "hair_removal": True}) == "on (every thin dark structure, pigment network included)"
     assert _hair({**recorded, "hair_removal": True, "hair_method": "lines"}) == "on (long thin lines only)"
+
+
+def test_the_card_names_exposure_normalisation_only_when_a_run_used_it():
+    from melanogan.classify.card import _preprocessing
+
+    recorded = {"size": 256, "resize_mode": "crop", "color_constancy": True, "hair_removal": False}
+    tail = ("hair removal off; then resized to 96 px and normalised with ImageNet statistics. `predict`, `serve` "
+            "and `export` apply the same steps from run.json.")
+    assert _preprocessing(recorded, 96) == f"Decoded once at 256 px (crop), colour constancy on, {tail}"
+    assert _preprocessing({**recorded, "white_level": 180}, 96) == \
+        f"Decoded once at 256 px (crop), colour constancy on, exposure normalised to grey level 180, {tail}"

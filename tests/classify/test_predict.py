@@ -210,6 +210,6 @@ def test_the_export_sidecar_spells_out_the_hair_mask_of_a_run_from_before_the_op
 
     recorded = {"size": 256, "resize_mode": "crop", "hair_removal": True, "color_constancy": True,
                 "max_pixels": 100_000_000}
-    assert _decode_options({"cache_options": recorded}) == {**recorded, "hair_method": "blackhat"}
+    assert _decode_options({"cache_options": recorded}) == {**recorded, "hair_method": "blackhat", "white_level": 0}
     assert _decode_options({"cache_options": {**recorded, "hair_removal": False}})["hair_method"] == "lines"
     assert _decode_options({}) is None

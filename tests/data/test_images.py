@@ -15,6 +15,7 @@ from melanogan.data.images import (
     decode_file,
     decode_image,
     hair_mask,
+    normalise_exposure,
     perceptual_hash,
     remove_hair,
     shades_of_gray,
@@ -235,6 +236,43 @@ def test_shades_of_gray_neutralises_a_colour_cast():
     means = out.mean(axis=(0, 1))
     assert means.max() / means.min() < 1.05
     assert cast.mean(axis=(0, 1)).max() / cast.mean(axis=(0, 1)).min() > 1.7
+
+
+def test_normalise_exposure_scales_every_channel_to_the_grey_level():
+    # a constant image: each channel's p-mean is its value, the grey level |(90, 120, 60)| / sqrt(3)
+    img = np.empty((4, 4, 3), np.uint8)
+    img[:] = (90, 120, 60)
+    grey = np.sqrt(90**2 + 120**2 + 60**2) / np.sqrt(3)  # 93.27...
+    out = normalise_exposure(img, 180)
+    # one gain for all three channels (the colour stays), exactly level / grey, rounded
+    assert out[0, 0].tolist() == [round(90 * 180 / grey), round(120 * 180 / grey), round(60 * 180 / grey)]
+    assert out[0, 0].tolist() == [174, 232, 116]
+    assert np.array_equal(out, np.broadcast_to(out[0, 0], out.shape))
+    # a darker exposure of the same scene comes out the same (up to rounding): what the option equalises
+    darker = np.rint(img * 0.6).astype(np.uint8)
+    assert np.abs(normalise_exposure(darker, 180).astype(int) - out).max() <= 1
+    # the p=6 mean is led by the bright pixels: half 200, half 0 -> grey 200 / 2**(1/6)
+    half = np.zeros((2, 2, 3), np.uint8)
+    half[0] = 200
+    assert normalise_exposure(half, 180)[0, 0].tolist() == [round(200 * 180 / (200 / 2 ** (1 / 6)))] * 3 == [202] * 3
+    assert normalise_exposure(half, 180)[1, 0].tolist() == [0, 0, 0]
+    # brighter than the level: scaled down; saturating: clipped at 255
+    assert normalise_exposure(np.full((2, 2, 3), 240, np.uint8), 120)[0, 0].tolist() == [120] * 3
+    assert normalise_exposure(np.full((2, 2, 3), 10, np.uint8), 255)[0, 0].tolist() == [255] * 3
+    # all black: nothing to scale (no division by zero)
+    assert not normalise_exposure(np.zeros((2, 2, 3), np.uint8), 180).any()
+
+
+def test_decode_applies_exposure_normalisation_after_colour_constancy():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(40, 160, (64, 64, 1)) * np.array([1.2, 1.0, 0.8])
+    data = _jpeg_bytes(np.clip(base, 0, 255).astype(np.uint8))
+    plain = decode_image(data, 32, color_constancy=True).pixels
+    levelled = decode_image(data, 32, color_constancy=True, white_level=180).pixels
+    assert np.array_equal(levelled, normalise_exposure(plain, 180))
+    assert not np.array_equal(levelled, plain)
+    illuminant = np.power(np.mean(np.power(levelled.astype(float), 6), axis=(0, 1)), 1 / 6)
+    assert np.allclose(illuminant, 180, atol=1.5)  # neutral (colour constancy) and at the level asked for
 
 
 def test_perceptual_hash_matches_resized_and_centre_cropped_copies():

@@ -57,3 +57,13 @@ def test_import_errors(demo_prepared, tmp_path):
     (tmp_path / "bad" / "x.jpg").write_bytes(b"junk")
     with pytest.raises(MelanoganError, match="none of the 1 image"):
         import_synthetic(tmp_path / "bad", "melanoma", tmp_path / "o", demo_prepared)
+
+
+def test_generated_images_are_not_normalised_a_second_time():
+    """A GAN learned pixels already colour-constant and exposure-normalised: caching its images applies
+    neither again (a second pass would move them off the real data's space), and keeps everything else."""
+    from melanogan.data.cache import CacheOptions
+    from melanogan.data.synthetic import synthetic_decode_options
+
+    space = CacheOptions(size=128, resize_mode="squash", color_constancy=True, white_level=180, hair_removal=True)
+    assert synthetic_decode_options(space) == CacheOptions(size=128, resize_mode="squash", color_constancy=False)

@@ -34,6 +34,7 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # What each lever changes: the cached pixels (prepare), the training run, or only the evaluation
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare", "hair_method": "prepare",
+          "white_level": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "illumination_augment": "train", "crop_aspect": "train", "grayscale": "train",
           "mixup": "train",
@@ -186,6 +187,8 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             value = str(CacheOptions(resize_mode=raw).resize_mode)
         elif key == "hair_method":  # joined to hair_removal=true (parse_levers checks)
             value = str(CacheOptions(hair_removal=True, hair_method=raw).hair_method)
+        elif key == "white_level":
+            value = CacheOptions(white_level=int(raw)).white_level
         elif key == "tta":
             value = check_tta(int(raw))
         elif key == "adapt":  # batchnorm: AdaBN on the choose part's images (calibrate --adapt-batchnorm);

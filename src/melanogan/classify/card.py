@@ -51,6 +51,14 @@ def _hair(cache: dict) -> str:
             else "on (every thin dark structure, pigment network included)")
 
 
+def _preprocessing(cache: dict, image_size: int) -> str:
+    exposure = f"exposure normalised to grey level {cache['white_level']}, " if cache.get("white_level") else ""
+    return (f"Decoded once at {cache.get('size')} px ({cache.get('resize_mode')}), colour constancy "
+            f"{'on' if cache.get('color_constancy') else 'off'}, {exposure}hair removal {_hair(cache)}; then resized "
+            f"to {image_size} px and normalised with ImageNet statistics. `predict`, `serve` and `export` apply the "
+            "same steps from run.json.")
+
+
 def _fmt(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -149,11 +157,7 @@ def model_card(run_dir: Path) -> str:
 
     lines += _training_data(run)
     cache = run.get("cache_options") or {}
-    lines += ["## Preprocessing", "",
-              f"Decoded once at {cache.get('size')} px ({cache.get('resize_mode')}), colour constancy "
-              f"{'on' if cache.get('color_constancy') else 'off'}, hair removal "
-              f"{_hair(cache)}; then resized to {cfg.image_size} px and normalised "
-              "with ImageNet statistics. `predict`, `serve` and `export` apply the same steps from run.json.", ""]
+    lines += ["## Preprocessing", "", _preprocessing(cache, cfg.image_size), ""]
 
     lines += ["## Metrics", ""]
     if not evals:

@@ -56,10 +56,18 @@ class CacheOptions:
     # Which pixels hair removal inpaints (only read when hair_removal is on). `lines` keeps long thin
     # lines only; `blackhat`, the one mask before it, also erased pigment network (README, "Hair removal").
     hair_method: HairMethod = HairMethod.lines
+    # Exposure normalisation after colour constancy (images.normalise_exposure): every image scaled so
+    # that its illuminant's grey level is this value; 0 keeps the exposure as captured. Off by default
+    # until leave-one-source-out says otherwise (README, "Models that travel").
+    white_level: int = 0
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 2048:
             raise DataError(f"cache size {self.size} is out of range; use 16..2048 (default 256).")
+        if isinstance(self.white_level, bool) or not isinstance(self.white_level, int) \
+                or not (self.white_level == 0 or 16 <= self.white_level <= 255):
+            raise DataError(f"white level {self.white_level!r} is out of range; use 0 (exposure as captured, the "
+                            "default) or a grey level 16..255 (e.g. 180).")
         try:
             object.__setattr__(self, "resize_mode", ResizeMode(self.resize_mode))
         except ValueError:
@@ -97,18 +105,22 @@ class CacheOptions:
         # option existed: leaving it out of the hash then keeps the name of every cache built before.
         if not self.hair_removal or self.hair_method == HairMethod.blackhat:
             del d["hair_method"]
+        # Likewise exposure normalisation, off in every cache built before the option existed.
+        if not self.white_level:
+            del d["white_level"]
         payload = json.dumps({**d, "format": CACHE_FORMAT}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:10]
 
     @property
     def name(self) -> str:
-        extras = ("-hair" if self.hair_removal else "") + ("-sog" if self.color_constancy else "")
+        extras = ("-hair" if self.hair_removal else "") + ("-sog" if self.color_constancy else "") \
+            + (f"-wl{self.white_level}" if self.white_level else "")
         return f"{self.size}px-{self.resize_mode}{extras}-{self.key}"
 
     def decode_kwargs(self) -> dict:
         return {"resize_mode": self.resize_mode, "hair_removal": self.hair_removal,
                 "color_constancy": self.color_constancy, "max_pixels": self.max_pixels,
-                "hair_method": self.hair_method}
+                "hair_method": self.hair_method, "white_level": self.white_level}
 
 
 def default_workers() -> int:

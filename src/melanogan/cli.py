@@ -91,7 +91,8 @@ def prepare(
              "clinics' images (recommended, on by default).")] = CacheOptions.color_constancy,
     white_level: Annotated[int, typer.Option(
         help="Exposure normalisation: scale each image so that its illuminant's grey level (Shades of Gray's "
-             "estimate) is this value, 16..255; 0 (the default) keeps the exposure as captured.")] =
+             "estimate) is this value, 16..255 (recommended, the default: 180); 0 keeps the exposure as "
+             "captured.")] =
         CacheOptions.white_level,
     train: Annotated[float, typer.Option(help="Training fraction.")] = SplitFractions.train,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = SplitFractions.val,
@@ -283,7 +284,8 @@ def train_gan_cmd(
     kid_features: Annotated[str | None, typer.Option(help="KID features: pixels or classifier:RUN_DIR.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the run's last checkpoint with the run's own settings (options given "
-                         "that differ from them are named and not used; --steps can extend the run).")] = False,
+                         "that differ from them are named and not used; --steps can extend the run; another "
+                         "--precision is used, said, and recorded in run.json's precision_history).")] = False,
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     devices: Annotated[int, typer.Option(help="Devices per node; more than one trains with DDP.")] = 1,
     num_nodes: Annotated[int, typer.Option(help="Machines (launch with torchrun or SLURM).")] = 1,

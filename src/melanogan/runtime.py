@@ -75,6 +75,17 @@ def fabric_precision(precision: str, accelerator: str = "auto") -> str:
     return name
 
 
+def not_used_note(differences: list[str], kept_in: str) -> str | None:
+    """The note a resumed run gives for options that differ from its own stored settings (`kept_in`: where
+    those live). Both training loops resume with their stored settings, since a run's optimiser state,
+    schedule and checkpoints belong to one set of them; they differ in what they compare (see each
+    `not_used_on_resume`), not in what they say."""
+    if not differences:
+        return None
+    return (f"resumed with the run's own settings ({kept_in}); these options differ from them and were not used: "
+            f"{'; '.join(differences)}. Train a new run (another --out) to change them.")
+
+
 def ddp_strategy(world_size: int) -> str:
     """`auto` for one process; `ddp` when a launcher (torchrun, SLURM) started the processes, else
     `ddp_spawn` so that one command starts them itself."""

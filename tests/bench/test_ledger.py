@@ -204,16 +204,19 @@ def test_load_refuses_what_is_not_a_travel_result(tmp_path):
 
 
 @pytest.mark.skipif(not MEASUREMENTS.is_dir(), reason="docs/measurements not in this checkout")
-def test_the_committed_measurements_make_only_the_96_px_input_a_default():
+def test_the_committed_measurements_make_only_the_96_px_input_and_exposure_normalisation_defaults():
     # The README's verdicts, recomputed from the saved figures: of every lever measured, only the 96 px
-    # input passed the rule (split 8000), and it is the default (TrainConfig.image_size).
+    # input (split 8000) and exposure normalisation to grey level 180 (split 40000) passed the rule, and
+    # both are defaults (TrainConfig.image_size, CacheOptions.white_level).
     from melanogan.classify.train import TrainConfig
+    from melanogan.data.cache import CacheOptions
 
     entries = ledger(load(sorted(MEASUREMENTS.glob("travel-*.json"))))
     assert len(entries) >= 28
     assert [(e["file"], e["lever"]) for e in entries if e["verdict"] == "default"] == [
-        ("travel-shallow-adabn-size96-split8000.json", "image_size=96")]
-    assert TrainConfig().image_size == 96
+        ("travel-shallow-adabn-size96-split8000.json", "image_size=96"),
+        ("travel-white_level-split40000.json", "white_level=180")]
+    assert TrainConfig().image_size == 96 and CacheOptions().white_level == 180
 
 
 def test_bench_ledger_command_writes_the_verdicts_and_names_a_bad_file(tmp_path):

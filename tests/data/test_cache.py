@@ -55,9 +55,11 @@ def test_options_make_distinct_keys():
         CacheOptions(hair_method="blackhat")
     with pytest.raises(DataError, match="hair method 'razor' is unknown"):
         CacheOptions(hair_removal=True, hair_method="razor")
-    levelled = CacheOptions(size=64, white_level=180)
-    assert levelled.key != a.key and levelled.name.endswith(f"-sog-wl180-{levelled.key}")
-    assert levelled.decode_kwargs()["white_level"] == 180 and a.decode_kwargs()["white_level"] == 0
+    # exposure normalisation is on by default (180); off, the key is the one caches had before the option
+    off = CacheOptions(size=64, white_level=0)
+    assert a.white_level == 180 and off.key != a.key and a.name.endswith(f"-sog-wl180-{a.key}")
+    assert off.name == f"64px-crop-sog-{off.key}"
+    assert a.decode_kwargs()["white_level"] == 180 and off.decode_kwargs()["white_level"] == 0
     for bad in (8, 256, -1, True, 180.5):
         with pytest.raises(DataError, match=f"white level {bad!r} is out of range"):
             CacheOptions(white_level=bad)
@@ -80,7 +82,8 @@ def test_options_recorded_before_the_hair_method_keep_their_mask_and_their_cache
     assert options.decode_kwargs()["hair_method"] == options.hair_method
     # and the cache it was trained on keeps its name (found again, not rebuilt or mistaken for another)
     assert options.key == _key_before_hair_method(recorded)
-    assert options.white_level == 0  # no exposure normalisation before the option existed, and no new key
+    # no exposure normalisation before the option existed (not today's default), and no new key
+    assert options.white_level == 0
     assert CacheOptions.from_dict(options.to_dict()) == options  # a new record reads back as written
 
 

@@ -66,4 +66,5 @@ def test_generated_images_are_not_normalised_a_second_time():
     from melanogan.data.synthetic import synthetic_decode_options
 
     space = CacheOptions(size=128, resize_mode="squash", color_constancy=True, white_level=180, hair_removal=True)
-    assert synthetic_decode_options(space) == CacheOptions(size=128, resize_mode="squash", color_constancy=False)
+    assert synthetic_decode_options(space) == CacheOptions(size=128, resize_mode="squash", color_constancy=False,
+                                                           white_level=0)

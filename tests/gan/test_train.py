@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -235,3 +236,46 @@ def test_train_gan_resume_names_the_options_it_did_not_use(demo_prepared, tmp_pa
     assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 5e-4
     extended = api.train_gan(demo_prepared, out, config=file, steps=8, lr=5e-4, resume=True, progress=False)
     assert (extended.step, extended.notes) == (8, [])
+
+
+def test_precision_history_keeps_each_stretch_and_drops_steps_trained_again():
+    from melanogan.gan.train import precision_history, precision_switch_note
+
+    assert precision_history(None, 0, "32-true") == [{"from_step": 0, "precision": "32-true"}]
+    # resumed in the same precision: one stretch still
+    first = {"precision": "32-true", "precision_history": [{"from_step": 0, "precision": "32-true"}]}
+    assert precision_history(first, 40, "32-true") == [{"from_step": 0, "precision": "32-true"}]
+    # resumed in another: a second stretch from the resumed step
+    mixed = precision_history(first, 40, "bf16-mixed")
+    assert mixed == [{"from_step": 0, "precision": "32-true"}, {"from_step": 40, "precision": "bf16-mixed"}]
+    # resumed again from a checkpoint before the switch: the bf16 stretch is trained again, in 32
+    assert precision_history({"precision": "bf16-mixed", "precision_history": mixed}, 30, "32-true") == \
+        [{"from_step": 0, "precision": "32-true"}]
+    # a run.json from before the history: its one precision covers the steps so far
+    assert precision_history({"precision": "32-true"}, 40, "bf16-mixed") == mixed
+    assert precision_switch_note({"precision": "32-true"}, "32-true") is None
+    assert precision_switch_note(None, "bf16-mixed") is None
+    assert precision_switch_note({"precision": "32-true"}, "bf16-mixed") == (
+        "resumed in precision bf16-mixed; the run's steps so far were trained in 32-true (run.json's "
+        "precision_history records each stretch). Pass --precision 32-true to continue as it was trained.")
+
+
+def test_a_gan_resumed_in_another_precision_says_so_and_records_both(demo_prepared, tmp_path, tiny_cfg):
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(tiny_cfg.model_dump(mode="json", exclude={"steps"})))
+    out = tmp_path / "run"
+    first = api.train_gan(demo_prepared, out, config=file, steps=6, max_steps=4, precision="32", accelerator="cpu",
+                          progress=False)
+    assert first.notes == [] and json.loads((out / "run.json").read_text())["precision_history"] == \
+        [{"from_step": 0, "precision": "32-true"}]
+    with warnings.catch_warnings():  # bf16 on a CPU without native bf16 warns that it is slow: 2 steps here
+        warnings.simplefilter("ignore")
+        resumed = api.train_gan(demo_prepared, out, config=file, resume=True, precision="bf16-mixed",
+                                accelerator="cpu", progress=False)
+    assert resumed.step == 6 and resumed.notes == [
+        "resumed in precision bf16-mixed; the run's steps so far were trained in 32-true (run.json's "
+        "precision_history records each stretch). Pass --precision 32-true to continue as it was trained."]
+    run = json.loads((out / "run.json").read_text())
+    assert run["precision"] == "bf16-mixed"
+    assert run["precision_history"] == [{"from_step": 0, "precision": "32-true"},
+                                        {"from_step": 4, "precision": "bf16-mixed"}]

@@ -36,7 +36,15 @@ from melanogan.fileio import append_jsonl, atomic_path, read_json, save_figure, 
 from melanogan.gan.checkpoint import build_models, latest_checkpoint, load_checkpoint, save_checkpoint
 from melanogan.gan.config import GanConfig
 from melanogan.gan.losses import critic_loss, diff_augment, generator_loss, gradient_penalty, wasserstein_estimate
-from melanogan.runtime import RunLog, TrainingBar, ddp_strategy, fabric_loggers, fabric_precision, shutdown_distributed
+from melanogan.runtime import (
+    RunLog,
+    TrainingBar,
+    ddp_strategy,
+    fabric_loggers,
+    fabric_precision,
+    not_used_note,
+    shutdown_distributed,
+)
 
 CLASS_NAMES = {0: "other", 1: "melanoma"}
 
@@ -259,13 +267,43 @@ def train_gan(
     wanted = set(requested)
     asked = {k: getattr(given, k) for k in GanConfig.model_fields if k in wanted}
     ignored = not_used_on_resume(asked, cfg) if ckpt and asked else None
+    previous = read_json(run_dir / "run.json") if ckpt and (run_dir / "run.json").is_file() else None
+    switched = precision_switch_note(previous, fabric_prec)
     BatchSource(data_dir, cfg, preload=False)  # fail early, in the launching process, on an empty class
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=fabric_prec,
                     loggers=fabric_loggers(logger, run_dir),
                     strategy=ddp_strategy(devices * num_nodes))
     summary = fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, str(ckpt) if ckpt else None,
                             fabric_prec, progress, stop_after)
-    return {**summary, "notes": [ignored] if ignored else []}
+    return {**summary, "notes": [n for n in (ignored, switched) if n]}
+
+
+def precision_history(previous: dict | None, start_step: int, precision: str) -> list[dict]:
+    """The precision each stretch of a run's steps was trained in, for run.json. Precision is not part
+    of the GAN's config: a run may be resumed in another one (on another machine, say), and `run.json`'s
+    `precision` then names only the latest. The history keeps the earlier stretches, so a run trained
+    partly in 32 and partly in bf16 does not read as one or the other. Stretches that start at or after
+    `start_step` are dropped: a resume from an earlier checkpoint trains those steps again."""
+    if previous and previous.get("precision_history"):
+        history = [h for h in previous["precision_history"] if h["from_step"] < start_step]
+    elif previous and previous.get("precision") and start_step > 0:  # a run.json from before the history
+        history = [{"from_step": 0, "precision": previous["precision"]}]
+    else:
+        history = []
+    if not history or history[-1]["precision"] != precision:
+        history.append({"from_step": start_step, "precision": precision})
+    return history
+
+
+def precision_switch_note(previous: dict | None, precision: str) -> str | None:
+    """Said when a resumed run continues in another precision than its last stretch (the resumed part
+    then follows other arithmetic than the steps before, and is not bitwise what an uninterrupted run
+    would have given)."""
+    last = (previous or {}).get("precision")
+    if not last or last == precision:
+        return None
+    return (f"resumed in precision {precision}; the run's steps so far were trained in {last} (run.json's "
+            f"precision_history records each stretch). Pass --precision {last} to continue as it was trained.")
 
 
 def not_used_on_resume(requested: dict, resumed: GanConfig) -> str | None:
@@ -280,10 +318,7 @@ def not_used_on_resume(requested: dict, resumed: GanConfig) -> str | None:
         if mine != theirs:
             why = " (--steps can extend a resumed run, not shorten it; --max-steps pauses it)" if key == "steps" else ""
             differ.append(f"{key} {mine!r} (the run's: {theirs!r}){why}")
-    if not differ:
-        return None
-    return (f"resumed with the run's own settings (its checkpoint's config); these options differ from them and "
-            f"were not used: {'; '.join(differ)}. Train a new run (another --out) to change them.")
+    return not_used_note(differ, "its checkpoint's config")
 
 
 def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: str | None, precision: str,
@@ -379,12 +414,14 @@ def _write_run_info(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, sourc
                     start_step: int) -> None:
     space = data_space(data_dir)
     packed = read_json(Path(data_dir) / "prepare.json").get("packed") if space else None  # space: it exists
+    previous = read_json(run_dir / "run.json") if start_step and (run_dir / "run.json").is_file() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_json(run_dir / "run.json", {
         "melanogan_version": __version__, "data_dir": str(Path(data_dir).resolve()),
         "manifest_hash": manifest_hash(load_manifest(data_dir)), "training_images": source.counts,
-        "trained_on_split": ",".join(cfg.train_splits), "precision": precision, "world_size": fabric.world_size,
+        "trained_on_split": ",".join(cfg.train_splits), "precision": precision,
+        "precision_history": precision_history(previous, start_step, precision), "world_size": fabric.world_size,
         "accelerator": fabric.device.type, "torch": torch.__version__,
         # The preprocessing the training pixels stand for: generated images are cached for it (also
         # when the GAN trained elsewhere, on a pack of the data: then `packed` says so).

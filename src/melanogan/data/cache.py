@@ -68,8 +68,8 @@ class CacheOptions:
             raise DataError(f"cache size {self.size} is out of range; use 16..2048 (default 256).")
         if isinstance(self.white_level, bool) or not isinstance(self.white_level, int) \
                 or not (self.white_level == 0 or 16 <= self.white_level <= 255):
-            raise DataError(f"white level {self.white_level!r} is out of range; use 0 (exposure as captured, the "
-                            "default) or a grey level 16..255 (e.g. 180).")
+            raise DataError(f"white level {self.white_level!r} is out of range; use a grey level 16..255 (the "
+                            "default: 180), or 0 to keep the exposure as captured.")
         try:
             object.__setattr__(self, "resize_mode", ResizeMode(self.resize_mode))
         except ValueError:

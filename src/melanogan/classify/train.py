@@ -44,15 +44,8 @@ from melanogan.data.synthetic import check_synthetic_space
 from melanogan.data.transforms import GeneratorResolution, eval_preset, train_preset
 from melanogan.errors import MelanoganError
 from melanogan.fileio import atomic_path, read_json, save_figure, write_json, write_text
-from melanogan.runtime import (
-    RunLog,
-    TrainingBar,
-    ddp_strategy,
-    fabric_loggers,
-    fabric_precision,
-    not_used_note,
-    shutdown_distributed,
-)
+from melanogan.runtime import RunLog, TrainingBar, ddp_strategy, fabric_loggers, fabric_precision, shutdown_distributed
+from melanogan.runtime import not_used_note as _not_used_note
 
 
 class TrainConfig(BaseModel):
@@ -662,7 +655,7 @@ def not_used_on_resume(given: TrainConfig, stored: TrainConfig) -> str | None:
             continue
         if mine != theirs:
             differ.append(f"{key} {mine!r} (the run's: {theirs!r})")
-    return not_used_note(differ, "last/state.json")
+    return _not_used_note(differ, "last/state.json")
 
 
 def resolve_diagnosis_head(cfg: TrainConfig, train_rows: pd.DataFrame, data_dir: Path) -> tuple[TrainConfig, list]:

@@ -212,11 +212,16 @@ def remove_hair(rgb: np.ndarray, method: HairMethod | str = HairMethod.lines) ->
     return cv2.inpaint(rgb, hair_mask(rgb, method), max(1, rgb.shape[0] // 128), cv2.INPAINT_TELEA)
 
 
+def _illuminant(img: np.ndarray, p: int) -> np.ndarray:
+    """The illuminant's estimate of Shades of Gray: each channel's Minkowski p-norm mean (float32 in)."""
+    return np.power(np.mean(np.power(img, p), axis=(0, 1)), 1.0 / p)
+
+
 def shades_of_gray(rgb: np.ndarray, p: int = 6) -> np.ndarray:
     """Shades of Gray colour constancy (Finlayson & Trezzi, p=6 as in ISIC-winning pipelines):
     estimate the illuminant as the Minkowski p-norm mean per channel and rescale to neutral grey."""
     img = rgb.astype(np.float32)
-    illuminant = np.power(np.mean(np.power(img, p), axis=(0, 1)), 1.0 / p)
+    illuminant = _illuminant(img, p)
     norm = float(np.sqrt(np.sum(illuminant**2)))
     if norm <= 0:
         return rgb.copy()
@@ -235,7 +240,7 @@ def normalise_exposure(rgb: np.ndarray, level: float, p: int = 6) -> np.ndarray:
     ../shared/data the grey level differs by source (medians at 96 px: HAM10000 171, the ISIC set 174,
     Derm7pt 198), a difference that colour constancy keeps."""
     img = rgb.astype(np.float32)
-    illuminant = np.power(np.mean(np.power(img, p), axis=(0, 1)), 1.0 / p)
+    illuminant = _illuminant(img, p)
     grey = float(np.sqrt(np.sum(illuminant**2)) / np.sqrt(3.0))
     if grey <= 0:  # an all-black image has no exposure to correct
         return rgb.copy()

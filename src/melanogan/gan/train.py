@@ -274,7 +274,7 @@ def train_gan(
                     loggers=fabric_loggers(logger, run_dir),
                     strategy=ddp_strategy(devices * num_nodes))
     summary = fabric.launch(_train_worker, Path(data_dir), run_dir, cfg, str(ckpt) if ckpt else None,
-                            fabric_prec, progress, stop_after)
+                            fabric_prec, progress, stop_after, previous)
     return {**summary, "notes": [n for n in (ignored, switched) if n]}
 
 
@@ -322,14 +322,14 @@ def not_used_on_resume(requested: dict, resumed: GanConfig) -> str | None:
 
 
 def _train_worker(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, ckpt: str | None, precision: str,
-                  progress: bool, stop_after: int | None) -> dict:
+                  progress: bool, stop_after: int | None, previous: dict | None = None) -> dict:
     """WGAN-GP (Gulrajani et al. 2017, Algorithm 1) with class labels: each generator step follows
     n_critic critic steps on real and generated batches with the gradient penalty; the EMA generator
     follows the generator. Logging, checkpoints, KID and sample grids run after each step."""
     source = BatchSource(data_dir, cfg)
     models = _GanModels.build_or_load(fabric, cfg, ckpt)
     if fabric.global_rank == 0:
-        _write_run_info(fabric, data_dir, run_dir, cfg, source, precision, models.start_step)
+        _write_run_info(fabric, data_dir, run_dir, cfg, source, precision, models.start_step, previous)
     fabric.barrier()
     if cfg.batch_size % fabric.world_size:
         raise MelanoganError(f"batch size {cfg.batch_size} must be divisible by the number of processes "
@@ -411,10 +411,10 @@ class _GanModels:
 
 
 def _write_run_info(fabric, data_dir: Path, run_dir: Path, cfg: GanConfig, source: BatchSource, precision: str,
-                    start_step: int) -> None:
+                    start_step: int, previous: dict | None) -> None:
+    """`previous`: the run.json a resumed run had (None for a new run), for the precision history."""
     space = data_space(data_dir)
     packed = read_json(Path(data_dir) / "prepare.json").get("packed") if space else None  # space: it exists
-    previous = read_json(run_dir / "run.json") if start_step and (run_dir / "run.json").is_file() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_json(run_dir / "run.json", {

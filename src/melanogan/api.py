@@ -82,6 +82,7 @@ def prepare(source: list[str] | list[tuple[str, str | Path]], out: str | Path, s
             resize_mode: str = str(CacheOptions.resize_mode), hair_removal: bool = CacheOptions.hair_removal,
             hair_method: str = str(CacheOptions.hair_method),
             color_constancy: bool = CacheOptions.color_constancy, white_level: int = CacheOptions.white_level,
+            clahe: float = CacheOptions.clahe,
             train: float = SplitFractions.train,
             val: float = SplitFractions.val, test: float = SplitFractions.test, seed: int = 0, workers: int = 0,
             melanoma_folders: str = ",".join(DEFAULT_MELANOMA_FOLDERS),
@@ -94,7 +95,8 @@ def prepare(source: list[str] | list[tuple[str, str | Path]], out: str | Path, s
 
     sources = [parse_source(s) if isinstance(s, str) else (str(s[0]), Path(s[1])) for s in source]
     options = CacheOptions(size=size, resize_mode=resize_mode, hair_removal=hair_removal,
-                           hair_method=hair_method, color_constancy=color_constancy, white_level=white_level)
+                           hair_method=hair_method, color_constancy=color_constancy, white_level=white_level,
+                           clahe=clahe)
     with progress_bar(progress, "decoding") as on_progress:
         r = run_prepare(sources, Path(out), options, SplitFractions(train, val, test), seed, workers,
                         tuple(m for m in melanoma_folders.split(",") if m), phash_distance, on_progress=on_progress)

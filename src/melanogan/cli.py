@@ -94,6 +94,10 @@ def prepare(
              "estimate) is this value, 16..255 (recommended, the default: 180); 0 keeps the exposure as "
              "captured.")] =
         CacheOptions.white_level,
+    clahe: Annotated[float, typer.Option(
+        help="Local contrast equalisation, after exposure: CLAHE on the lightness (8x8 tiles) with this clip "
+             "limit, 1..40 (2 is usual in dermoscopy); 0 keeps the contrast as captured (the default: not "
+             "measured to travel, README).")] = CacheOptions.clahe,
     train: Annotated[float, typer.Option(help="Training fraction.")] = SplitFractions.train,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = SplitFractions.val,
     test: Annotated[float, typer.Option(help="Test fraction.")] = SplitFractions.test,
@@ -117,7 +121,7 @@ def prepare(
 
     t0 = time.perf_counter()
     result = api.prepare(source, out, size=size, resize_mode=resize_mode, hair_removal=hair_removal,
-                         hair_method=hair_method, color_constancy=color_constancy, white_level=white_level,
+                         hair_method=hair_method, color_constancy=color_constancy, white_level=white_level, clahe=clahe,
                          train=train, val=val, test=test,
                          seed=seed, workers=workers, melanoma_folders=melanoma_folders, phash_distance=phash_distance)
     _print_prepare_summary(result, time.perf_counter() - t0)
@@ -904,7 +908,7 @@ def bench_travel(
     accelerator: Annotated[str, typer.Option(help="cpu, cuda, gpu, mps or auto.")] = "auto",
     vary: Annotated[list[str] | None, typer.Option(help=(
         "A lever KEY=VALUE (repeatable): resize_mode, color_constancy, hair_removal, hair_method (joined to "
-        "hair_removal=true with +), white_level (exposure normalisation), image_size, augment, "
+        "hair_removal=true with +), white_level (exposure normalisation), clahe (local contrast), image_size, augment, "
         "color_augment, style_augment, illumination_augment, crop_aspect, grayscale, mixup, coral, excised_weight, "
         "diagnosis_weight, "
         "diagnosis_vocabulary (source or shared), sampler, loss (bce, weighted or focal), "

@@ -10,6 +10,7 @@ from melanogan.bench.ledger import (
     ledger_table,
     load,
     noise_floor,
+    preprocessing_label,
     seed_noise,
     verdict,
     verdict_lines,
@@ -182,6 +183,14 @@ def test_defaults_spread_says_how_fast_the_defaults_trained_and_in_what_precisio
     assert [(r["img_per_s"], r["precision"]) for r in spread["runs"]] == [(262.0, "bf16-mixed"), (None, None)]
     text = ledger_table({"a.json": a, "old.json": old})
     assert "| a.json | 7 | 96 px | 262 img/s (bf16-mixed) | 0.700 | 0.700 | 0.700 |" in text
+    # the defaults' preprocessing where the file records it (since split 42000); never today's borrowed
+    a["cache_options"] = {"size": 256, "resize_mode": "crop", "color_constancy": True, "white_level": 180,
+                          "clahe": 2.0, "hair_removal": False}
+    text = ledger_table({"a.json": a, "old.json": old})
+    assert "| a.json | 7 | 96 px (crop, SoG, wl 180, CLAHE 2) | 262 img/s (bf16-mixed) |" in text
+    assert "| old.json | 7 | 96 px | - (not recorded) | 0.700 | - | - |" in text
+    assert preprocessing_label({"resize_mode": "lesion", "color_constancy": False, "white_level": 0,
+                                "hair_removal": True}) == "lesion, no SoG, hair (blackhat)"
     assert "| old.json | 7 | 96 px | - (not recorded) | 0.700 | - | - |" in text
 
 

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from melanogan.bench import travel
 from melanogan.bench.travel import _paired, parse_levers, run
+from melanogan.data.cache import CacheOptions
 from melanogan.errors import MelanoganError
 from melanogan.runtime import machine_info
 
@@ -50,21 +51,24 @@ def test_levers_are_typed_and_checked_before_any_work():
                            "color_constancy=false", "minutes=2.5", "ensemble=3", "color_augment=lab",
                            "style_augment=mixstyle", "epochs=30", "select=worst_source_auc", "weight_average=ema",
                            "illumination_augment=random", "mixup=0.2", "excised_weight=3", "loss=focal", "coral=1",
-                           "crop_aspect=1.3333", "grayscale=0.2", "weight_decay=0.05", "lr=5e-3", "white_level=180"))
+                           "crop_aspect=1.3333", "grayscale=0.2", "weight_decay=0.05", "lr=5e-3", "white_level=180",
+                           "clahe=2"))
     assert [(k, v) for _, settings in levers for k, v in settings.items()] == [
         ("resize_mode", "lesion"), ("augment", "strong"), ("image_size", 192), ("tta", 8),
         ("color_constancy", False), ("minutes", 2.5), ("ensemble", 3), ("color_augment", "lab"),
         ("style_augment", "mixstyle"), ("epochs", 30), ("select", "worst_source_auc"), ("weight_average", "ema"),
         ("illumination_augment", "random"), ("mixup", 0.2), ("excised_weight", 3.0), ("loss", "focal"),
         ("coral", 1.0), ("crop_aspect", 1.3333), ("grayscale", 0.2), ("weight_decay", 0.05), ("lr", 0.005),
-        ("white_level", 180)]
+        ("white_level", 180), ("clahe", 2.0)]
     for bad, message in [("zoom=2", "KEY one of"), ("augment=wild", "augment"), ("tta=3", "--tta 3"),
                          ("color_constancy=maybe", "not true or false"), ("minutes=0", "positive"),
                          ("resize_mode", "KEY=VALUE"), ("ensemble=1", "2 to 16"),
                          ("color_augment=hsv", "color_augment"), ("style_augment=mix", "style_augment"),
                          ("illumination_augment=flash", "illumination_augment"), ("mixup=-1", "mixup"),
                          ("coral=-1", "coral"), ("white_level=300", "white level 300 is out of range"),
-                         ("white_level=bright", "invalid literal"), ("crop_aspect=0.75", "crop_aspect"),
+                         ("white_level=bright", "invalid literal"),
+                         ("clahe=0.5", "CLAHE clip limit 0.5 is out of range"), ("clahe=high", "could not convert"),
+                         ("crop_aspect=0.75", "crop_aspect"),
                          ("crop_aspect=1.3+augment=none", "step of batch augmentation"),
                          ("grayscale=1.5", "grayscale"), ("grayscale=0.2+augment=none", "step of batch augmentation"),
                          ("coral=1+mixup=0.2", "not both"), ("weight_decay=-0.01", "weight_decay"),
@@ -216,6 +220,9 @@ def test_each_lever_changes_its_own_setting_and_reuses_what_it_does_not_change(t
     assert "vs_defaults" not in rows["defaults"] and rows["defaults"]["train_img_per_s"] == 20.0
     assert (rows["defaults"]["precision"], rows["augment=strong"]["precision"]) == ("32-true", "bf16-mixed")
     assert result["machine"] == machine_info("auto")  # what the figures were measured on
+    # and the defaults' pixels as prepare made them that day (crop: the defaults', not the lesion lever's)
+    assert result["cache_options"] == CacheOptions(size=256).to_dict()
+    assert result["cache_options"]["resize_mode"] == "crop" and calls["prepare"][-1][1] == "lesion"
     ensemble = rows["ensemble=2"]  # scored by the members' mean logit
     rng3, rng4 = np.random.default_rng(3), np.random.default_rng(4)
     mean = (rng3.normal(size=n) + rng4.normal(size=n)) / 2 + label

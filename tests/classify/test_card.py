@@ -80,3 +80,7 @@ def test_the_card_names_exposure_normalisation_only_when_a_run_used_it():
     assert _preprocessing(recorded, 96) == f"Decoded once at 256 px (crop), colour constancy on, {tail}"
     assert _preprocessing({**recorded, "white_level": 180}, 96) == \
         f"Decoded once at 256 px (crop), colour constancy on, exposure normalised to grey level 180, {tail}"
+    assert _preprocessing({**recorded, "white_level": 180, "clahe": 2.0}, 96) == \
+        ("Decoded once at 256 px (crop), colour constancy on, exposure normalised to grey level 180, local "
+         f"contrast equalised (CLAHE, clip limit 2), {tail}")
+    assert _preprocessing({**recorded, "clahe": 0.0}, 96) == _preprocessing(recorded, 96)

@@ -173,6 +173,8 @@ def test_evaluate_and_predict_with_tta_average_flipped_logits_and_choose_thresho
         with torch.no_grad():
             return ds.rows["uid"].tolist(), ((model(x) + model(x.flip(-1))) / 2).numpy(), ds.rows["label"].to_numpy()
 
+    run_thresholds(trained)  # the plain thresholds first (stored by predict): TTA must leave them as they are
+    plain_thresholds = (trained / "best" / "thresholds.json").read_text()
     result = evaluate_run(trained, tta=2, bootstrap=20)
     assert result["out"].endswith("eval-test-tta2") and result["tta"] == 2
     written = pd.read_csv(f"{result['out']}/predictions.csv").set_index("uid")["logit"]
@@ -183,7 +185,7 @@ def test_evaluate_and_predict_with_tta_average_flipped_logits_and_choose_thresho
     assert result["thresholds"]["val_youden"]["threshold"] == pytest.approx(youden, abs=1e-4)
     assert run_thresholds(trained, tta=2)["val-youden"] == pytest.approx(youden, abs=1e-4)
     stored = json.loads((trained / "best" / "thresholds-tta2.json").read_text())
-    assert stored["tta"] == 2 and (trained / "best" / "thresholds.json").is_file()  # the plain ones stay
+    assert stored["tta"] == 2 and (trained / "best" / "thresholds.json").read_text() == plain_thresholds
     image = next(p for p in (trained.parent / "raw" / "jpeg" / "train").glob("*.jpg"))
     plain, flipped = predict(trained, [image], None), predict(trained, [image], None, tta=2)
     assert flipped["threshold"].iat[0] == pytest.approx(youden, abs=1e-4)
@@ -210,6 +212,7 @@ def test_the_export_sidecar_spells_out_the_hair_mask_of_a_run_from_before_the_op
 
     recorded = {"size": 256, "resize_mode": "crop", "hair_removal": True, "color_constancy": True,
                 "max_pixels": 100_000_000}
-    assert _decode_options({"cache_options": recorded}) == {**recorded, "hair_method": "blackhat", "white_level": 0}
+    assert _decode_options({"cache_options": recorded}) == {**recorded, "hair_method": "blackhat", "white_level": 0,
+                                                               "clahe": 0.0}
     assert _decode_options({"cache_options": {**recorded, "hair_removal": False}})["hair_method"] == "lines"
     assert _decode_options({}) is None

@@ -63,6 +63,14 @@ def test_options_make_distinct_keys():
     for bad in (8, 256, -1, True, 180.5):
         with pytest.raises(DataError, match=f"white level {bad!r} is out of range"):
             CacheOptions(white_level=bad)
+    # local contrast equalisation: off by default and then out of the key; on, in the key and the name
+    clahe = CacheOptions(size=64, clahe=2)
+    assert a.clahe == 0.0 and "clahe" not in a.name and clahe.key != a.key
+    assert clahe.name == f"64px-crop-sog-wl180-clahe2-{clahe.key}" and clahe.decode_kwargs()["clahe"] == 2.0
+    assert CacheOptions(size=64, clahe=2.0) == clahe and CacheOptions(size=64, clahe=2.0).key == clahe.key
+    for bad in (0.5, 41, -1, True, "2"):
+        with pytest.raises(DataError, match=f"CLAHE clip limit {bad!r} is out of range"):
+            CacheOptions(clahe=bad)
 
 
 def _key_before_hair_method(recorded: dict) -> str:
@@ -83,7 +91,7 @@ def test_options_recorded_before_the_hair_method_keep_their_mask_and_their_cache
     # and the cache it was trained on keeps its name (found again, not rebuilt or mistaken for another)
     assert options.key == _key_before_hair_method(recorded)
     # no exposure normalisation before the option existed (not today's default), and no new key
-    assert options.white_level == 0
+    assert options.white_level == 0 and options.clahe == 0.0
     assert CacheOptions.from_dict(options.to_dict()) == options  # a new record reads back as written
 
 

@@ -14,6 +14,7 @@ from melanogan.data.images import (
     ResizeMode,
     decode_file,
     decode_image,
+    equalise_local_contrast,
     hair_mask,
     normalise_exposure,
     perceptual_hash,
@@ -273,6 +274,46 @@ def test_decode_applies_exposure_normalisation_after_colour_constancy():
     assert not np.array_equal(levelled, plain)
     illuminant = np.power(np.mean(np.power(levelled.astype(float), 6), axis=(0, 1)), 1 / 6)
     assert np.allclose(illuminant, 180, atol=1.5)  # neutral (colour constancy) and at the level asked for
+
+
+def test_local_contrast_equalisation_stretches_lightness_and_keeps_the_colour():
+    # one tile, a lightness ramp of 64 grey levels (L 96..159): CLAHE with a clip limit high enough that
+    # nothing is clipped is plain histogram equalisation, so the ramp is spread over the full 0..255
+    ramp = np.repeat(np.arange(96, 160, dtype=np.uint8)[None, :], 64, axis=0)
+    grey = np.stack([ramp] * 3, axis=-1)
+    lab = cv2.cvtColor(grey, cv2.COLOR_RGB2LAB)
+    out = equalise_local_contrast(grey, 40, tiles=1)
+    out_lab = cv2.cvtColor(out, cv2.COLOR_RGB2LAB)
+    L_in, L_out = lab[0, :, 0].astype(int), out_lab[0, :, 0].astype(int)
+    assert L_out.min() <= 8 and L_out.max() >= 250  # stretched to (nearly) the full range
+    assert np.all(np.diff(L_out) >= 0) and len(np.unique(L_out)) == len(np.unique(L_in))  # order kept
+    # no bin reaches the clip limit (40 x the mean bin count): each L level maps to 255 x its cumulative
+    # share of the pixels, as in plain histogram equalisation (the round trip through RGB: +-2)
+    cdf = {int(v): np.count_nonzero(lab[..., 0] <= v) / lab[..., 0].size for v in np.unique(L_in)}
+    assert np.abs(L_out - np.array([round(255 * cdf[int(v)]) for v in L_in])).max() <= 2
+    # a low clip limit stretches less (the excess of each bin is spread over all bins)
+    assert np.ptp(cv2.cvtColor(equalise_local_contrast(grey, 1.0, tiles=1), cv2.COLOR_RGB2LAB)[..., 0]) < \
+        np.ptp(L_out) - 50
+    # grey stays grey: only the lightness is equalised, a and b are kept
+    assert np.abs(out.astype(int) - out[..., :1].astype(int)).max() <= 1
+    # and a coloured image keeps its hue: a and b within the Lab<->RGB round trip
+    tinted = np.clip(grey.astype(int) * np.array([1.15, 1.0, 0.85]), 0, 255).astype(np.uint8)
+    ab_in = cv2.cvtColor(tinted, cv2.COLOR_RGB2LAB)[..., 1:].astype(int)
+    ab_out = cv2.cvtColor(equalise_local_contrast(tinted, 2.0), cv2.COLOR_RGB2LAB)[..., 1:].astype(int)
+    assert np.abs(ab_out - ab_in).max() <= 4
+    # 0 is off: the pixels unchanged (a copy)
+    assert np.array_equal(equalise_local_contrast(tinted, 0), tinted)
+
+
+def test_decode_equalises_local_contrast_last():
+    rng = np.random.default_rng(4)
+    base = rng.uniform(90, 150, (64, 64, 1)) * np.array([1.2, 1.0, 0.8])
+    data = _jpeg_bytes(np.clip(base, 0, 255).astype(np.uint8))
+    levelled = decode_image(data, 32, color_constancy=True, white_level=180).pixels
+    equalised = decode_image(data, 32, color_constancy=True, white_level=180, clahe=2.0).pixels
+    assert np.array_equal(equalised, equalise_local_contrast(levelled, 2.0))  # after exposure, on its output
+    L = [cv2.cvtColor(x, cv2.COLOR_RGB2LAB)[..., 0].std() for x in (levelled, equalised)]
+    assert L[1] > 1.3 * L[0]  # low-contrast noise stretched
 
 
 def test_perceptual_hash_matches_resized_and_centre_cropped_copies():

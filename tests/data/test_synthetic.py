@@ -65,6 +65,7 @@ def test_generated_images_are_not_normalised_a_second_time():
     from melanogan.data.cache import CacheOptions
     from melanogan.data.synthetic import synthetic_decode_options
 
-    space = CacheOptions(size=128, resize_mode="squash", color_constancy=True, white_level=180, hair_removal=True)
+    space = CacheOptions(size=128, resize_mode="squash", color_constancy=True, white_level=180, hair_removal=True,
+                         clahe=2.0)
     assert synthetic_decode_options(space) == CacheOptions(size=128, resize_mode="squash", color_constancy=False,
                                                            white_level=0)

@@ -208,6 +208,22 @@ def verdict_lines(results: dict) -> str:
     return "\n".join(lines)
 
 
+def preprocessing_label(cache: dict | None) -> str | None:
+    """The defaults' cached pixels in a few words (`cache_options`, recorded since split 42000), None
+    where the file does not say: `prepare`'s defaults changed over the comparisons (colour constancy,
+    exposure normalisation), so the row must not borrow today's."""
+    if not cache:
+        return None
+    parts = [str(cache.get("resize_mode", "crop")), "SoG" if cache.get("color_constancy") else "no SoG"]
+    if cache.get("white_level"):
+        parts.append(f"wl {cache['white_level']}")
+    if cache.get("clahe"):
+        parts.append(f"CLAHE {cache['clahe']:g}")
+    if cache.get("hair_removal"):
+        parts.append(f"hair ({cache.get('hair_method', 'blackhat')})")
+    return ", ".join(parts)
+
+
 def defaults_spread(results: dict[str, dict]) -> dict:
     """The defaults' external AUC per comparison and held-out source (the first training seed), and per
     source its range over the comparisons: how far the same pipeline moves from split to split and run
@@ -228,7 +244,8 @@ def defaults_spread(results: dict[str, dict]) -> dict:
         # natively, so each comparison says how fast its defaults trained and, where recorded, in what precision.
         runs.append({"file": name, "split_seed": res.get("seed"), "image_size": res.get("image_size"), "auc": auc,
                      "img_per_s": float(np.median(speeds)) if speeds else None,
-                     "precision": ", ".join(sorted(precisions)) or None})
+                     "precision": ", ".join(sorted(precisions)) or None,
+                     "preprocessing": preprocessing_label(res.get("cache_options"))})
     summary = {h: {"runs": len(v), "min": min(v), "median": float(np.median(v)), "max": max(v),
                    "distinct_split_seeds": len({r["split_seed"] for r in runs if h in r["auc"]})}
                for h, v in by_source.items() if v}
@@ -273,7 +290,8 @@ def ledger_table(results: dict[str, dict]) -> str:
         cells = [f"{r['auc'][h]['external_auc']:.3f}" if h in r["auc"] else "-" for h in SOURCES]
         speed = "-" if r["img_per_s"] is None else f"{r['img_per_s']:.0f} img/s"
         speed += f" ({r['precision'] or 'not recorded'})"
-        lines.append(f"| {r['file']} | {r['split_seed']} | {r['image_size']} px | {speed} | "
+        pixels = f" ({r['preprocessing']})" if r["preprocessing"] else ""
+        lines.append(f"| {r['file']} | {r['split_seed']} | {r['image_size']} px{pixels} | {speed} | "
                      + " | ".join(cells) + " |")
     cells = [(f"{s['min']:.3f}-{s['max']:.3f} (median {s['median']:.3f}; {_count(s['runs'], 'run')}, "
               f"{_count(s['distinct_split_seeds'], 'split')})") if (s := spread["by_source"].get(h)) else "-"

@@ -34,7 +34,7 @@ SOURCES = {"ham10000": ("ham10000", "ham10000_224"), "isic9": ("folder", "isic9_
 # What each lever changes: the cached pixels (prepare), the training run, or only the evaluation
 # (then the defaults' trained model is reused: TTA costs no training).
 LEVERS = {"resize_mode": "prepare", "color_constancy": "prepare", "hair_removal": "prepare", "hair_method": "prepare",
-          "white_level": "prepare",
+          "white_level": "prepare", "clahe": "prepare",
           "image_size": "train", "augment": "train", "color_augment": "train",
           "style_augment": "train", "illumination_augment": "train", "crop_aspect": "train", "grayscale": "train",
           "mixup": "train",
@@ -189,6 +189,8 @@ def _parse_setting(item: str, part: str) -> tuple[str, object]:
             value = str(CacheOptions(hair_removal=True, hair_method=raw).hair_method)
         elif key == "white_level":
             value = CacheOptions(white_level=int(raw)).white_level
+        elif key == "clahe":
+            value = CacheOptions(clahe=float(raw)).clahe
         elif key == "tta":
             value = check_tta(int(raw))
         elif key == "adapt":  # batchnorm: AdaBN on the choose part's images (calibrate --adapt-batchnorm);
@@ -337,12 +339,22 @@ def run(shared: Path = Path("../shared"), minutes: float = 8.0, holdout: tuple[s
     return result
 
 
+def _cache_options(settings: dict):
+    """The cache a variant's pixels come from: today's `prepare` defaults, changed by its prepare levers."""
+    from melanogan.data.cache import CacheOptions
+
+    return CacheOptions(size=max(256, settings["image_size"]), **{
+        k: settings[k] for k, stage in LEVERS.items() if stage == "prepare" and k in settings})
+
+
 def _result(rows: list[dict], combined: list[dict], model, weights, image_size, minutes, seed, train_seeds,
             variants, complete: bool, match_steps: bool = False, controls: list[str] | None = None,
             machine: dict | None = None) -> dict:
     """The figures so far, p-values Holm-adjusted over every lever and held-out source compared so far
     (the per-seed comparisons and the combined ones each a family of their own), with the machine they
-    were measured on (runtime.machine_info)."""
+    were measured on (runtime.machine_info) and the defaults' preprocessing (`cache_options`: what
+    `prepare`'s defaults were when the comparison ran, so a later reader of the file knows which pixels
+    the defaults' row was trained on after a default has changed)."""
     for family in ([r["vs_defaults"] for r in rows if "vs_defaults" in r], combined):
         for r, p in zip(family, M.holm([r["p_value"] for r in family]), strict=True):
             r["p_holm"] = round(p, 4)
@@ -350,6 +362,7 @@ def _result(rows: list[dict], combined: list[dict], model, weights, image_size, 
             "train_seeds": train_seeds, "batch_size": variants[0][1]["batch_size"],
             "levers": [name for name, _ in variants[1:]], "complete": complete, "match_steps": match_steps,
             "controls": controls or [], "machine": machine,
+            "cache_options": _cache_options(variants[0][1]).to_dict(),
             "protocol": "leave one source out; the held-out source split by patient/lesion into a part the "
                         "site threshold is chosen on and a disjoint part everything is reported on; each "
                         "lever changes one setting of the defaults and is compared on the same report images",
@@ -367,12 +380,10 @@ def _one(data: Path, tmp: Path, held: str, settings: dict, model: str, weights: 
     from melanogan.classify.calibrate import calibrate_site
     from melanogan.classify.evaluate import diagnosis_table, evaluate_run, json_safe
     from melanogan.classify.train import TrainConfig
-    from melanogan.data.cache import CacheOptions
     from melanogan.data.manifest import load_manifest, prepare
     from melanogan.data.splits import SplitFractions
 
-    options = CacheOptions(size=max(256, settings["image_size"]), **{
-        k: settings[k] for k, stage in LEVERS.items() if stage == "prepare" and k in settings})
+    options = _cache_options(settings)
     if options.key not in prepared:
         tag = f"{held}-{options.key}"
         t0 = time.perf_counter()

@@ -62,6 +62,9 @@ class CacheOptions:
     # held out, where colour constancy alone leaves each source's exposure as captured (README, "Models
     # that travel").
     white_level: int = 180
+    # Local contrast equalisation, last (images.equalise_local_contrast): CLAHE on the lightness with
+    # this clip limit; 0 keeps the contrast as captured. Off by default: not (yet) measured to travel.
+    clahe: float = 0.0
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 2048:
@@ -70,6 +73,11 @@ class CacheOptions:
                 or not (self.white_level == 0 or 16 <= self.white_level <= 255):
             raise DataError(f"white level {self.white_level!r} is out of range; use a grey level 16..255 (the "
                             "default: 180), or 0 to keep the exposure as captured.")
+        if isinstance(self.clahe, bool) or not isinstance(self.clahe, (int, float)) \
+                or not (self.clahe == 0 or 1.0 <= self.clahe <= 40.0):
+            raise DataError(f"CLAHE clip limit {self.clahe!r} is out of range; use 1..40 (2 is the usual choice in "
+                            "dermoscopy), or 0 to keep the contrast as captured (the default).")
+        object.__setattr__(self, "clahe", float(self.clahe))  # 2 and 2.0 are one cache
         try:
             object.__setattr__(self, "resize_mode", ResizeMode(self.resize_mode))
         except ValueError:
@@ -94,6 +102,7 @@ class CacheOptions:
         legacy = {"hair_method": HairMethod.blackhat} if d.get("hair_removal") else {}
         # Likewise exposure normalisation: a record without it was made before the option, without it.
         legacy["white_level"] = 0
+        legacy["clahe"] = 0.0
         return cls(**{**legacy, **d})
 
     def to_dict(self) -> dict:
@@ -112,19 +121,22 @@ class CacheOptions:
         # Likewise exposure normalisation, off in every cache built before the option existed.
         if not self.white_level:
             del d["white_level"]
+        if not self.clahe:  # and local contrast equalisation
+            del d["clahe"]
         payload = json.dumps({**d, "format": CACHE_FORMAT}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:10]
 
     @property
     def name(self) -> str:
         extras = ("-hair" if self.hair_removal else "") + ("-sog" if self.color_constancy else "") \
-            + (f"-wl{self.white_level}" if self.white_level else "")
+            + (f"-wl{self.white_level}" if self.white_level else "") + (f"-clahe{self.clahe:g}" if self.clahe else "")
         return f"{self.size}px-{self.resize_mode}{extras}-{self.key}"
 
     def decode_kwargs(self) -> dict:
         return {"resize_mode": self.resize_mode, "hair_removal": self.hair_removal,
                 "color_constancy": self.color_constancy, "max_pixels": self.max_pixels,
-                "hair_method": self.hair_method, "white_level": self.white_level}
+                "hair_method": self.hair_method, "white_level": self.white_level,
+                "clahe": self.clahe}
 
 
 def default_workers() -> int:

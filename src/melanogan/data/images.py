@@ -247,6 +247,26 @@ def normalise_exposure(rgb: np.ndarray, level: float, p: int = 6) -> np.ndarray:
     return np.clip(np.rint(img * (level / grey)), 0, 255).astype(np.uint8)
 
 
+CLAHE_TILES = 8  # tiles per side: a fixed share of the image (1/8), so the cache size does not change the result
+
+
+def equalise_local_contrast(rgb: np.ndarray, clip: float, tiles: int = CLAHE_TILES) -> np.ndarray:
+    """CLAHE (contrast-limited adaptive histogram equalisation, Zuiderveld 1994) on the lightness only:
+    the image is converted to CIELAB, L is equalised within each of tiles x tiles regions (each region's
+    histogram clipped at `clip` times its mean bin count, the excess spread over all bins, so flat skin
+    is not stretched into noise), the regions blended bilinearly, and a and b kept, so hue and
+    saturation stay as colour constancy left them. Why: after colour constancy and exposure
+    normalisation the sources still differ in contrast (median lightness standard deviation at 96 px
+    over 300 images each: HAM10000 31, the ISIC set 25, Derm7pt 40: dermoscopes, polarised or not,
+    immersion fluid), and equalising local contrast is a standard dermoscopy preprocessing step."""
+    if clip <= 0:
+        return rgb.copy()
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2LAB)
+    clahe = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(tiles, tiles))
+    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
 def decode_image(
     data: bytes,
     size: int,
@@ -257,9 +277,11 @@ def decode_image(
     hair_method: HairMethod | str = HairMethod.lines,
     skin_tone: bool = False,
     white_level: int = 0,
+    clahe: float = 0.0,
 ) -> DecodedImage:
     """Decode file bytes into a `size`x`size` RGB uint8 array plus the facts the manifest needs.
     `white_level` (0: off): after colour constancy, `normalise_exposure` to that grey level.
+    `clahe` (0: off): last, `equalise_local_contrast` with that clip limit.
     `skin_tone`: also estimate the ITA of the skin around the lesion (on the pixels as captured,
     before hair removal and colour constancy, which would neutralise the skin's colour).
 
@@ -314,6 +336,8 @@ def decode_image(
         pixels = shades_of_gray(pixels)
     if white_level:
         pixels = normalise_exposure(pixels, white_level)
+    if clahe:
+        pixels = equalise_local_contrast(pixels, clahe)
     return DecodedImage(pixels=pixels, width=int(w), height=int(h), content_hash=content_hash,
                         phash=perceptual_hash(rgb_full), ita=ita, ita_reason=ita_reason)
 

@@ -22,7 +22,8 @@ SYNTHETIC_FORMAT = 2
 def synthetic_decode_options(space: CacheOptions) -> CacheOptions:
     """How generated images are cached for real data preprocessed with `space`: same size, nothing
     applied a second time."""
-    return replace(space, hair_removal=False, hair_method=HairMethod.lines, color_constancy=False, white_level=0)
+    return replace(space, hair_removal=False, hair_method=HairMethod.lines, color_constancy=False, white_level=0,
+                   clahe=0.0)
 
 
 def check_synthetic_space(syn_dir: Path, data_options: CacheOptions) -> None:

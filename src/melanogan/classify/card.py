@@ -52,11 +52,12 @@ def _hair(cache: dict) -> str:
 
 
 def _preprocessing(cache: dict, image_size: int) -> str:
-    exposure = f"exposure normalised to grey level {cache['white_level']}, " if cache.get("white_level") else ""
+    # the optional steps after colour constancy, named only where a run used them
+    steps = f"exposure normalised to grey level {cache['white_level']}, " if cache.get("white_level") else ""
     if cache.get("clahe"):
-        exposure += f"local contrast equalised (CLAHE, clip limit {cache['clahe']:g}), "
+        steps += f"local contrast equalised (CLAHE, clip limit {cache['clahe']:g}), "
     return (f"Decoded once at {cache.get('size')} px ({cache.get('resize_mode')}), colour constancy "
-            f"{'on' if cache.get('color_constancy') else 'off'}, {exposure}hair removal {_hair(cache)}; then resized "
+            f"{'on' if cache.get('color_constancy') else 'off'}, {steps}hair removal {_hair(cache)}; then resized "
             f"to {image_size} px and normalised with ImageNet statistics. `predict`, `serve` and `export` apply the "
             "same steps from run.json.")
 

@@ -91,8 +91,8 @@ def prepare(
              "clinics' images (recommended, on by default).")] = CacheOptions.color_constancy,
     white_level: Annotated[int, typer.Option(
         help="Exposure normalisation: scale each image so that its illuminant's grey level (Shades of Gray's "
-             "estimate) is this value, 16..255 (recommended, the default: 180); 0 keeps the exposure as "
-             "captured.")] =
+             "estimate) is this value, 16..255; 0 keeps the exposure as captured (the default: 180 passed on one "
+             "split and did not replicate on two more, README).")] =
         CacheOptions.white_level,
     clahe: Annotated[float, typer.Option(
         help="Local contrast equalisation, after exposure: CLAHE on the lightness (8x8 tiles) with this clip "

@@ -55,18 +55,18 @@ def test_options_make_distinct_keys():
         CacheOptions(hair_method="blackhat")
     with pytest.raises(DataError, match="hair method 'razor' is unknown"):
         CacheOptions(hair_removal=True, hair_method="razor")
-    # exposure normalisation is on by default (180); off, the key is the one caches had before the option
-    off = CacheOptions(size=64, white_level=0)
-    assert a.white_level == 180 and off.key != a.key and a.name.endswith(f"-sog-wl180-{a.key}")
-    assert off.name == f"64px-crop-sog-{off.key}"
-    assert a.decode_kwargs()["white_level"] == 180 and off.decode_kwargs()["white_level"] == 0
+    # exposure normalisation is off by default, and then the key is the one caches had before the option
+    on = CacheOptions(size=64, white_level=180)
+    assert a.white_level == 0 and on.key != a.key and on.name.endswith(f"-sog-wl180-{on.key}")
+    assert a.name == f"64px-crop-sog-{a.key}" and a.key == CacheOptions.from_dict({"size": 64}).key
+    assert on.decode_kwargs()["white_level"] == 180 and a.decode_kwargs()["white_level"] == 0
     for bad in (8, 256, -1, True, 180.5):
         with pytest.raises(DataError, match=f"white level {bad!r} is out of range"):
             CacheOptions(white_level=bad)
     # local contrast equalisation: off by default and then out of the key; on, in the key and the name
     clahe = CacheOptions(size=64, clahe=2)
     assert a.clahe == 0.0 and "clahe" not in a.name and clahe.key != a.key
-    assert clahe.name == f"64px-crop-sog-wl180-clahe2-{clahe.key}" and clahe.decode_kwargs()["clahe"] == 2.0
+    assert clahe.name == f"64px-crop-sog-clahe2-{clahe.key}" and clahe.decode_kwargs()["clahe"] == 2.0
     assert CacheOptions(size=64, clahe=2.0) == clahe and CacheOptions(size=64, clahe=2.0).key == clahe.key
     for bad in (0.5, 41, -1, True, "2"):
         with pytest.raises(DataError, match=f"CLAHE clip limit {bad!r} is out of range"):

@@ -965,15 +965,25 @@ def bench_ledger(
 ) -> None:
     """Every lever of the given `bench travel` comparisons judged by the README's decision rule
     (positive with all three sources held out, Holm-significant with one, internal AUC within the
-    defaults' CI), and the defaults' own external AUC from run to run. Reads saved figures only.
+    defaults' CI), settings measured on several splits followed across them (a pass stands only where it
+    replicated), and the defaults' own external AUC from run to run. Reads saved figures only.
     E.g. `melanogan bench ledger docs/measurements/travel-*.json`."""
-    from melanogan.bench.ledger import control_noise, defaults_spread, ledger, ledger_table, load, seed_noise
+    from melanogan.bench.ledger import (
+        control_noise,
+        defaults_spread,
+        ledger,
+        ledger_table,
+        load,
+        replications,
+        seed_noise,
+    )
 
     results = load(files)
     if json_out:
         from melanogan.fileio import write_json
 
-        write_json(json_out, {"levers": ledger(results), "defaults": defaults_spread(results),
+        write_json(json_out, {"levers": ledger(results), "replications": replications(results),
+                              "defaults": defaults_spread(results),
                               "control_noise": control_noise(results), "seed_noise": seed_noise(results)})
     console.print(ledger_table(results), markup=False, highlight=False, soft_wrap=True)
 

@@ -11,6 +11,8 @@ from melanogan.bench.ledger import (
     load,
     noise_floor,
     preprocessing_label,
+    replicates,
+    replications,
     seed_noise,
     verdict,
     verdict_lines,
@@ -212,6 +214,67 @@ def test_load_refuses_what_is_not_a_travel_result(tmp_path):
         assert str(path) in str(exc.value)
 
 
+@pytest.mark.parametrize("on_minus_off, expected", [
+    ({"derm7pt": 0.01, "ham10000": 0.02, "isic9": -0.01}, True),   # two of three
+    ({"derm7pt": 0.01, "ham10000": -0.02, "isic9": -0.01}, False),  # one of three
+    ({"derm7pt": 0.01, "ham10000": 0.0, "isic9": -0.01}, False),   # zero is not positive
+    ({"derm7pt": 0.01, "ham10000": -0.02}, False),                 # one of two is no majority
+    ({"derm7pt": 0.01, "ham10000": 0.02}, True),
+    ({"isic9": 0.004}, True), ({"isic9": -0.004}, False),            # one held out: that one decides
+])
+def test_the_replication_criterion_is_a_majority_of_the_sources_held_out(on_minus_off, expected):
+    assert replicates(on_minus_off) is expected
+
+
+def _split(seed, lever, diffs, p_holms=(0.03, 0.4, 0.9), cache=None, sources=("derm7pt", "ham10000", "isic9")):
+    res = {**_results(diffs, p_holms, lever=lever, sources=sources), "seed": seed, "train_seeds": [seed]}
+    if cache is not None:
+        res["cache_options"] = cache
+    return res
+
+
+def test_a_pass_and_its_reversal_are_one_setting_on_one_scale_and_a_failed_replication_is_named():
+    # split 1 turns clahe on (default 0) and passes; split 2 turns it off again (default 2) and off loses
+    # with two sources (on minus off +0.01, +0.02, -0.03): replicated; split 3's off gains with two: not.
+    results = {"a.json": _split(1, "clahe=2", (0.02, 0.01, 0.005), cache={"clahe": 0.0}),
+               "b.json": _split(2, "clahe=0", (-0.01, -0.02, 0.03), cache={"clahe": 2.0}),
+               "c.json": _split(3, "clahe=0.0", (0.01, 0.02, -0.005), cache={"clahe": 2})}
+    [s] = replications({k: results[k] for k in ("a.json", "b.json")})
+    assert s["setting"] == "clahe 0 -> 2" and s["standing"] == "replicated on split 2"
+    assert [r["on_minus_off"] for r in s["runs"]] == [{"derm7pt": 0.02, "ham10000": 0.01, "isic9": 0.005},
+                                                     {"derm7pt": 0.01, "ham10000": 0.02, "isic9": -0.03}]
+    [s] = replications(results)
+    assert s["standing"] == "not replicated (split 3: on minus off positive with 1 of 3 sources held out)"
+    assert s["runs"][2]["on_minus_off"] == {"derm7pt": -0.01, "ham10000": -0.02, "isic9": 0.005}
+    # the pass keeps its verdict (the rule read that split right) and its reason says it did not replicate
+    [first] = [e for e in ledger(results) if e["file"] == "a.json"]
+    assert first["verdict"] == "default"
+    assert first["reason"] == "every condition holds; " + s["standing"]
+    table = ledger_table(results)
+    assert "| clahe 0 -> 2 | 1 | clahe=2 | default | +0.020 | +0.010 | +0.005 | not replicated" in table
+    # the same files in another order: "on" is still the value first measured (lowest split seed)
+    assert replications(dict(reversed(list(results.items()))))[0]["setting"] == "clahe 0 -> 2"
+
+
+def test_replications_skip_one_split_controls_and_never_passed_settings_are_said_so():
+    one = {"a.json": _split(1, "mixup=0.2", (0.02, 0.01, 0.005)),
+           "b.json": _split(1, "mixup=0.2", (0.02, -0.01, 0.005))}  # two files, one split: no replication
+    assert replications(one) == []
+    assert "Settings measured on more than one split" not in ledger_table(one)
+    control = {"a.json": {**_split(1, "augment=classic", (0.01, 0.01, 0.01)), "controls": ["augment=classic"]},
+               "b.json": {**_split(2, "augment=classic", (0.01, 0.01, 0.01)), "controls": ["augment=classic"]}}
+    assert replications(control) == []
+    # a default the files do not record: matched by the lever's text, never negated
+    [s] = replications({"a.json": _split(1, "mixup=0.2", (0.02, -0.01, 0.005)),
+                        "b.json": _split(2, "mixup=0.2", (0.03, 0.01, 0.005), (0.4, 0.4, 0.4))})
+    assert s["setting"] == "mixup=0.2" and s["standing"] == "never passed the rule"
+    assert s["runs"][1]["on_minus_off"] == {"derm7pt": 0.03, "ham10000": 0.01, "isic9": 0.005}
+    # a pass whose later split holds out one source that gains: replicated
+    [s] = replications({"a.json": _split(1, "mixup=0.2", (0.02, 0.01, 0.005)),
+                        "b.json": _split(2, "mixup=0.2", (0.004,), (0.5,), sources=("isic9",))})
+    assert s["standing"] == "replicated on split 2"
+
+
 @pytest.mark.skipif(not MEASUREMENTS.is_dir(), reason="docs/measurements not in this checkout")
 def test_the_committed_measurements_pass_only_the_96_px_input_and_exposure_normalisation():
     # The README's verdicts, recomputed from the saved figures: of every lever measured, only the 96 px
@@ -228,6 +291,11 @@ def test_the_committed_measurements_pass_only_the_96_px_input_and_exposure_norma
         ("travel-shallow-adabn-size96-split8000.json", "image_size=96"),
         ("travel-white_level-split40000.json", "white_level=180")]
     assert TrainConfig().image_size == 96 and CacheOptions().white_level == 0
+    # the 96 px input replicated (128 px lost with both sources split 9000 held out); exposure did not
+    standing = {s["setting"]: s["standing"] for s in replications(load(sorted(MEASUREMENTS.glob("travel-*.json"))))}
+    assert standing["image_size 128 -> 96"] == "replicated on split 9000"
+    assert standing["adapt=head"] == "replicated on split 25000 (a site option)"
+    assert standing["white_level 0 -> 180"].startswith("not replicated (split 43000: on minus off positive with 1 of 3")
     off = {e["file"]: e["sources"] for e in entries if e["lever"] == "white_level=0"}
     assert off["travel-white_level_off-split43000.json"]["ham10000"]["difference"] > 0
     assert off["travel-white_level_off-split43000.json"]["isic9"]["difference"] > 0
@@ -253,6 +321,7 @@ def test_bench_ledger_command_writes_the_verdicts_and_names_a_bad_file(tmp_path)
     assert saved["defaults"]["by_source"]["ham10000"]["median"] == 0.7
     assert saved["control_noise"] == {"derm7pt": 0.016, "ham10000": 0.003, "isic9": 0.009}
     assert saved["seed_noise"] == {}  # one training seed in each comparison
+    assert saved["replications"] == []  # one split
     assert "default: every condition holds" in r.output
     r = runner.invoke(app, ["bench", "ledger", str(tmp_path / "gone.json")])
     assert isinstance(r.exception, MelanoganError) and "gone.json: no such file" in str(r.exception)

@@ -25,6 +25,15 @@ Holm-significant gains is larger than the floor with that source held out (one s
 bootstrap resamples the report images, not the training, so it can call noise of that size
 significant). The flag adds to the verdict's reason; the rule itself, fixed before the first
 comparison, is not changed.
+
+One split is not enough (`replications`): exposure normalisation passed every condition on split
+40000, Holm-significant with all three sources, and lost with two of them on split 43000. So a setting
+measured on several splits, either way round (a lever on one split, its reversal when it had become the
+default on another), is followed across them on one scale, on minus off; a pass stands only while every
+other comparison of the setting finds on minus off positive with a majority of the sources it held out
+(two of three: the criterion committed before the white-level replications on splits 41000 and 43000).
+A pass that did not replicate keeps its verdict (the rule read that split correctly) and says so in its
+reason.
 """
 
 from __future__ import annotations
@@ -45,6 +54,12 @@ ALPHA = 0.05
 # identical-settings control"; "Random greyscale at equal steps, with the identical-settings control").
 KNOWN_CONTROLS = {"travel-match_steps-split30000.json": ["augment=classic"],
                   "travel-grayscale-split31000.json": ["augment=classic"]}
+# The defaults' value of a setting a comparison changed, for files saved before `bench travel` recorded
+# its defaults' cache options (split 42000): the README's pre-registrations say what they were
+# (exposure normalisation was off when split 40000 turned it on, and the default when split 41000
+# turned it off). Without it a lever and its reversal could not be put on one scale.
+KNOWN_DEFAULTS = {"travel-white_level-split40000.json": {"white_level": 0},
+                  "travel-white_level_off-split41000.json": {"white_level": 180}}
 
 
 def load(paths: list[Path]) -> dict[str, dict]:
@@ -135,19 +150,115 @@ def ledger(results: dict[str, dict]) -> list[dict]:
     """One entry per lever per comparison, in file order: the file, its split seed, training seeds,
     the defaults' input size, whether the run completed and whether the levers trained the defaults'
     steps (`--match-steps`) or their own clock, and the lever's verdict, a pass flagged where its gains
-    are no larger than the run-to-run noise (`noise_floor`)."""
+    are no larger than the run-to-run noise (`noise_floor`) or where another split did not replicate it
+    (`replications`)."""
     floor = noise_floor(results)
+    unreplicated = {(r["file"], r["lever"]): s["standing"] for s in replications(results)
+                    for r in s["runs"] if s["standing"].startswith("not replicated")}
     out = []
     for name, res in results.items():
         for lever in res["levers"]:
             v = verdict(res, lever)
             if v["verdict"] in ("default", "site option"):
                 v["reason"] += _within_noise(v["sources"], floor)
+                if (name, lever) in unreplicated:
+                    v["reason"] += "; " + unreplicated[(name, lever)]
             out.append({"file": name, "split_seed": res.get("seed"), "train_seeds": res.get("train_seeds") or
                         [res.get("seed")], "image_size": res.get("image_size"),
                         "complete": res.get("complete") is not False, "match_steps": bool(res.get("match_steps")),
                         **v})
     return out
+
+
+def _value(v) -> str:
+    """A setting's value in one spelling: 2, 2.0 and "2" alike; true/True alike."""
+    try:
+        return f"{float(v):g}"
+    except (TypeError, ValueError):
+        return str(v).lower()
+
+
+def defaults_value(name: str, results: dict, key: str):
+    """What the defaults had for `key` in one comparison, None where the file does not say: the input
+    size (recorded in every file), `prepare`'s options (`cache_options`, since split 42000) or
+    `KNOWN_DEFAULTS` for the files before it."""
+    if key == "image_size":
+        return results.get("image_size")
+    cache = results.get("cache_options") or {}
+    if key in cache:
+        return cache[key]
+    return KNOWN_DEFAULTS.get(name, {}).get(key)
+
+
+def replicates(on_minus_off: dict[str, float]) -> bool:
+    """The replication criterion: on minus off positive with a majority of the sources held out
+    (two of three; a comparison that held out one source needs that one)."""
+    return sum(d > 0 for d in on_minus_off.values()) * 2 > len(on_minus_off)
+
+
+def replications(results: dict[str, dict]) -> list[dict]:
+    """Every setting measured on more than one split seed, on one scale (on minus off) per comparison,
+    and its standing under the replication criterion.
+
+    A single-setting lever whose defaults' value is known (`defaults_value`) is the pair of values
+    {lever's, defaults'}, "on" being the lever's value where it was first measured (lowest split seed):
+    white_level=180 against a default of 0 and white_level=0 against a default of 180 are one setting,
+    the second's differences negated. Other levers (several settings, or a default the file does not
+    record) are matched by their exact text. Controls are not levers and are left out.
+
+    Standing: "never passed the rule" when no comparison passed it in the "on" direction; "replicated
+    on split ..." when every other comparison of the setting satisfies `replicates`; "not replicated
+    (split S: on minus off positive with k of n held out)" otherwise. A comparison that held out no
+    source is skipped."""
+    groups: dict[tuple, list] = {}
+    for name, res in results.items():
+        for lever in res["levers"]:
+            if lever in res.get("controls", ()):
+                continue
+            v = verdict(res, lever)
+            if not v["sources"]:
+                continue
+            key, _, val = lever.partition("=")
+            default = defaults_value(name, res, key) if "+" not in lever and val else None
+            ident = ("pair", key, frozenset({_value(val), _value(default)})) if default is not None \
+                and _value(default) != _value(val) else ("text", lever)
+            groups.setdefault(ident, []).append({"file": name, "split_seed": res.get("seed"), "lever": lever,
+                                                 "value": _value(val), "verdict": v["verdict"],
+                                                 "sources": v["sources"]})
+    out = []
+    for ident, runs in groups.items():
+        if len({r["split_seed"] for r in runs}) < 2:
+            continue
+        runs.sort(key=lambda r: (r["split_seed"] is None, r["split_seed"], r["file"]))
+        on = runs[0]["value"]
+        if ident[0] == "pair":
+            off = next(iter(ident[2] - {on}))
+            label = f"{ident[1]} {off} -> {on}"
+        else:
+            label = ident[1]
+        for r in runs:
+            r["sign"] = 1 if ident[0] == "text" or r["value"] == on else -1
+            r["on_minus_off"] = {h: round(r["sign"] * s["difference"], 4) for h, s in r["sources"].items()}
+        passes = [r for r in runs if r["sign"] == 1 and r["verdict"] in ("default", "site option")]
+        if not passes:
+            standing = "never passed the rule"
+        else:
+            first = passes[0]
+            failed = [r for r in runs if r is not first and not replicates(r["on_minus_off"])]
+            if failed:
+                r = failed[0]
+                k = sum(d > 0 for d in r["on_minus_off"].values())
+                standing = (f"not replicated (split {r['split_seed']}: on minus off positive with {k} of "
+                            f"{len(r['on_minus_off'])} sources held out)")
+            else:
+                standing = "replicated on split " + ", ".join(
+                    str(r["split_seed"]) for r in runs if r is not first)
+                if first["verdict"] == "site option":
+                    standing += " (a site option)"
+        out.append({"setting": label, "standing": standing,
+                    "runs": [{k: r[k] for k in ("file", "split_seed", "lever", "verdict", "on_minus_off")}
+                             for r in runs]})
+    return sorted(out, key=lambda s: s["setting"])
 
 
 def control_noise(results: dict[str, dict]) -> dict[str, float]:
@@ -281,6 +392,20 @@ def ledger_table(results: dict[str, dict]) -> str:
                   f"judged by the rule) {listed(same)}; the defaults trained with another seed on the same split "
                   f"(comparisons with --repeats) {listed(other)}. A pass whose significant gains are no larger "
                   "than the larger of the two is flagged in its verdict."]
+    settings = replications(results)
+    if settings:
+        lines += ["", "Settings measured on more than one split, on one scale: on minus off (a comparison that "
+                  "reversed a setting which had become the default has its differences negated). A pass stands "
+                  "only while every other split finds on minus off positive with a majority of the sources it "
+                  "held out:", "",
+                  "| setting (off -> on) | split seed | lever as run | verdict by the rule | "
+                  + " | ".join(NAMES[h] for h in SOURCES) + " | standing |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in SOURCES) + " | --- |"]
+        for s in settings:
+            for i, r in enumerate(s["runs"]):
+                cells = [f"{r['on_minus_off'][h]:+.3f}" if h in r["on_minus_off"] else "-" for h in SOURCES]
+                lines.append(f"| {s['setting'] if i == 0 else ''} | {r['split_seed']} | {r['lever']} | "
+                             f"{r['verdict']} | " + " | ".join(cells) + f" | {s['standing'] if i == 0 else ''} |")
     spread = defaults_spread(results)
     lines += ["", "The defaults' external ROC-AUC in each comparison (first training seed):", "",
               "| comparison (file) | split seed | input | defaults' training speed (precision) | "

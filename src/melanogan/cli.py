@@ -97,7 +97,7 @@ def prepare(
     clahe: Annotated[float, typer.Option(
         help="Local contrast equalisation, after exposure: CLAHE on the lightness (8x8 tiles) with this clip "
              "limit, 1..40 (2 is usual in dermoscopy); 0 keeps the contrast as captured (the default: at 2 it "
-             "did not travel better, README).")] = CacheOptions.clahe,
+             "did not travel better on two splits, README).")] = CacheOptions.clahe,
     train: Annotated[float, typer.Option(help="Training fraction.")] = SplitFractions.train,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = SplitFractions.val,
     test: Annotated[float, typer.Option(help="Test fraction.")] = SplitFractions.test,

@@ -65,8 +65,9 @@ class CacheOptions:
     white_level: int = 0
     # Local contrast equalisation, last (images.equalise_local_contrast): CLAHE on the lightness with
     # this clip limit; 0 keeps the contrast as captured. Off by default: under leave-one-source-out
-    # (split 42000, clip 2, at equal steps) it gained with no held-out source significantly and lost
-    # with the ISIC set (README, "Models that travel").
+    # (clip 2, at equal steps) it gained with no held-out source significantly on split 42000 and lost
+    # with the ISIC set on both split 42000 and split 44000, significantly on 44000 (README, "Models
+    # that travel").
     clahe: float = 0.0
 
     def __post_init__(self) -> None:

@@ -193,7 +193,11 @@ def defaults_value(name: str, results: dict, key: str):
 def replicates(on_minus_off: dict[str, float]) -> bool:
     """The replication criterion: on minus off positive with a majority of the sources held out
     (two of three; a comparison that held out one source needs that one)."""
-    return sum(d > 0 for d in on_minus_off.values()) * 2 > len(on_minus_off)
+    return _positive(on_minus_off) * 2 > len(on_minus_off)
+
+
+def _positive(on_minus_off: dict[str, float]) -> int:
+    return sum(d > 0 for d in on_minus_off.values())
 
 
 def replications(results: dict[str, dict]) -> list[dict]:
@@ -247,8 +251,8 @@ def replications(results: dict[str, dict]) -> list[dict]:
             failed = [r for r in runs if r is not first and not replicates(r["on_minus_off"])]
             if failed:
                 r = failed[0]
-                k = sum(d > 0 for d in r["on_minus_off"].values())
-                standing = (f"not replicated (split {r['split_seed']}: on minus off positive with {k} of "
+                standing = (f"not replicated (split {r['split_seed']}: on minus off positive with "
+                            f"{_positive(r['on_minus_off'])} of "
                             f"{len(r['on_minus_off'])} sources held out)")
             else:
                 standing = "replicated on split " + ", ".join(
